@@ -1,0 +1,96 @@
+"""A Bernoulli image whose pixel logits are one row of a table, chosen by a discrete latent.
+
+Both discrete models of this package say ``x | z ~ Bernoulli(logits = theta[z])`` with a
+table ``theta`` of shape (S, D): the mixture's S = K components (theta = w + c), and the
+sigmoid belief net's S = 2^M codes (theta = codes @ w + c).
+
+When Pyro enumerates ``z`` in parallel, the generic path would build ``Bernoulli(logits=theta[z])``
+as an (S, N, D) tensor and score every (state, digit, pixel) triple. This distribution instead
+uses the identity
+
+    log p(x | z = s) = x . theta_s - sum_d softplus(theta_sd)
+
+so that all S x N log-likelihoods cost one (N, D) x (D, S) matrix product and nothing of size
+S x N x D is ever allocated.
+"""
+
+import math
+
+import torch
+import torch.nn.functional as F
+from pyro.distributions import TorchDistribution
+from torch.distributions import constraints
+
+
+def table_log_likelihood(x, logits_table, pixel_mask=None):
+    """log p(x_n | z = s) for every digit n and every row s of the table: shape (..., N, S).
+
+    ``pixel_mask`` (broadcastable to x, 1 = observed) drops unobserved pixels from the sum,
+    which is how the models condition on part of an image.
+    """
+    logits_table = logits_table.to(x.dtype)
+    log_normaliser = F.softplus(logits_table)  # -log(1 - sigm(theta)), per state and pixel
+    if pixel_mask is None:
+        return x @ logits_table.T - log_normaliser.sum(-1)
+    mask = pixel_mask.to(x.dtype)
+    return (x * mask) @ logits_table.T - mask @ log_normaliser.T
+
+
+class IndexedBernoulli(TorchDistribution):
+    """``Bernoulli(logits=logits_table[index]).to_event(1)``, scored by a matrix product.
+
+    :param logits_table: (S, D) pixel logits, one row per latent state.
+    :param index: integer tensor of states; its shape is the batch shape.
+    :param pixel_mask: optional (D,) or (..., D) mask of observed pixels (1 = observed).
+    """
+
+    arg_constraints = {"logits_table": constraints.real}
+    support = constraints.independent(constraints.boolean, 1)
+    has_enumerate_support = False
+
+    def __init__(self, logits_table, index, pixel_mask=None, validate_args=None):
+        if logits_table.dim() != 2:
+            raise ValueError(f"logits_table must be (states, pixels), got shape {tuple(logits_table.shape)}")
+        self.logits_table = logits_table
+        self.index = index
+        self.pixel_mask = pixel_mask
+        super().__init__(index.shape, logits_table.shape[-1:], validate_args=validate_args)
+
+    def expand(self, batch_shape, _instance=None):
+        # Expand the index only: a view, so the table is never broadcast to the batch.
+        return IndexedBernoulli(
+            self.logits_table,
+            self.index.expand(batch_shape),
+            self.pixel_mask,
+            validate_args=self._validate_args,
+        )
+
+    @property
+    def logits(self):
+        return self.logits_table[self.index]
+
+    @property
+    def mean(self):
+        return torch.sigmoid(self.logits)
+
+    def sample(self, sample_shape=torch.Size()):
+        with torch.no_grad():
+            probs = self.mean.expand(self.shape(sample_shape))
+            return torch.bernoulli(probs)
+
+    def log_prob(self, value):
+        if self._validate_args:
+            self._validate_sample(value)
+        num_states = self.logits_table.shape[0]
+        index = self.index.expand(torch.broadcast_shapes(self.batch_shape, value.shape[:-1]))
+        num_digits = math.prod(value.shape[:-1])
+        if math.prod(index.shape) < num_states * num_digits:
+            # Few (state, digit) pairs, e.g. z sampled by a guide: score only the chosen rows.
+            logits = self.logits_table[index]
+            mask = 1.0 if self.pixel_mask is None else self.pixel_mask.to(value.dtype)
+            return ((value * logits - F.softplus(logits)) * mask).sum(-1)
+        # Enumerated z: every (digit, state) pair is needed, so compute them all with one product,
+        # then pick entries by advanced indexing (its backward scatters into (N, S), never (S, N, S)).
+        table = table_log_likelihood(value, self.logits_table, self.pixel_mask).reshape(num_digits, num_states)
+        digit = torch.arange(num_digits, device=value.device).reshape(value.shape[:-1])
+        return table[digit, index]

@@ -1,0 +1,121 @@
+"""Log-likelihood figures, each named after what it is.
+
+Estimator names (used in metrics.csv / metrics.json and on every plot):
+  exact     log p(x), summed over every latent state (models with a tractable sum)
+  elbo      E_q[log p(x, z) - log q(z | x)], one sample of z per digit: a lower bound
+  iwae-<k>  log (1/k) sum_i p(x, z_i) / q(z_i | x), z_i ~ q: a tighter bound, -> log p(x) as k grows
+All are in nats per digit.
+"""
+
+import math
+
+import pyro
+import torch
+from pyro import poutine
+
+
+@torch.no_grad()
+def importance_log_weights(model, guide, x, num_samples=1):
+    """log p(x, z) - log q(z | x) for z ~ q(z | x): shape (num_samples, N).
+
+    The samples are drawn in parallel under an outer ``particles`` plate, so the model and guide
+    must broadcast (their data plate is dim -1).
+    """
+    with pyro.plate("particles", num_samples, dim=-2):
+        guide_trace = poutine.trace(guide).get_trace(x)
+        model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(x)
+    log_weight = torch.zeros(num_samples, x.shape[0], device=x.device)
+    for trace, sign in ((model_trace, 1.0), (guide_trace, -1.0)):
+        trace.compute_log_prob()
+        for site in trace.nodes.values():
+            if site["type"] == "sample":
+                log_weight = log_weight + sign * site["log_prob"]
+    return log_weight
+
+
+def iwae_bound(log_weights):
+    """log (1/k) sum_i w_i over the first dim: the importance-weighted estimate of log p(x)."""
+    return torch.logsumexp(log_weights, 0) - math.log(log_weights.shape[0])
+
+
+def estimators(model, guide_name, iwae_samples=0):
+    """The estimator names this model/guide pair reports, in a fixed order."""
+    names = ["exact"] if model.exact else []
+    if guide_name != "enum":
+        names.append("elbo")
+        if iwae_samples:
+            names.append(f"iwae-{iwae_samples}")
+    return names
+
+
+@torch.no_grad()
+def per_digit_estimates(model, guide_name, x, names, batch_size=1000):
+    """{estimator name: (N,) per-digit values}, computed in batches so memory stays bounded."""
+    guide = model.guide(guide_name)
+    out = {name: [] for name in names}
+    for batch in x.split(batch_size):
+        for name in names:
+            if name == "exact":
+                value = model.log_likelihood(batch)
+            elif name == "elbo":
+                value = importance_log_weights(model.model, guide, batch, 1)[0]
+            else:
+                k = int(name.split("-")[1])
+                value = iwae_bound(importance_log_weights(model.model, guide, batch, k))
+            out[name].append(value)
+    return {name: torch.cat(values) for name, values in out.items()}
+
+
+def mean_estimates(model, guide_name, x, names):
+    """{estimator name: mean over digits} as plain floats."""
+    return {name: v.mean().item() for name, v in per_digit_estimates(model, guide_name, x, names).items()}
+
+
+# ---- using log p(x) as a detector ----------------------------------------------------------
+def roc_auc(higher, lower):
+    """P(a score from `higher` exceeds one from `lower`), ties counting half: the area under the
+    ROC curve of the score as a detector (Mann-Whitney U / (n_a n_b))."""
+    scores = torch.cat([higher, lower]).double()
+    ranks = torch.empty_like(scores)
+    order = scores.argsort()
+    ranks[order] = torch.arange(1, len(scores) + 1, dtype=scores.dtype, device=scores.device)
+    for value in scores.unique():  # average the ranks of ties
+        tied = scores == value
+        ranks[tied] = ranks[tied].mean()
+    n_a, n_b = len(higher), len(lower)
+    return ((ranks[:n_a].sum() - n_a * (n_a + 1) / 2) / (n_a * n_b)).item()
+
+
+def batch_means(scores, batch_size, trials, generator):
+    """Means of `trials` random batches of `batch_size` scores (each drawn without replacement)."""
+    keys = torch.rand(trials, len(scores), generator=generator)
+    picks = keys.argsort(1)[:, :batch_size]
+    return scores.cpu()[picks].mean(1)
+
+
+def batch_test(calibration, natural, suspect, batch_sizes, false_alarm=0.05, trials=2000, seed=0):
+    """A one-sided test 'this batch of n digits is not natural' on the batch's mean log p.
+
+    The threshold is the `false_alarm` quantile of batch means of held-out natural digits
+    (`calibration`); its false-alarm rate is then measured on other natural digits (`natural`),
+    and its power on `suspect` digits. Returns {n: {threshold, false_alarm, power}}.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    results = {}
+    for n in batch_sizes:
+        threshold = torch.quantile(batch_means(calibration, n, trials, generator), false_alarm).item()
+        results[n] = {
+            "threshold": threshold,
+            "false_alarm": (batch_means(natural, n, trials, generator) < threshold).double().mean().item(),
+            "power": (batch_means(suspect, n, trials, generator) < threshold).double().mean().item(),
+        }
+    return results
+
+
+def cluster_purity(assignments, labels):
+    """Fraction of digits whose class is the majority class of their assigned latent state."""
+    assignments, labels = assignments.cpu(), labels.cpu()
+    majority = 0
+    for state in assignments.unique():
+        majority += torch.bincount(labels[assignments == state]).max().item()
+    return majority / len(labels)

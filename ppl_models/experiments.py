@@ -1,0 +1,182 @@
+"""What `run.py` does: train a model, then use it for what a generative model is for (sample,
+score, fill in, infer) and write the figures and numbers into the run directory."""
+
+import csv
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from . import plots
+from .data import DataError, load_dataset, load_mnist_test_intensities
+from .evaluate import batch_test, cluster_purity, roc_auc
+from .models import build_model, check_guide
+from .train import train, write_json
+
+BATCH_SIZES = (1, 2, 5, 10, 20)
+
+
+def run(cfg, out, experiment=None, resume=False, progress=True, download=True, log=print):
+    """The main job: one training run (or an experiment), its report, and a printed summary."""
+    out = Path(out)
+    model = build_model(cfg.model, cfg.model_args)
+    check_guide(model, cfg.guide)
+    data = load_dataset(cfg.dataset, binarize=cfg.binarize, data_dir=cfg.data_dir, device=cfg.device,
+                        seed=cfg.seed, download=download, progress=progress)
+    log(f"{model.summary()}, guide '{cfg.guide}'; {cfg.dataset} ({data.binarize} binarization): "
+        + ", ".join(f"{split} {data.images[split].shape[0]:,} digits from {data.sources[split]}" for split in data.splits))
+    if experiment == "enum-vs-sampled":
+        return enum_vs_sampled(cfg, data, out, progress, log)
+    summary = train(model, data, cfg, out, resume=resume, progress=progress, log=log)
+    REPORTS[cfg.model](model, data, cfg, out, summary, download=download, log=log)
+    write_json(summary, out / "metrics.json")
+    log(describe(summary, out))
+    return summary
+
+
+def describe(summary, out):
+    lines = [f"final mean log-likelihood per digit (nats), {summary['model']} / {summary['guide']}:"]
+    for split, values in summary["final"].items():
+        figures = ", ".join(f"{name} {value:.2f}" for name, value in values.items())
+        lines.append(f"  {split} ({summary['final_digits'][split]:,} digits): {figures}")
+    lines.append(f"  {summary['seconds_per_epoch']:.1f} s per epoch of training; figures and metrics in {out}/")
+    return "\n".join(lines)
+
+
+def read_metrics(run_dir):
+    with open(Path(run_dir) / "metrics.csv") as f:
+        return list(csv.DictReader(f))
+
+
+# ---- the mixture's report (seed problems 6-9, and fill-in / infer) -----------------------
+def mixture_report(model, data, cfg, out, summary, download=True, log=print):
+    x_test = data.binary("test")
+    steps_per_epoch = (cfg.train_subset or data.binary("train").shape[0]) // cfg.batch_size
+    K = model.components
+    generator = torch.Generator().manual_seed(cfg.seed)
+
+    shown = min(K, 100)
+    plots.image_grid(model.component_means()[:shown], out / "component_means.png",
+                     f"p(x_d = 1 | z = k): the {'first 100 of ' if K > 100 else ''}{K} component means",
+                     captions=[f"k={k}" for k in range(shown)], ncols=10)
+
+    with torch.random.fork_rng():
+        torch.manual_seed(cfg.seed)
+        z, samples = model.sample(16)
+    plots.image_grid(samples, out / "samples.png", "16 samples x ~ p(x), each with the component z it came from",
+                     captions=[f"z={k}" for k in z.tolist()], ncols=8)
+
+    plots.learning_curves(read_metrics(out), out / "learning_curves.png",
+                          f"{model.summary()}: first {cfg.eval_digits} train / test digits", steps_per_epoch)
+
+    # Fill in: the bottom half given the top half. log p(bottom | top) = log p(x) - log p(top) exactly.
+    top = torch.zeros(784, device=x_test.device)
+    top[: 14 * 28] = 1
+    completions = model.fill_in(x_test[:10], top.expand(10, 784))
+    conditional = model.log_likelihood(x_test) - model.log_likelihood(x_test, top)
+    summary["fill_in"] = {"exact log p(bottom half | top half), test": conditional.mean().item(),
+                          "digits": x_test.shape[0]}
+    plots.image_grid(torch.cat([x_test[:10] * top + 0.35 * (1 - top), completions, x_test[:10]]),
+                     out / "fill_in.png", "Fill in the bottom half: observed top (grey = missing), "
+                     "E[x | top half], truth", row_labels=["observed", "completion", "truth"], ncols=10)
+
+    # Infer: p(z | x) for test digits; the most probable component beside each digit.
+    posterior = model.posterior(x_test)
+    best = posterior.max(-1)
+    plots.image_grid(torch.cat([x_test[:10], model.component_means()[best.indices[:10]]]), out / "infer.png",
+                     "Infer the latent: test digits and the mean of their most probable component",
+                     captions=[""] * 10 + [f"k={k} p={p:.2f}" for k, p in zip(best.indices[:10].tolist(),
+                                                                               best.values[:10].tolist())],
+                     row_labels=["digit", "argmax p(z|x)"], ncols=10)
+    if data.labels["test"] is not None:
+        summary["cluster_purity_test"] = cluster_purity(best.indices, data.labels["test"])
+
+    try:
+        summary["frankenstein"] = frankenstein_report(model, data, cfg, out, generator, download)
+    except DataError as error:
+        log(f"note: Frankenstein digits skipped, they need the labelled MNIST test set: {error}")
+
+
+def frankenstein_digits(images, labels, generator):
+    """The left half of each digit joined to the right half of a random digit of another class."""
+    n = len(images)
+    partner = torch.randint(n, (n,), generator=generator)
+    clash = labels[partner] == labels
+    while clash.any():  # redraw partners of the same class
+        partner[clash] = torch.randint(n, (int(clash.sum()),), generator=generator)
+        clash = labels[partner] == labels
+    left = (torch.arange(784) % 28) < 14
+    return torch.where(left, images, images[partner])
+
+
+def frankenstein_report(model, data, cfg, out, generator, download):
+    """Seed problem 9, made quantitative. The labelled MNIST test digits are split three ways:
+    natural digits to calibrate the batch test, natural digits to measure it on, and digits
+    spliced into Frankenstein digits. All are binarized the way the training data was."""
+    intensities, labels = load_mnist_test_intensities(cfg.data_dir, download=download, progress=False)
+    order = torch.randperm(len(labels), generator=generator)
+    calibrate, natural, spliced = order.tensor_split(3)
+    device = data.binary("test").device
+    binarize = lambda x: data.binarize_like_training(x).to(device)  # noqa: E731
+    frankenstein = frankenstein_digits(intensities[spliced], labels[spliced], generator)
+    score = lambda x: model.log_likelihood(binarize(x)).cpu()  # noqa: E731
+    log_p = {"calibration": score(intensities[calibrate]), "natural": score(intensities[natural]),
+             "frankenstein": score(frankenstein)}
+
+    plots.image_grid(torch.cat([binarize(intensities[natural][:10]), binarize(frankenstein[:10])]),
+                     out / "frankenstein.png", "Natural (top) and Frankenstein (bottom) test digits, exact log p(x)",
+                     captions=[f"{v:.0f}" for v in torch.cat([log_p["natural"][:10], log_p["frankenstein"][:10]])],
+                     row_labels=["natural", "Frankenstein"], ncols=10)
+    plots.two_histograms(log_p["natural"], log_p["frankenstein"],
+                         [f"natural ({len(natural)})", f"Frankenstein ({len(frankenstein)})"],
+                         out / "frankenstein_hist.png", "Exact log p(x) of natural and Frankenstein test digits",
+                         "log p(x) (nats)")
+    tests = batch_test(log_p["calibration"], log_p["natural"], log_p["frankenstein"], BATCH_SIZES, seed=cfg.seed)
+    return {
+        "digits": {name: len(v) for name, v in log_p.items()},
+        "mean_log_p": {name: v.mean().item() for name, v in log_p.items()},
+        "roc_auc": roc_auc(log_p["natural"], log_p["frankenstein"]),
+        "batch_test": {
+            "statistic": "mean exact log p over the batch; reject 'natural' below the 5% quantile of "
+                         "calibration batches",
+            "by_batch_size": {str(n): r for n, r in tests.items()},
+        },
+    }
+
+
+REPORTS = {"mixture": mixture_report}
+
+
+# ---- experiments -----------------------------------------------------------------------------
+def enum_vs_sampled(cfg, data, out, progress, log=print):
+    """Train the exact (enumerated) and the sampled guide with the same settings; plot the exact
+    held-out log-likelihood of both against steps and against training time, and the sampled
+    guide's ELBO beside it."""
+    results = {}
+    for guide in ("enum", "sampled"):
+        log(f"training with guide '{guide}'")
+        run_cfg = replace(cfg, guide=guide)
+        model = build_model(cfg.model, cfg.model_args)
+        results[guide] = train(model, data, run_cfg, out / guide, progress=progress, log=log)
+        write_json(results[guide], out / guide / "metrics.json")
+
+    by_step, by_time = {}, {}
+    for guide in results:
+        rows = [r for r in read_metrics(out / guide) if r["split"] == "test"]
+        for estimator in sorted({r["estimator"] for r in rows}):
+            points = [r for r in rows if r["estimator"] == estimator]
+            label = f"guide {guide}: test {estimator}"
+            style = "-" if estimator == "exact" else ":"
+            values = [float(r["value"]) for r in points]
+            by_step[label] = ([int(r["step"]) for r in points], values, style)
+            by_time[label] = ([float(r["seconds"]) for r in points], values, style)
+    ylabel = f"mean log-likelihood per digit (nats), first {cfg.eval_digits} test digits"
+    plots.curves_against([("SVI step", ylabel, by_step), ("training time (s)", ylabel, by_time)],
+                         out / "enum_vs_sampled.png",
+                         "Exact enumeration vs. sampled ELBO (score function): exact log p(x) of both models")
+    comparison = {guide: {"final": r["final"], "seconds_per_epoch": r["seconds_per_epoch"]} for guide, r in results.items()}
+    (out / "comparison.json").write_text(json.dumps(comparison, indent=2) + "\n")
+    for guide, r in results.items():
+        log(describe(r, out / guide))
+    return comparison

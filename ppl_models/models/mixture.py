@@ -1,0 +1,127 @@
+"""Mixture of Bernoullis ("Naive Bayes" with a categorical latent), seed equations 1-2.
+
+    z ~ Categorical(softmax(b))
+    x_d | z = k ~ Bernoulli(sigm(w_kd + c_d))      d = 1..784
+
+Guides:
+  enum     no guide at all: z is enumerated in the model, so TraceEnum_ELBO is the exact
+           negative log-likelihood (seed equations 3-5).
+  sampled  an amortized q(z | x) (an MLP giving Categorical logits), trained with the
+           score-function ELBO of TraceGraph_ELBO and a decaying-average baseline.
+"""
+
+import pyro
+import pyro.distributions as dist
+import torch
+from pyro import poutine
+from pyro.infer import JitTraceEnum_ELBO, JitTraceGraph_ELBO, TraceEnum_ELBO, TraceGraph_ELBO, config_enumerate
+from torch import nn
+
+from ..distributions import IndexedBernoulli, table_log_likelihood
+
+
+class BernoulliMixture:
+    name = "mixture"
+    guides = ("enum", "sampled")
+    default_guide = "enum"
+    exact = True  # log p(x) is tractable: a sum over K components
+    hyperparameters = ("components",)
+    training_defaults = dict(optimizer="rmsprop", lr=0.01, batch_size=100, epochs=20)  # the seed template's
+
+    def __init__(self, components=20, num_pixels=784, init_scale=0.01, encoder_hidden=200):
+        if components < 1:
+            raise ValueError(f"--components must be a positive integer, got {components}")
+        self.components = components
+        self.num_pixels = num_pixels
+        self.init_scale = init_scale
+        # q(z | x) for the sampled guide; created here so its weights follow pyro.set_rng_seed.
+        self.encoder = nn.Sequential(
+            nn.Linear(num_pixels, encoder_hidden), nn.ReLU(), nn.Linear(encoder_hidden, components)
+        )
+
+    # ---- parameters -------------------------------------------------------------------
+    def params(self, device=None):
+        """(b, w, c) from the param store, created on first use with the seed template's init."""
+        K, D = self.components, self.num_pixels
+        b = pyro.param("b", lambda: torch.zeros(K, device=device))
+        w = pyro.param("w", lambda: self.init_scale * torch.randn(K, D, device=device))
+        c = pyro.param("c", lambda: torch.zeros(D, device=device))
+        return b, w, c
+
+    def logits_table(self):
+        """theta_kd = w_kd + c_d: the pixel logits of each component."""
+        _, w, c = self.params()
+        return w + c
+
+    # ---- model and guides -------------------------------------------------------------
+    @config_enumerate
+    def model(self, x, pixel_mask=None):
+        b, w, c = self.params(x.device)
+        with pyro.plate("data", x.shape[0]):
+            z = pyro.sample("z", dist.Categorical(logits=b))
+            pyro.sample("x", IndexedBernoulli(w + c, z, pixel_mask), obs=x)
+
+    def guide_enum(self, x, pixel_mask=None):
+        """Empty guide: the model enumerates z, nothing is sampled."""
+
+    def guide_sampled(self, x, pixel_mask=None):
+        pyro.module("encoder", self.encoder.to(x.device))
+        with pyro.plate("data", x.shape[0]):
+            pyro.sample(
+                "z",
+                dist.Categorical(logits=self.encoder(x)),
+                infer={"baseline": {"use_decaying_avg_baseline": True, "baseline_beta": 0.9}},
+            )
+
+    def guide(self, name):
+        return getattr(self, f"guide_{name}")
+
+    def loss_name(self, guide_name):
+        return "-log p(x)" if guide_name == "enum" else "-ELBO"
+
+    def elbo(self, guide_name, jit=False):
+        """The ELBO this guide calls for: exact enumeration, or the score-function ELBO."""
+        if guide_name == "enum":
+            return (JitTraceEnum_ELBO if jit else TraceEnum_ELBO)(max_plate_nesting=1)
+        return (JitTraceGraph_ELBO if jit else TraceGraph_ELBO)(max_plate_nesting=1)
+
+    # ---- what a generative model is for -----------------------------------------------
+    @torch.no_grad()
+    def log_likelihood(self, x, pixel_mask=None):
+        """Exact log p(x) per digit (nats), or log p(x_observed) under a pixel mask."""
+        b, _, _ = self.params()
+        log_joint = torch.log_softmax(b, -1) + table_log_likelihood(x, self.logits_table(), pixel_mask)
+        return torch.logsumexp(log_joint, -1)
+
+    @torch.no_grad()
+    def posterior(self, x, pixel_mask=None):
+        """p(z | x) (or p(z | x_observed)) per digit, as the (N, K) probabilities Pyro's
+        TraceEnum_ELBO.compute_marginals finds for the enumerated site."""
+        marginals = TraceEnum_ELBO(max_plate_nesting=1).compute_marginals(
+            self.model, self.guide_enum, x, pixel_mask
+        )
+        return marginals["z"].probs
+
+    @torch.no_grad()
+    def component_means(self):
+        """p(x_d = 1 | z = k): (K, D), seed problem 6."""
+        return torch.sigmoid(self.logits_table())
+
+    @torch.no_grad()
+    def sample(self, num_samples):
+        """Ancestral samples: returns (z, x) with x of shape (num_samples, D)."""
+        b, _, _ = self.params()
+        blank = torch.zeros(num_samples, self.num_pixels, device=b.device)
+        trace = poutine.trace(poutine.uncondition(self.model)).get_trace(blank)
+        return trace.nodes["z"]["value"], trace.nodes["x"]["value"]
+
+    @torch.no_grad()
+    def fill_in(self, x, pixel_mask):
+        """Predictive mean of every pixel given the observed ones (mask = 1):
+        E[x_d | x_obs] = sum_k p(z = k | x_obs) sigm(theta_kd). Observed pixels are kept."""
+        predicted = self.posterior(x, pixel_mask) @ self.component_means()
+        return torch.where(pixel_mask.bool(), x, predicted)
+
+    def summary(self):
+        return f"mixture of {self.components} Bernoulli components ({self.components * (self.num_pixels + 1) + self.num_pixels:,} parameters)"
+

@@ -1,0 +1,85 @@
+"""Figures. Each function takes plain tensors or rows and a path, and writes one PNG."""
+
+from collections import defaultdict
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only; no display needed
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+SPLIT_STYLE = {"train": "-", "valid": "-.", "test": "--"}
+
+
+def _save(fig, path):
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def image_grid(images, path, title, captions=None, ncols=10, row_labels=None):
+    """Digits (N, 784) with values in [0, 1] as a grid of 28 x 28 images, black on white."""
+    images = np.asarray(images.detach().cpu() if hasattr(images, "detach") else images).reshape(-1, 28, 28)
+    nrows = int(np.ceil(len(images) / ncols))
+    fig, axes = plt.subplots(nrows, ncols, figsize=(1.1 * ncols, 1.25 * nrows + 0.5), squeeze=False)
+    for i, ax in enumerate(axes.flat):
+        ax.set_xticks([])
+        ax.set_yticks([])
+        if i >= len(images):
+            ax.axis("off")
+            continue
+        ax.imshow(images[i], cmap="gray_r", vmin=0, vmax=1)
+        if captions is not None:
+            ax.set_title(captions[i], fontsize=8)
+        if row_labels is not None and i % ncols == 0:
+            ax.set_ylabel(row_labels[i // ncols], fontsize=8)
+    fig.suptitle(title, fontsize=10)
+    _save(fig, path)
+
+
+def learning_curves(rows, path, title, steps_per_epoch=None):
+    """metrics.csv rows -> one line per (split, estimator) against training steps."""
+    series = defaultdict(list)
+    for row in rows:
+        series[(row["split"], row["estimator"])].append((int(row["step"]), float(row["value"])))
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    for (split, estimator), points in sorted(series.items()):
+        steps, values = zip(*sorted(points))
+        ax.plot(steps, values, SPLIT_STYLE.get(split, "-"), label=f"{split}: {estimator}")
+    ax.set_xlabel("SVI step" + (f" ({steps_per_epoch} per epoch)" if steps_per_epoch else ""))
+    ax.set_ylabel("mean log-likelihood per digit (nats)")
+    values = [v for points in series.values() for _, v in points]
+    if values:  # the untrained model's point would squash the rest of the curve
+        low, high = np.percentile(values, 5), max(values)
+        ax.set_ylim(low - 0.1 * (high - low), high + 0.05 * (high - low))
+    ax.grid(alpha=0.3)
+    ax.legend()
+    ax.set_title(title, fontsize=10)
+    _save(fig, path)
+
+
+def two_histograms(a, b, labels, path, title, xlabel):
+    a, b = np.asarray(a), np.asarray(b)
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    bins = np.linspace(min(a.min(), b.min()), max(a.max(), b.max()), 60)
+    ax.hist(a, bins=bins, alpha=0.6, density=True, label=labels[0])
+    ax.hist(b, bins=bins, alpha=0.6, density=True, label=labels[1])
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("density")
+    ax.legend()
+    ax.set_title(title, fontsize=10)
+    _save(fig, path)
+
+
+def curves_against(panels, path, title):
+    """Several panels of named (x, y) lines: panels = [(xlabel, ylabel, {label: (xs, ys, style)})]."""
+    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4), squeeze=False)
+    for ax, (xlabel, ylabel, lines) in zip(axes.flat, panels):
+        for label, (xs, ys, style) in lines.items():
+            ax.plot(xs, ys, style, label=label)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(title, fontsize=10)
+    _save(fig, path)

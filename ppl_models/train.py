@@ -1,0 +1,331 @@
+"""The one SVI training loop every model and guide shares.
+
+A run directory holds:
+  config.json    the configuration, as given
+  metrics.csv    step, epoch, seconds (training time so far), split, estimator, value: the
+                 learning curves (nats per digit)
+  metrics.json   the final summary (see `summarise`)
+  checkpoint.pt  params, optimizer state, RNG state and progress, written atomically at the end
+                 of every epoch and on Ctrl-C; `--resume RUN_DIR` continues from it and ends
+                 where an uninterrupted run would.
+Runs on CPU are bit-reproducible: batches come from a per-epoch permutation that depends only on
+(seed, epoch), and evaluation draws from its own seeded RNG so it never shifts training's.
+"""
+
+import csv
+import json
+import math
+import os
+import signal
+import threading
+import time
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import pyro
+import pyro.optim
+import torch
+from pyro import poutine
+from pyro.infer import SVI
+from tqdm.auto import tqdm
+
+from .evaluate import estimators, mean_estimates
+
+CHECKPOINT_FORMAT = 1
+OPTIMIZERS = {
+    "adam": pyro.optim.Adam,
+    "rmsprop": pyro.optim.RMSprop,
+    "sgd": pyro.optim.SGD,
+    "adagrad": pyro.optim.Adagrad,
+}
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on; the message says why and what to do."""
+
+
+@dataclass
+class Config:
+    model: str = "mixture"
+    guide: str = "enum"
+    dataset: str = "mnist"
+    binarize: str = "threshold"
+    data_dir: str | None = None
+    model_args: dict = field(default_factory=dict)  # the model family's own hyperparameters
+    optimizer: str = "rmsprop"
+    lr: float = 0.01
+    batch_size: int = 100
+    epochs: int = 20
+    seed: int = 0
+    device: str = "cpu"
+    jit: bool = False
+    eval_every: int = 200
+    eval_digits: int = 1000
+    train_subset: int | None = None
+
+    def validate(self):
+        checks = [
+            (self.optimizer in OPTIMIZERS, f"--optimizer must be one of {', '.join(OPTIMIZERS)}"),
+            (self.lr > 0, "--lr must be positive"),
+            (self.batch_size > 0, "--batch-size must be a positive integer"),
+            (self.epochs > 0, "--epochs must be a positive integer"),
+            (self.eval_every > 0, "--eval-every must be a positive integer"),
+            (self.eval_digits > 0, "--eval-digits must be a positive integer"),
+            (self.train_subset is None or self.train_subset > 0, "--train-subset must be a positive integer"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
+
+
+# ---- files ---------------------------------------------------------------------------------
+def atomic_torch_save(obj, path):
+    """Write to a temporary file beside `path`, then rename: a crash never leaves half a file."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path):
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise TrainingError(f"no checkpoint at {path}: is this a run directory? Start a new run instead of --resume")
+    except Exception as error:
+        raise TrainingError(
+            f"checkpoint {path} is corrupt or not a ppl_models checkpoint ({type(error).__name__}); "
+            "delete it and start the run again"
+        ) from None
+
+
+def write_json(obj, path):
+    tmp = Path(str(path) + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+class MetricsLog:
+    """metrics.csv rows kept in memory and rewritten whole, so a resumed run drops the rows an
+    interrupted run wrote after its last checkpoint."""
+
+    columns = ("step", "epoch", "seconds", "split", "estimator", "value")
+
+    def __init__(self, path, up_to_step=None):
+        self.path = Path(path)
+        self.rows = []
+        if up_to_step is not None and self.path.exists():
+            with open(self.path) as f:
+                self.rows = [r for r in csv.DictReader(f) if int(r["step"]) <= up_to_step]
+
+    def add(self, step, epoch, seconds, split, estimator, value):
+        self.rows.append(dict(step=step, epoch=epoch, seconds=seconds, split=split, estimator=estimator, value=value))
+
+    def flush(self):
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        with open(tmp, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=self.columns)
+            writer.writeheader()
+            writer.writerows(self.rows)
+        os.replace(tmp, self.path)
+
+
+# ---- RNG -----------------------------------------------------------------------------------
+def epoch_generator(seed, epoch, device):
+    """The generator of one epoch's batch order: a function of (seed, epoch) only."""
+    return torch.Generator(device=device).manual_seed(seed * 1_000_003 + epoch)
+
+
+def rng_state():
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state):
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+@contextmanager
+def evaluation_rng(seed, device):
+    """Evaluation draws from its own seeded stream and leaves training's untouched."""
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        yield
+
+
+@contextmanager
+def interrupt_between_steps():
+    """Ctrl-C sets a flag that the loop reads after each step, so a checkpoint never holds a
+    half-applied update."""
+    flag = {"requested": False}
+
+    def handler(signum, frame):
+        flag["requested"] = True
+
+    if threading.current_thread() is not threading.main_thread():
+        yield flag
+        return
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield flag
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+# ---- numerical guard -----------------------------------------------------------------------
+def nonfinite_sites(model, guide, x):
+    """Names of the sample sites whose log-probability is not finite on this batch."""
+    guide_trace = poutine.trace(guide).get_trace(x)
+    model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(x)
+    bad = []
+    for where, trace in (("model", model_trace), ("guide", guide_trace)):
+        for name, site in trace.nodes.items():
+            if site["type"] == "sample":
+                log_prob = site["fn"].log_prob(site["value"])
+                if not torch.isfinite(log_prob).all():
+                    bad.append(f"{where} site '{name}'")
+    return bad
+
+
+# ---- the loop ------------------------------------------------------------------------------
+def train(model, data, cfg: Config, run_dir, resume=False, progress=True, log=print):
+    """Fit `model` with `cfg.guide` by SVI; write the run directory; return the summary dict."""
+    cfg.validate()
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    device = torch.device(cfg.device)
+    checkpoint_path = run_dir / "checkpoint.pt"
+
+    x_train_all = data.binary("train", 0)
+    num_train = cfg.train_subset or x_train_all.shape[0]
+    if cfg.batch_size > num_train:
+        raise ValueError(f"--batch-size {cfg.batch_size} is larger than the {num_train} training digits")
+    steps_per_epoch = num_train // cfg.batch_size  # the last partial batch is dropped (fixed shapes for --jit)
+    curves = {split: data.binary(split)[: cfg.eval_digits] for split in ("train", "test")}
+    names = estimators(model, cfg.guide)
+
+    pyro.clear_param_store()
+    pyro.set_rng_seed(cfg.seed)
+    guide = model.guide(cfg.guide)
+    elbo = model.elbo(cfg.guide, jit=cfg.jit)
+    elbo.loss(model.model, guide, x_train_all[: cfg.batch_size])  # creates every param, in a fixed order
+    optimizer = OPTIMIZERS[cfg.optimizer]({"lr": cfg.lr})
+    svi = SVI(model.model, guide, optimizer, elbo)
+
+    epoch, step_in_epoch, step, seconds = 0, 0, 0, 0.0
+    if resume:
+        checkpoint = load_checkpoint(checkpoint_path)
+        check_resumable(checkpoint, cfg, checkpoint_path)
+        with torch.no_grad():
+            for name, param in pyro.get_param_store().named_parameters():
+                param.copy_(checkpoint["params"][name])
+        optimizer.set_state(checkpoint["optimizer"])
+        set_rng_state(checkpoint["rng"])
+        epoch, step_in_epoch, step, seconds = (checkpoint["progress"][k] for k in ("epoch", "step_in_epoch", "step", "seconds"))
+        log(f"resuming {run_dir} at epoch {epoch + 1}, step {step}")
+    metrics = MetricsLog(run_dir / "metrics.csv", up_to_step=step if resume else None)
+    write_json(asdict(cfg), run_dir / "config.json")
+
+    def save_checkpoint():
+        atomic_torch_save(
+            {
+                "format": CHECKPOINT_FORMAT,
+                "config": asdict(cfg),
+                "params": {n: p.detach().cpu().clone() for n, p in pyro.get_param_store().named_parameters()},
+                "optimizer": optimizer.get_state(),
+                "rng": rng_state(),
+                "progress": dict(epoch=epoch, step_in_epoch=step_in_epoch, step=step, seconds=seconds),
+            },
+            checkpoint_path,
+        )
+        metrics.flush()
+
+    def evaluate_curves():
+        with evaluation_rng(cfg.seed, device):
+            for split, x in curves.items():
+                for name, value in mean_estimates(model, cfg.guide, x, names).items():
+                    metrics.add(step, epoch, round(seconds, 3), split, name, value)
+
+    if step == 0:
+        evaluate_curves()  # the untrained model, for the start of every curve
+    with interrupt_between_steps() as interrupt:
+        while epoch < cfg.epochs:
+            x_epoch = data.binary("train", epoch)[:num_train]
+            order = torch.randperm(num_train, generator=epoch_generator(cfg.seed, epoch, device), device=device)
+            bar = tqdm(
+                total=steps_per_epoch, initial=step_in_epoch, disable=not progress,
+                desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="step", leave=False,
+            )
+            running = math.nan
+            while step_in_epoch < steps_per_epoch:
+                batch = x_epoch[order[step_in_epoch * cfg.batch_size : (step_in_epoch + 1) * cfg.batch_size]]
+                started = time.perf_counter()
+                loss = svi.step(batch) / cfg.batch_size
+                seconds += time.perf_counter() - started  # training time only: evaluation is not counted
+                if not math.isfinite(loss):
+                    bad = nonfinite_sites(model.model, guide, batch) or ["no single site (the gradient step itself)"]
+                    raise TrainingError(
+                        f"the loss became {loss} at step {step + 1} (epoch {epoch + 1}); non-finite log-probability at "
+                        f"{', '.join(bad)}. The last good checkpoint is kept in {checkpoint_path}; try a smaller --lr"
+                    )
+                step_in_epoch += 1
+                step += 1
+                running = loss if math.isnan(running) else 0.98 * running + 0.02 * loss
+                bar.set_postfix_str(f"{model.loss_name(cfg.guide)} {running:.2f}")
+                bar.update()
+                if step % cfg.eval_every == 0:
+                    evaluate_curves()
+                if interrupt["requested"]:
+                    bar.close()
+                    save_checkpoint()
+                    raise TrainingError(
+                        f"interrupted at step {step}; checkpoint saved. Resume with: python run.py --resume {run_dir}"
+                    )
+            bar.close()
+            epoch, step_in_epoch = epoch + 1, 0
+            save_checkpoint()
+            log(f"epoch {epoch}/{cfg.epochs}: {model.loss_name(cfg.guide)} {running:.2f} (running mean over train "
+                f"batches), {seconds / epoch:.1f} s/epoch")
+
+    if step % cfg.eval_every != 0:
+        evaluate_curves()
+    metrics.flush()
+    summary = summarise(model, data, cfg, names, seconds / cfg.epochs, device)
+    write_json(summary, run_dir / "metrics.json")
+    return summary
+
+
+def summarise(model, data, cfg, names, seconds_per_epoch, device):
+    """metrics.json: final -> split -> estimator -> mean log-likelihood per digit (nats), on every
+    digit of each split (`final_digits` says how many)."""
+    with evaluation_rng(cfg.seed, device):
+        final = {split: mean_estimates(model, cfg.guide, data.binary(split), names) for split in data.splits}
+    return {
+        "model": cfg.model,
+        "guide": cfg.guide,
+        "dataset": cfg.dataset,
+        "binarize": data.binarize,
+        "epochs": cfg.epochs,
+        "train_digits": cfg.train_subset or data.binary("train").shape[0],
+        "seconds_per_epoch": seconds_per_epoch,
+        "units": "mean log-likelihood per digit, nats",
+        "final_digits": {split: data.binary(split).shape[0] for split in data.splits},
+        "final": final,
+    }
+
+
+def check_resumable(checkpoint, cfg, path):
+    if checkpoint.get("format", 0) > CHECKPOINT_FORMAT:
+        raise TrainingError(f"{path} was written by a newer ppl_models (format {checkpoint['format']}); upgrade to resume it")
+    saved = checkpoint["config"]
+    for key in ("model", "guide", "dataset", "model_args"):
+        if saved[key] != getattr(cfg, key):
+            raise TrainingError(
+                f"{path} is a run of {key} {saved[key]!r}, not {getattr(cfg, key)!r}; resume it without "
+                f"overriding --{key.replace('_', '-')}, or start a new run with another --out"
+            )
