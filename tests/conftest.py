@@ -1,0 +1,35 @@
+import pyro
+import pytest
+import torch
+
+from ppl_models.data import Dataset
+
+
+@pytest.fixture(autouse=True)
+def fresh_pyro():
+    pyro.clear_param_store()
+    pyro.set_rng_seed(0)
+    yield
+    pyro.clear_param_store()
+
+
+def sample_prototype_digits(num_digits, num_prototypes=4, seed=0):
+    """Binary 784-pixel 'digits' from a known mixture: each prototype lights its own block of
+    rows, pixels flip with probability 0.05. Returns (images, prototype labels)."""
+    generator = torch.Generator().manual_seed(seed)
+    labels = torch.randint(num_prototypes, (num_digits,), generator=generator)
+    rows = torch.arange(784) // 28
+    prototypes = torch.stack([((rows // 7) == k).float() for k in range(num_prototypes)])
+    probs = 0.05 + 0.9 * prototypes[labels]
+    return torch.bernoulli(probs, generator=generator), labels
+
+
+@pytest.fixture
+def tiny_dataset():
+    train, train_labels = sample_prototype_digits(600, seed=1)
+    test, test_labels = sample_prototype_digits(200, seed=2)
+    return Dataset(
+        name="tiny", binarize="threshold", images={"train": train, "test": test},
+        labels={"train": train_labels, "test": test_labels},
+        sources={"train": "generated", "test": "generated"}, seed=0,
+    )

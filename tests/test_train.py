@@ -1,0 +1,160 @@
+"""The shared training loop: reproducibility, resume, run-directory files, guards."""
+
+import csv
+import json
+import os
+import signal
+
+import pyro
+import pytest
+import torch
+
+import ppl_models.train as train_module
+from ppl_models.models.mixture import BernoulliMixture
+from ppl_models.train import Config, TrainingError, load_checkpoint, train
+
+QUIET = dict(progress=False, log=lambda *args: None)
+
+
+def config(**overrides):
+    settings = dict(epochs=3, batch_size=50, eval_every=5, eval_digits=100, lr=0.05)
+    settings.update(overrides)
+    return Config(**settings)
+
+
+def final_params():
+    return {name: p.detach().clone() for name, p in pyro.get_param_store().named_parameters()}
+
+
+def metric_rows(run_dir):
+    with open(run_dir / "metrics.csv") as f:
+        return [{k: v for k, v in row.items() if k != "seconds"} for row in csv.DictReader(f)]
+
+
+class StepCounter(train_module.SVI):
+    """SVI whose step calls `on_step(n)` after the n-th step of this process."""
+
+    on_step = None
+    count = 0
+
+    def step(self, *args, **kwargs):
+        loss = super().step(*args, **kwargs)
+        StepCounter.count += 1
+        StepCounter.on_step(StepCounter.count)
+        return loss
+
+
+@pytest.fixture
+def uninterrupted(tiny_dataset, tmp_path):
+    summary = train(BernoulliMixture(4), tiny_dataset, config(guide="sampled"), tmp_path / "straight", **QUIET)
+    return summary, final_params(), metric_rows(tmp_path / "straight")
+
+
+def test_same_seed_same_result(tiny_dataset, tmp_path, uninterrupted):
+    summary, params, rows = uninterrupted
+    again = train(BernoulliMixture(4), tiny_dataset, config(guide="sampled"), tmp_path / "again", **QUIET)
+    assert again["final"] == summary["final"]
+    assert all(torch.equal(params[n], p) for n, p in final_params().items())
+    assert metric_rows(tmp_path / "again") == rows
+
+
+def test_ctrl_c_mid_epoch_checkpoints_and_resume_matches_uninterrupted(tiny_dataset, tmp_path, monkeypatch,
+                                                                       uninterrupted):
+    summary, params, rows = uninterrupted
+    StepCounter.count = 0
+    StepCounter.on_step = lambda n: n == 17 and os.kill(os.getpid(), signal.SIGINT)  # 12 steps an epoch
+    monkeypatch.setattr(train_module, "SVI", StepCounter)
+    run_dir = tmp_path / "interrupted"
+    with pytest.raises(TrainingError, match=f"interrupted at step 17; checkpoint saved. Resume with: python run.py --resume {run_dir}"):
+        train(BernoulliMixture(4), tiny_dataset, config(guide="sampled"), run_dir, **QUIET)
+    assert load_checkpoint(run_dir / "checkpoint.pt")["progress"]["step"] == 17
+
+    StepCounter.on_step = lambda n: None
+    resumed = train(BernoulliMixture(4), tiny_dataset, config(guide="sampled"), run_dir, resume=True, **QUIET)
+    assert resumed["final"] == summary["final"]
+    assert all(torch.equal(params[n], p) for n, p in final_params().items())
+    assert metric_rows(run_dir) == rows
+
+
+def test_crash_loses_at_most_the_epoch_and_resume_matches_uninterrupted(tiny_dataset, tmp_path, monkeypatch,
+                                                                        uninterrupted):
+    summary, params, rows = uninterrupted
+
+    def crash(n):
+        if n == 30:  # mid third epoch: the epoch-2 checkpoint is the last one written
+            raise RuntimeError("simulated crash")
+
+    StepCounter.count, StepCounter.on_step = 0, crash
+    monkeypatch.setattr(train_module, "SVI", StepCounter)
+    run_dir = tmp_path / "crashed"
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        train(BernoulliMixture(4), tiny_dataset, config(guide="sampled"), run_dir, **QUIET)
+    assert load_checkpoint(run_dir / "checkpoint.pt")["progress"]["step"] == 24
+
+    StepCounter.on_step = lambda n: None
+    resumed = train(BernoulliMixture(4), tiny_dataset, config(guide="sampled"), run_dir, resume=True, **QUIET)
+    assert resumed["final"] == summary["final"]
+    assert all(torch.equal(params[n], p) for n, p in final_params().items())
+    assert metric_rows(run_dir) == rows
+
+
+def test_run_directory_files_have_the_documented_keys(tiny_dataset, tmp_path):
+    train(BernoulliMixture(4), tiny_dataset, config(epochs=1), tmp_path, **QUIET)
+    summary = json.loads((tmp_path / "metrics.json").read_text())
+    assert {"model", "guide", "dataset", "epochs", "seconds_per_epoch", "final", "final_digits"} <= set(summary)
+    assert set(summary["final"]) == {"train", "test"} and set(summary["final"]["test"]) == {"exact"}
+    assert summary["final_digits"] == {"train": 600, "test": 200}
+    rows = metric_rows(tmp_path)
+    assert {r["split"] for r in rows} == {"train", "test"} and {r["estimator"] for r in rows} == {"exact"}
+    assert [int(r["step"]) for r in rows if r["split"] == "test"] == [0, 5, 10, 12]
+    assert json.loads((tmp_path / "config.json").read_text())["model_args"] == {}
+    checkpoint = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    assert set(checkpoint["params"]) == {"b", "w", "c"}
+    assert checkpoint["progress"] == {"epoch": 1, "step_in_epoch": 0, "step": 12, "seconds": checkpoint["progress"]["seconds"]}
+
+
+def test_corrupt_checkpoint_is_reported_as_such(tiny_dataset, tmp_path):
+    (tmp_path / "checkpoint.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(TrainingError, match="checkpoint .* is corrupt or not a ppl_models checkpoint"):
+        train(BernoulliMixture(4), tiny_dataset, config(), tmp_path, resume=True, **QUIET)
+
+
+def test_resume_of_another_models_run_is_refused(tiny_dataset, tmp_path):
+    train(BernoulliMixture(4), tiny_dataset, config(epochs=1, model_args={"components": 4}), tmp_path, **QUIET)
+    with pytest.raises(TrainingError, match="is a run of model_args"):
+        train(BernoulliMixture(5), tiny_dataset, config(epochs=2, model_args={"components": 5}), tmp_path,
+              resume=True, **QUIET)
+
+
+def test_checkpoint_from_a_newer_format_is_refused(tiny_dataset, tmp_path):
+    train(BernoulliMixture(4), tiny_dataset, config(epochs=1), tmp_path, **QUIET)
+    checkpoint = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    checkpoint["format"] = train_module.CHECKPOINT_FORMAT + 1
+    torch.save(checkpoint, tmp_path / "checkpoint.pt")
+    with pytest.raises(TrainingError, match="written by a newer ppl_models"):
+        train(BernoulliMixture(4), tiny_dataset, config(epochs=2), tmp_path, resume=True, **QUIET)
+
+
+def test_non_finite_loss_stops_with_the_site_named_and_the_last_checkpoint_kept(tiny_dataset, tmp_path, monkeypatch):
+    def poison(n):
+        if n == 14:  # second epoch: the epoch-1 checkpoint exists
+            with torch.no_grad():
+                pyro.param("c").unconstrained()[0] = float("nan")
+
+    StepCounter.count, StepCounter.on_step = 0, poison
+    monkeypatch.setattr(train_module, "SVI", StepCounter)
+    with pytest.raises(TrainingError, match=r"the loss became nan at step 15 .*not finite: param 'c', model site 'x'.*last good checkpoint"):
+        train(BernoulliMixture(4), tiny_dataset, config(), tmp_path, **QUIET)
+    checkpoint = load_checkpoint(tmp_path / "checkpoint.pt")
+    assert checkpoint["progress"]["step"] == 12 and torch.isfinite(checkpoint["params"]["c"]).all()
+
+
+@pytest.mark.parametrize(
+    "field, value, message",
+    [("lr", -1.0, "--lr must be positive"), ("batch_size", 0, "--batch-size must be a positive integer"),
+     ("epochs", 0, "--epochs must be a positive integer"), ("optimizer", "lbfgs", "--optimizer must be one of"),
+     ("batch_size", 10_000, "larger than the 600 training digits")],
+)
+def test_bad_settings_are_refused_with_the_flag_named(tiny_dataset, tmp_path, field, value, message):
+    with pytest.raises(ValueError, match=message):
+        train(BernoulliMixture(4), tiny_dataset, config(**{field: value}), tmp_path, **QUIET)
