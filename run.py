@@ -106,9 +106,9 @@ def config_from_args(args):
         binarize=args.binarize,
         data_dir=args.data_dir,
         model_args={name: getattr(args, name) for name in family.hyperparameters},
-        optimizer=args.optimizer or defaults["optimizer"],
+        optimizer=defaults["optimizer"] if args.optimizer is None else args.optimizer,
         lr=defaults["lr"] if args.lr is None else args.lr,
-        batch_size=args.batch_size or defaults["batch_size"],
+        batch_size=defaults["batch_size"] if args.batch_size is None else args.batch_size,
         epochs=defaults["epochs"] if args.epochs is None else args.epochs,
         seed=args.seed,
         device=resolve_device(args.device),
@@ -124,6 +124,7 @@ def main(argv=None):
     parser, args = parse_args(argv)
     try:
         cfg = config_from_args(args)
+        cfg.validate()
         if args.experiment and args.experiment not in EXPERIMENTS.get(cfg.model, ()):
             raise ValueError(f"unknown experiment {args.experiment!r} for model {cfg.model}; "
                              f"choose from: {', '.join(EXPERIMENTS.get(cfg.model, ())) or 'none'}")

@@ -259,6 +259,8 @@ def _train(model, data, cfg, run_dir, resume, progress, log):
 
     x_train_all = data.binary("train", 0)
     num_train = cfg.train_subset or x_train_all.shape[0]
+    if num_train > x_train_all.shape[0]:
+        raise ValueError(f"--train-subset {num_train} is more than the {x_train_all.shape[0]} training digits there are")
     if cfg.batch_size > num_train:
         raise ValueError(f"--batch-size {cfg.batch_size} is larger than the {num_train} training digits")
     steps_per_epoch = num_train // cfg.batch_size  # the last partial batch is dropped (fixed shapes for --jit)
@@ -301,13 +303,14 @@ def _train(model, data, cfg, run_dir, resume, progress, log):
         metrics.flush()
 
     def evaluate_curves():
+        if metrics.rows and int(metrics.rows[-1]["step"]) == step:
+            return  # already measured (a resumed run that had finished)
         with evaluation_rng(cfg.seed, device):
             for split, x in curves.items():
                 for name, value in mean_estimates(model, cfg.guide, x, names).items():
                     metrics.add(step, epoch, round(seconds, 3), split, name, value)
 
-    if step == 0:
-        evaluate_curves()  # the untrained model, for the start of every curve
+    evaluate_curves()  # at step 0: the untrained model, for the start of every curve
     with interrupt_between_steps() as interrupt:
         while epoch < cfg.epochs:
             x_epoch = data.binary("train", epoch)[:num_train]
@@ -349,11 +352,10 @@ def _train(model, data, cfg, run_dir, resume, progress, log):
             bar.close()
             epoch, step_in_epoch = epoch + 1, 0
             save_checkpoint()
-            log(f"epoch {epoch}/{cfg.epochs}: {model.loss_name(cfg.guide)} {running:.2f} (running mean over train "
+            log(f"epoch {epoch}/{cfg.epochs}: {model.loss_name(cfg.guide)} {running:.2f} (moving average over train "
                 f"batches), {seconds / epoch:.1f} s/epoch")
 
-    if step % cfg.eval_every != 0:
-        evaluate_curves()
+    evaluate_curves()  # the end of training, if it fell between two --eval-every points
     metrics.flush()
     summary = summarise(model, data, cfg, names, seconds / cfg.epochs, device)
     write_json(summary, run_dir / "metrics.json")

