@@ -48,14 +48,18 @@ def learning_curves(rows, path, title, steps_per_epoch=None):
         ax.plot(steps, values, SPLIT_STYLE.get(split, "-"), label=f"{split}: {estimator}")
     ax.set_xlabel("SVI step" + (f" ({steps_per_epoch} per epoch)" if steps_per_epoch else ""))
     ax.set_ylabel("mean log-likelihood per digit (nats)")
-    values = [v for points in series.values() for _, v in points]
-    if values:  # the untrained model's point would squash the rest of the curve
-        low, high = np.percentile(values, 5), max(values)
-        ax.set_ylim(low - 0.1 * (high - low), high + 0.05 * (high - low))
+    focus_on_training(ax, [v for points in series.values() for _, v in points])
     ax.grid(alpha=0.3)
     ax.legend()
     ax.set_title(title, fontsize=10)
     _save(fig, path)
+
+
+def focus_on_training(ax, values):
+    """Clip the y-axis so the untrained model's point does not squash the rest of the curve."""
+    if values:
+        low, high = np.percentile(values, 5), max(values)
+        ax.set_ylim(low - 0.1 * (high - low), high + 0.05 * (high - low))
 
 
 def two_histograms(a, b, labels, path, title, xlabel):
@@ -77,6 +81,7 @@ def curves_against(panels, path, title):
     for ax, (xlabel, ylabel, lines) in zip(axes.flat, panels):
         for label, (xs, ys, style) in lines.items():
             ax.plot(xs, ys, style, label=label)
+        focus_on_training(ax, [y for _, ys, _ in lines.values() for y in ys])
         ax.set_xlabel(xlabel)
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)

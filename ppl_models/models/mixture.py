@@ -8,7 +8,7 @@ Guides:
            negative log-likelihood (seed equations 3-5).
   sampled  an amortized q(z | x) (an MLP giving Categorical logits), trained with the
            score-function ELBO of TraceGraph_ELBO, variance reduced by an input-dependent
-           neural baseline plus a decaying average (as in NVIL, Mnih & Gregor 2014).
+           neural baseline (as in NVIL, Mnih & Gregor 2014).
 """
 
 import pyro
@@ -77,8 +77,8 @@ class BernoulliMixture:
             pyro.sample(
                 "z",
                 dist.Categorical(logits=self.encoder(x)),
-                infer={"baseline": {"nn_baseline": self.baseline, "nn_baseline_input": x,
-                                    "use_decaying_avg_baseline": True, "baseline_beta": 0.9}},
+                # (Pyro's decaying-average baseline is left out: JitTraceGraph_ELBO cannot trace it.)
+                infer={"baseline": {"nn_baseline": self.baseline, "nn_baseline_input": x}},
             )
 
     def guide(self, name):
