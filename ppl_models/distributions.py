@@ -48,21 +48,25 @@ class IndexedBernoulli(TorchDistribution):
     support = constraints.independent(constraints.boolean, 1)
     has_enumerate_support = False
 
-    def __init__(self, logits_table, index, pixel_mask=None, validate_args=None):
+    def __init__(self, logits_table, index, pixel_mask=None, validate_args=None, enumerated=None):
         if logits_table.dim() != 2:
             raise ValueError(f"logits_table must be (states, pixels), got shape {tuple(logits_table.shape)}")
         self.logits_table = logits_table
         self.index = index
         self.pixel_mask = pixel_mask
+        # Pyro marks the values it enumerates in parallel: a reshaped arange(S) of shape (S, 1, ..., 1).
+        # Scoring those needs no indexing at all, only the table with its state axis moved.
+        if enumerated is None:
+            enumerated = getattr(index, "_pyro_categorical_support", None) is not None
+        self.enumerated = enumerated
         super().__init__(index.shape, logits_table.shape[-1:], validate_args=validate_args)
 
     def expand(self, batch_shape, _instance=None):
-        # Expand the index only: a view, so the table is never broadcast to the batch.
+        # Expand the index only: a view, so the table is never broadcast to the batch. The table was
+        # validated when this distribution was made.
         return IndexedBernoulli(
-            self.logits_table,
-            self.index.expand(batch_shape),
-            self.pixel_mask,
-            validate_args=self._validate_args,
+            self.logits_table, self.index.expand(batch_shape), self.pixel_mask, validate_args=False,
+            enumerated=self.enumerated,
         )
 
     @property
@@ -82,8 +86,13 @@ class IndexedBernoulli(TorchDistribution):
         if self._validate_args:
             self._validate_sample(value)
         num_states = self.logits_table.shape[0]
-        index = self.index.expand(torch.broadcast_shapes(self.batch_shape, value.shape[:-1]))
-        num_digits = math.prod(value.shape[:-1])
+        digit_shape = value.shape[:-1]
+        index = self.index.expand(torch.broadcast_shapes(self.batch_shape, digit_shape))
+        num_digits = math.prod(digit_shape)
+        if self.enumerated and index.dim() > len(digit_shape):
+            table = table_log_likelihood(value, self.logits_table, self.pixel_mask)  # (..., N, S)
+            padding = (1,) * (index.dim() - 1 - len(digit_shape))
+            return table.movedim(-1, 0).reshape((num_states,) + padding + digit_shape).expand(index.shape)
         if math.prod(index.shape) < num_states * num_digits:
             # Few (state, digit) pairs, e.g. z sampled by a guide: score only the chosen rows.
             logits = self.logits_table[index]

@@ -310,7 +310,8 @@ def _train(model, data, cfg, run_dir, resume, progress, log):
                 for name, value in mean_estimates(model, cfg.guide, x, names).items():
                     metrics.add(step, epoch, round(seconds, 3), split, name, value)
 
-    evaluate_curves()  # at step 0: the untrained model, for the start of every curve
+    if step == 0:
+        evaluate_curves()  # the untrained model, for the start of every curve
     with interrupt_between_steps() as interrupt:
         while epoch < cfg.epochs:
             x_epoch = data.binary("train", epoch)[:num_train]
