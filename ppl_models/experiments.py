@@ -70,27 +70,29 @@ def mixture_report(model, data, cfg, out, summary, download=True, log=print):
     plots.learning_curves(read_metrics(out), out / "learning_curves.png",
                           f"{model.summary()}: {cfg.eval_digits} fixed random train / test digits", steps_per_epoch)
 
+    # Ten fixed random test digits to show (test files can be ordered by class).
+    shown_digits = x_test[torch.randperm(x_test.shape[0], generator=generator)[:10].to(x_test.device)]
+
     # Fill in: the bottom half given the top half. log p(bottom | top) = log p(x) - log p(top) exactly.
     top = torch.zeros(784, device=x_test.device)
     top[: 14 * 28] = 1
-    completions = model.fill_in(x_test[:10], top.expand(10, 784))
+    completions = model.fill_in(shown_digits, top.expand(10, 784))
     conditional = model.log_likelihood(x_test) - model.log_likelihood(x_test, top)
     summary["fill_in"] = {"exact log p(bottom half | top half), test": conditional.mean().item(),
                           "digits": x_test.shape[0]}
-    plots.image_grid(torch.cat([x_test[:10] * top + 0.35 * (1 - top), completions, x_test[:10]]),
+    plots.image_grid(torch.cat([shown_digits * top + 0.35 * (1 - top), completions, shown_digits]),
                      out / "fill_in.png", "Fill in the bottom half: observed top (grey = missing), "
                      "E[x | top half], truth", row_labels=["observed", "completion", "truth"], ncols=10)
 
     # Infer: p(z | x) for test digits; the most probable component beside each digit.
-    posterior = model.posterior(x_test)
-    best = posterior.max(-1)
-    plots.image_grid(torch.cat([x_test[:10], model.component_means()[best.indices[:10]]]), out / "infer.png",
+    shown = model.posterior(shown_digits).max(-1)
+    plots.image_grid(torch.cat([shown_digits, model.component_means()[shown.indices]]), out / "infer.png",
                      "Infer the latent: test digits and the mean of their most probable component",
-                     captions=[""] * 10 + [f"k={k} p={p:.2f}" for k, p in zip(best.indices[:10].tolist(),
-                                                                               best.values[:10].tolist())],
+                     captions=[""] * 10 + [f"k={k} p={p:.2f}" for k, p in zip(shown.indices.tolist(),
+                                                                               shown.values.tolist())],
                      row_labels=["digit", "argmax p(z|x)"], ncols=10)
     if data.labels["test"] is not None:
-        summary["cluster_purity_test"] = cluster_purity(best.indices, data.labels["test"])
+        summary["cluster_purity_test"] = cluster_purity(model.posterior(x_test).argmax(-1), data.labels["test"])
 
     try:
         summary["frankenstein"] = frankenstein_report(model, data, cfg, out, generator, download)

@@ -284,7 +284,8 @@ def _train(model, data, cfg, run_dir, resume, progress, log):
         optimizer.set_state(checkpoint["optimizer"])
         set_rng_state(checkpoint["rng"])
         epoch, step_in_epoch, step, seconds = (checkpoint["progress"][k] for k in ("epoch", "step_in_epoch", "step", "seconds"))
-        log(f"resuming {run_dir} at epoch {epoch + 1}, step {step}")
+        log(f"resuming {run_dir} at epoch {epoch + 1}, step {step}" if epoch < cfg.epochs else
+            f"{run_dir} had finished its {cfg.epochs} epochs: evaluating it and drawing its figures again")
     metrics = MetricsLog(run_dir / "metrics.csv", up_to_step=step if resume else None)
     write_json(asdict(cfg), run_dir / "config.json")
 
