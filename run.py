@@ -6,6 +6,8 @@ Examples:
   python run.py --model mixture --guide sampled     # amortized q(z|x), score-function ELBO
   python run.py --model mixture --experiment enum-vs-sampled
   python run.py --model mixture --dataset binarized-mnist --components 500 --epochs 50
+  python run.py --model vae --device cuda           # the VAE: seed defaults z-dim 2, 200-200 MLPs, Adam 1e-3
+  python run.py --model vae --guide iaf --elbo iwae --particles 5 --z-dim 32
   python run.py --resume figures/mixture            # continue an interrupted run
 
 Every number printed or written says what it is: `exact` log-likelihood, `elbo`, or `iwae-<k>`,
@@ -36,8 +38,18 @@ def parse_args(argv=None):
     what.add_argument("--model", choices=sorted(MODELS), default="mixture", help="model family (default: mixture)")
     what.add_argument(
         "--guide",
-        help="inference guide; mixture: enum (exact, default) or sampled (amortized q(z|x), score-function ELBO)",
+        help="inference guide; mixture: enum (exact, default) or sampled (amortized q(z|x), score-function ELBO); "
+             "vae: normal (amortized diagonal Normal, default), iaf (Normal + inverse-autoregressive flows), "
+             "lowrank (Normal with a low-rank-plus-diagonal covariance)",
     )
+    what.add_argument(
+        "--elbo", choices=("trace", "meanfield", "iwae"),
+        help="vae only: trace (Trace_ELBO, one reparameterized sample; default), meanfield (KL(q||p) in closed "
+             "form where one exists, TraceMeanField_ELBO), iwae (importance-weighted bound over --particles "
+             "samples, RenyiELBO with alpha=0)",
+    )
+    what.add_argument("--particles", type=int, default=1,
+                      help="samples of z per digit in the training objective: the k of --elbo iwae (default: 1)")
     what.add_argument(
         "--experiment",
         help="run an experiment instead of one training run; mixture: enum-vs-sampled (trains both guides and "
@@ -46,6 +58,13 @@ def parse_args(argv=None):
 
     mixture = parser.add_argument_group("mixture of Bernoullis")
     mixture.add_argument("--components", type=int, default=20, help="K, the number of mixture components (default: 20)")
+
+    vae = parser.add_argument_group("VAE")
+    vae.add_argument("--z-dim", type=int, default=2, help="latent dimensions (default: 2, the seed's; 2 gives the manifold plot)")
+    vae.add_argument("--hidden", type=layer_sizes, default=(200, 200),
+                     help="hidden layer sizes of encoder and decoder, comma-separated (default: 200,200)")
+    vae.add_argument("--flows", type=int, default=2, help="inverse-autoregressive flow layers of --guide iaf (default: 2)")
+    vae.add_argument("--rank", type=int, default=2, help="rank of the covariance factor of --guide lowrank (default: 2)")
 
     data = parser.add_argument_group("data")
     data.add_argument("--dataset", choices=DATASETS, default="mnist",
@@ -75,10 +94,23 @@ def parse_args(argv=None):
                      help="evaluate the learning curves every N steps on --eval-digits digits of every split, the "
                           "same fixed random digits in every run (default: 200)")
     run.add_argument("--eval-digits", type=int, default=1000, help="digits per learning-curve point, per split (default: 1000, as the seed's problem 8)")
+    run.add_argument("--eval-samples", type=int,
+                     help="k of the final importance-sampled estimate of test log p(x), iwae-k, with q as proposal "
+                          "(vae: 1000; 0 skips it; mixture: its exact log-likelihood needs none)")
     run.add_argument("--out", help="run directory (default: figures/<model>)")
     run.add_argument("--resume", metavar="RUN_DIR", help="continue the interrupted run in RUN_DIR")
     run.add_argument("--quiet", action="store_true", help="no progress bars (metrics files are unchanged)")
     return parser, parser.parse_args(argv)
+
+
+def layer_sizes(text):
+    try:
+        sizes = tuple(int(size) for size in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not comma-separated integers, e.g. 200,200") from None
+    if not sizes or min(sizes) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: layer sizes must be positive, e.g. 200,200")
+    return sizes
 
 
 def resolve_device(name):
@@ -102,10 +134,13 @@ def config_from_args(args):
     return Config(
         model=args.model,
         guide=args.guide or family.default_guide,
+        elbo=args.elbo,
+        particles=args.particles,
         dataset=args.dataset,
         binarize=args.binarize,
         data_dir=args.data_dir,
-        model_args={name: getattr(args, name) for name in family.hyperparameters},
+        model_args={name: list(v) if isinstance(v := getattr(args, name), tuple) else v
+                    for name in family.hyperparameters},
         optimizer=defaults["optimizer"] if args.optimizer is None else args.optimizer,
         lr=defaults["lr"] if args.lr is None else args.lr,
         batch_size=defaults["batch_size"] if args.batch_size is None else args.batch_size,
@@ -116,6 +151,7 @@ def config_from_args(args):
         detect_anomaly=args.detect_anomaly,
         eval_every=args.eval_every,
         eval_digits=args.eval_digits,
+        eval_samples=defaults["eval_samples"] if args.eval_samples is None else args.eval_samples,
         train_subset=args.train_subset,
     )
 

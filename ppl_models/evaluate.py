@@ -12,6 +12,7 @@ import math
 import pyro
 import torch
 from pyro import poutine
+from tqdm.auto import tqdm
 
 
 @torch.no_grad()
@@ -48,22 +49,27 @@ def estimators(model, guide_name, iwae_samples=0):
     return names
 
 
+def per_digit_estimate(model, guide_name, x, name, progress=False, memory_floats=2**25):
+    """One estimator's (N,) per-digit values, in batches of digits sized so that the samples of a
+    batch (samples x digits x pixels) stay under `memory_floats` numbers."""
+    samples = 1 if name in ("exact", "elbo") else int(name.split("-")[1])
+    batch_size = max(1, memory_floats // (samples * x.shape[1]))
+    values = []
+    batches = x.split(batch_size)
+    for batch in tqdm(batches, desc=f"{name} on {len(x):,} digits", unit="batch", leave=False,
+                      disable=not progress or len(batches) < 2):
+        if name == "exact":
+            values.append(model.log_likelihood(batch))
+        else:
+            log_weights = importance_log_weights(model.model, model.guide(guide_name), batch, samples)
+            values.append(log_weights[0] if name == "elbo" else iwae_bound(log_weights))
+    return torch.cat(values)
+
+
 @torch.no_grad()
-def per_digit_estimates(model, guide_name, x, names, batch_size=1000):
-    """{estimator name: (N,) per-digit values}, computed in batches so memory stays bounded."""
-    guide = model.guide(guide_name)
-    out = {name: [] for name in names}
-    for batch in x.split(batch_size):
-        for name in names:
-            if name == "exact":
-                value = model.log_likelihood(batch)
-            elif name == "elbo":
-                value = importance_log_weights(model.model, guide, batch, 1)[0]
-            else:
-                k = int(name.split("-")[1])
-                value = iwae_bound(importance_log_weights(model.model, guide, batch, k))
-            out[name].append(value)
-    return {name: torch.cat(values) for name, values in out.items()}
+def per_digit_estimates(model, guide_name, x, names):
+    """{estimator name: (N,) per-digit values}."""
+    return {name: per_digit_estimate(model, guide_name, x, name) for name in names}
 
 
 def mean_estimates(model, guide_name, x, names):

@@ -6,13 +6,15 @@ import json
 from dataclasses import replace
 from pathlib import Path
 
+import pyro
 import torch
+from pyro import poutine
 
 from . import plots
 from .data import DataError, load_dataset, load_mnist_test_intensities
 from .evaluate import batch_test, cluster_purity, roc_auc
-from .models import build_model, check_guide
-from .train import train, write_json
+from .models import build_model, check_elbo, check_guide
+from .train import atomic_torch_save, train, write_json
 
 BATCH_SIZES = (1, 2, 5, 10, 20)
 
@@ -22,13 +24,15 @@ def run(cfg, out, experiment=None, resume=False, progress=True, download=True, l
     out = Path(out)
     model = build_model(cfg.model, cfg.model_args)
     check_guide(model, cfg.guide)
+    check_elbo(model, cfg.elbo)
     data = load_dataset(cfg.dataset, binarize=cfg.binarize, data_dir=cfg.data_dir, device=cfg.device,
                         seed=cfg.seed, download=download, progress=progress)
     log(f"{model.summary()}, guide '{cfg.guide}'; {cfg.dataset} ({data.binarize} binarization): "
         + ", ".join(f"{split} {data.images[split].shape[0]:,} digits from {data.sources[split]}" for split in data.splits))
     if experiment == "enum-vs-sampled":
         return enum_vs_sampled(cfg, data, out, progress, log)
-    summary = train(model, data, cfg, out, resume=resume, progress=progress, log=log)
+    after_epoch = EPOCH_HOOKS[cfg.model](model, out, cfg) if cfg.model in EPOCH_HOOKS else None
+    summary = train(model, data, cfg, out, resume=resume, progress=progress, log=log, after_epoch=after_epoch)
     REPORTS[cfg.model](model, data, cfg, out, summary, download=download, log=log)
     write_json(summary, out / "metrics.json")
     log(describe(summary, out))
@@ -147,7 +151,68 @@ def frankenstein_report(model, data, cfg, out, generator, download):
     }
 
 
-REPORTS = {"mixture": mixture_report}
+# ---- the VAE's report (seed problems 22-24, and more) -------------------------------------
+def vae_sample_recorder(model, out, cfg):
+    """after_epoch hook: the decoder's mean image at 20 fixed z ~ N(0, I), kept per epoch in
+    samples_through_training.pt (atomically rewritten, so a resumed run keeps its history)."""
+    z = torch.randn(20, model.z_dim, generator=torch.Generator().manual_seed(cfg.seed)).to(cfg.device)
+    path = out / "samples_through_training.pt"
+
+    def record(epoch):
+        history = torch.load(path, weights_only=True) if epoch > 0 and path.exists() else {}
+        history[epoch] = model.decode(z).cpu()
+        atomic_torch_save(history, path)
+
+    return record
+
+
+def vae_report(model, data, cfg, out, summary, download=True, log=print):
+    x_test = data.binary("test")
+    steps_per_epoch = (cfg.train_subset or data.binary("train").shape[0]) // cfg.batch_size
+    generator = torch.Generator().manual_seed(cfg.seed)
+    plots.learning_curves(read_metrics(out), out / "learning_curves.png",
+                          f"{model.summary()}, guide {cfg.guide}: {cfg.eval_digits} fixed random digits per split",
+                          steps_per_epoch)
+
+    history = torch.load(out / "samples_through_training.pt", weights_only=True)
+    epochs = sorted(history)
+    shown_epochs = sorted({epochs[0], epochs[len(epochs) // 2], epochs[-1]})
+    plots.image_grid(torch.cat([history[e] for e in shown_epochs]), out / "samples_through_training.png",
+                     "Mean of p(x | z) for 20 fixed z ~ N(0, I), through training", ncols=20,
+                     row_labels=[f"epoch {e}" if e else "untrained" for e in shown_epochs])
+
+    # The latent manifold: a grid over (z_1, z_2) through the inverse Normal CDF, the rest of z at 0.
+    grid = torch.distributions.Normal(0.0, 1.0).icdf(torch.linspace(0.05, 0.95, 20))
+    z = torch.zeros(20, 20, model.z_dim)
+    z[..., 0], z[..., 1] = grid[None, :], grid.flip(0)[:, None]  # z_2 grows upwards
+    plots.manifold(model.decode(z.reshape(-1, model.z_dim).to(cfg.device)), grid, out / "manifold.png",
+                   "Decoder mean over the latent plane" + ("" if model.z_dim == 2 else
+                                                            f" (z_1, z_2; the other {model.z_dim - 2} at 0)"))
+
+    with torch.random.fork_rng():
+        torch.manual_seed(cfg.seed)
+        digits = x_test[torch.randperm(x_test.shape[0], generator=generator)[:10].to(x_test.device)]
+        z_digits = poutine.trace(model.guide(cfg.guide)).get_trace(digits).nodes["z"]["value"]
+        z_all = latent_means(model, cfg.guide, x_test[:5000])
+    plots.image_grid(torch.cat([digits, model.decode(z_digits)]), out / "reconstructions.png",
+                     "Test digits and the decoder mean at one z ~ q(z | x)", ncols=10,
+                     row_labels=["digit", "reconstruction"])
+    labels = data.labels["test"]
+    plots.latent_scatter(z_all[:, :2], None if labels is None else labels[:5000], out / "latent_means.png",
+                         f"Mean of q(z | x) for 5000 test digits (guide {cfg.guide}; 100 samples each)"
+                         + ("" if model.z_dim == 2 else ", first two coordinates"))
+
+
+@torch.no_grad()
+def latent_means(model, guide_name, x, num_samples=100):
+    """E_q[z | x] by averaging guide samples: the same for every guide, flows included."""
+    with pyro.plate("particles", num_samples, dim=-2):
+        z = poutine.trace(model.guide(guide_name)).get_trace(x).nodes["z"]["value"]
+    return z.mean(0)
+
+
+REPORTS = {"mixture": mixture_report, "vae": vae_report}
+EPOCH_HOOKS = {"vae": vae_sample_recorder}
 
 
 # ---- experiments -----------------------------------------------------------------------------

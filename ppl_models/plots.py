@@ -88,3 +88,35 @@ def curves_against(panels, path, title):
         ax.legend(fontsize=8)
     fig.suptitle(title, fontsize=10)
     _save(fig, path)
+
+
+def manifold(images, grid_values, path, title):
+    """A square grid of decoder mean images; grid_values label the latent value of each row/column."""
+    n = len(grid_values)
+    canvas = np.asarray(images.detach().cpu()).reshape(n, n, 28, 28).transpose(0, 2, 1, 3).reshape(n * 28, n * 28)
+    fig, ax = plt.subplots(figsize=(7, 7))
+    ax.imshow(canvas, cmap="gray_r", vmin=0, vmax=1)
+    ticks = np.arange(n) * 28 + 14
+    labels = [f"{v:.1f}" for v in np.asarray(grid_values)]
+    ax.set_xticks(ticks[::2], labels[::2], fontsize=7)
+    ax.set_yticks(ticks[::2], labels[::-1][::2], fontsize=7)  # rows run from high z_2 (top) to low
+    ax.set_xlabel("z_1")
+    ax.set_ylabel("z_2")
+    ax.set_title(title, fontsize=10)
+    _save(fig, path)
+
+
+def latent_scatter(points, labels, path, title):
+    """2-D latent points, coloured by class where labels exist."""
+    points = np.asarray(points.detach().cpu())
+    fig, ax = plt.subplots(figsize=(6.5, 5.5))
+    if labels is None:
+        ax.scatter(points[:, 0], points[:, 1], s=3, alpha=0.5)
+    else:
+        labels = np.asarray(labels.cpu())
+        scatter = ax.scatter(points[:, 0], points[:, 1], c=labels, cmap="tab10", s=3, alpha=0.7)
+        fig.colorbar(scatter, ax=ax, ticks=range(10), label="digit class")
+    ax.set_xlabel("z_1")
+    ax.set_ylabel("z_2")
+    ax.set_title(title, fontsize=10)
+    _save(fig, path)

@@ -30,7 +30,7 @@ from pyro import poutine
 from pyro.infer import SVI
 from tqdm.auto import tqdm
 
-from .evaluate import estimators, mean_estimates
+from .evaluate import estimators, mean_estimates, per_digit_estimate
 
 CHECKPOINT_FORMAT = 1
 OPTIMIZERS = {
@@ -49,6 +49,8 @@ class TrainingError(RuntimeError):
 class Config:
     model: str = "mixture"
     guide: str = "enum"
+    elbo: str | None = None  # None: the ELBO the guide calls for
+    particles: int = 1
     dataset: str = "mnist"
     binarize: str = "threshold"
     data_dir: str | None = None
@@ -63,6 +65,7 @@ class Config:
     detect_anomaly: bool = False
     eval_every: int = 200
     eval_digits: int = 1000
+    eval_samples: int = 0  # k of the final IWAE-k estimate of test log p(x); 0: none
     train_subset: int | None = None
 
     def validate(self):
@@ -73,6 +76,8 @@ class Config:
             (self.epochs > 0, "--epochs must be a positive integer"),
             (self.eval_every > 0, "--eval-every must be a positive integer"),
             (self.eval_digits > 0, "--eval-digits must be a positive integer"),
+            (self.particles > 0, "--particles must be a positive integer"),
+            (self.eval_samples >= 0, "--eval-samples must be 0 (none) or a positive integer"),
             (self.train_subset is None or self.train_subset > 0, "--train-subset must be a positive integer"),
         ]
         for ok, message in checks:
@@ -244,13 +249,14 @@ def reproducible(device, detect_anomaly=False):
         torch.autograd.set_detect_anomaly(previous[1])
 
 
-def train(model, data, cfg: Config, run_dir, resume=False, progress=True, log=print):
-    """Fit `model` with `cfg.guide` by SVI; write the run directory; return the summary dict."""
+def train(model, data, cfg: Config, run_dir, resume=False, progress=True, log=print, after_epoch=None):
+    """Fit `model` with `cfg.guide` by SVI; write the run directory; return the summary dict.
+    `after_epoch(epoch)`, if given, is called before training (epoch 0) and after each epoch."""
     with reproducible(torch.device(cfg.device), cfg.detect_anomaly):
-        return _train(model, data, cfg, run_dir, resume, progress, log)
+        return _train(model, data, cfg, run_dir, resume, progress, log, after_epoch or (lambda epoch: None))
 
 
-def _train(model, data, cfg, run_dir, resume, progress, log):
+def _train(model, data, cfg, run_dir, resume, progress, log, after_epoch):
     cfg.validate()
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -271,7 +277,7 @@ def _train(model, data, cfg, run_dir, resume, progress, log):
     pyro.set_rng_seed(cfg.seed)
     reset_networks(model)
     guide = model.guide(cfg.guide)
-    elbo = model.elbo(cfg.guide, jit=cfg.jit)
+    elbo = model.elbo(cfg.guide, cfg.elbo, jit=cfg.jit, particles=cfg.particles)
     elbo.loss(model.model, guide, x_train_all[: cfg.batch_size])  # creates every param, in a fixed order
     optimizer = OPTIMIZERS[cfg.optimizer]({"lr": cfg.lr})
     svi = SVI(model.model, guide, optimizer, elbo)
@@ -313,6 +319,7 @@ def _train(model, data, cfg, run_dir, resume, progress, log):
 
     if step == 0:
         evaluate_curves()  # the untrained model, for the start of every curve
+        after_epoch(0)
     with interrupt_between_steps() as interrupt:
         while epoch < cfg.epochs:
             x_epoch = data.binary("train", epoch)[:num_train]
@@ -341,7 +348,7 @@ def _train(model, data, cfg, run_dir, resume, progress, log):
                 step_in_epoch += 1
                 step += 1
                 running = loss if math.isnan(running) else 0.98 * running + 0.02 * loss
-                bar.set_postfix_str(f"{model.loss_name(cfg.guide)} {running:.2f}")
+                bar.set_postfix_str(f"{model.loss_name(cfg.guide, cfg.elbo)} {running:.2f}")
                 bar.update()
                 if step % cfg.eval_every == 0:
                     evaluate_curves()
@@ -354,21 +361,25 @@ def _train(model, data, cfg, run_dir, resume, progress, log):
             bar.close()
             epoch, step_in_epoch = epoch + 1, 0
             save_checkpoint()
-            log(f"epoch {epoch}/{cfg.epochs}: {model.loss_name(cfg.guide)} {running:.2f} (moving average over train "
+            after_epoch(epoch)
+            log(f"epoch {epoch}/{cfg.epochs}: {model.loss_name(cfg.guide, cfg.elbo)} {running:.2f} (moving average over train "
                 f"batches), {seconds / epoch:.1f} s/epoch")
 
     evaluate_curves()  # the end of training, if it fell between two --eval-every points
     metrics.flush()
-    summary = summarise(model, data, cfg, names, seconds / cfg.epochs, device)
+    summary = summarise(model, data, cfg, names, seconds / cfg.epochs, device, progress)
     write_json(summary, run_dir / "metrics.json")
     return summary
 
 
-def summarise(model, data, cfg, names, seconds_per_epoch, device):
+def summarise(model, data, cfg, names, seconds_per_epoch, device, progress=True):
     """metrics.json: final -> split -> estimator -> mean log-likelihood per digit (nats), on every
-    digit of each split (`final_digits` says how many)."""
+    digit of each split (`final_digits` says how many); IWAE-k with --eval-samples k on test only."""
     with evaluation_rng(cfg.seed, device):
         final = {split: mean_estimates(model, cfg.guide, data.binary(split), names) for split in data.splits}
+        if cfg.eval_samples and cfg.guide != "enum":
+            name = f"iwae-{cfg.eval_samples}"
+            final["test"][name] = per_digit_estimate(model, cfg.guide, data.binary("test"), name, progress).mean().item()
     return {
         "model": cfg.model,
         "guide": cfg.guide,
@@ -387,9 +398,9 @@ def check_resumable(checkpoint, cfg, path):
     if checkpoint.get("format", 0) > CHECKPOINT_FORMAT:
         raise TrainingError(f"{path} was written by a newer ppl_models (format {checkpoint['format']}); upgrade to resume it")
     saved = checkpoint["config"]
-    for key in ("model", "guide", "dataset", "model_args"):
-        if saved[key] != getattr(cfg, key):
+    for key in ("model", "guide", "elbo", "dataset", "model_args"):
+        if saved.get(key) != getattr(cfg, key):
             raise TrainingError(
-                f"{path} is a run of {key} {saved[key]!r}, not {getattr(cfg, key)!r}; resume it without "
+                f"{path} is a run of {key} {saved.get(key)!r}, not {getattr(cfg, key)!r}; resume it without "
                 f"overriding --{key.replace('_', '-')}, or start a new run with another --out"
             )

@@ -2,8 +2,9 @@
 `guide_<name>` method on its class plus its name in the class's `guides`."""
 
 from .mixture import BernoulliMixture
+from .vae import VAE
 
-MODELS = {cls.name: cls for cls in (BernoulliMixture,)}
+MODELS = {cls.name: cls for cls in (BernoulliMixture, VAE)}
 
 
 def build_model(name, model_args):
@@ -17,3 +18,12 @@ def check_guide(model, guide_name):
         raise ValueError(
             f"guide {guide_name!r} does not belong to model {model.name!r}; its guides are: {', '.join(model.guides)}"
         )
+
+
+def check_elbo(model, elbo_name):
+    if elbo_name is None:
+        return
+    if not model.elbos:
+        raise ValueError(f"--elbo does not apply to model {model.name!r}: its guide decides its ELBO; drop --elbo")
+    if elbo_name not in model.elbos:
+        raise ValueError(f"unknown --elbo {elbo_name!r} for model {model.name!r}; choose one of: {', '.join(model.elbos)}")

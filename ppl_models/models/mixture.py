@@ -25,9 +25,10 @@ class BernoulliMixture:
     name = "mixture"
     guides = ("enum", "sampled")
     default_guide = "enum"
+    elbos = ()  # the guide decides: TraceEnum_ELBO (exact) or TraceGraph_ELBO (score function)
     exact = True  # log p(x) is tractable: a sum over K components
     hyperparameters = ("components",)
-    training_defaults = dict(optimizer="rmsprop", lr=0.01, batch_size=100, epochs=20)  # the seed template's
+    training_defaults = dict(optimizer="rmsprop", lr=0.01, batch_size=100, epochs=20, eval_samples=0)  # the seed's
 
     def __init__(self, components=20, num_pixels=784, init_scale=0.01, encoder_hidden=200):
         if components < 1:
@@ -84,14 +85,16 @@ class BernoulliMixture:
     def guide(self, name):
         return getattr(self, f"guide_{name}")
 
-    def loss_name(self, guide_name):
+    def loss_name(self, guide_name, elbo_name=None):
         return "-log p(x)" if guide_name == "enum" else "-ELBO"
 
-    def elbo(self, guide_name, jit=False):
+    def elbo(self, guide_name, elbo_name=None, jit=False, particles=1):
         """The ELBO this guide calls for: exact enumeration, or the score-function ELBO."""
         if guide_name == "enum":
             return (JitTraceEnum_ELBO if jit else TraceEnum_ELBO)(max_plate_nesting=1)
-        return (JitTraceGraph_ELBO if jit else TraceGraph_ELBO)(max_plate_nesting=1)
+        return (JitTraceGraph_ELBO if jit else TraceGraph_ELBO)(
+            num_particles=particles, vectorize_particles=particles > 1, max_plate_nesting=1
+        )
 
     # ---- what a generative model is for -----------------------------------------------
     @torch.no_grad()

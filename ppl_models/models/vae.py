@@ -1,0 +1,135 @@
+"""Variational autoencoder, seed equations 11-12 and 23.
+
+    z ~ N(0, I)                                   (z-dim latents)
+    x_d | z ~ Bernoulli(logits = decoder(z)_d)    d = 1..784
+
+Guides (all amortized and reparameterized):
+  normal   q(z | x) = N(mu(x), diag sigma(x)^2): one encoder, two heads, sigma = exp(last layer)
+  iaf      the same Normal pushed through inverse-autoregressive flows (Kingma et al. 2016)
+  lowrank  q(z | x) = N(mu(x), F(x) F(x)^T + diag d(x)): correlated latents, rank --rank
+
+ELBOs (`--elbo`):
+  trace      Trace_ELBO: one reparameterized sample of log p(x, z) - log q(z | x)
+  meanfield  TraceMeanField_ELBO: the KL(q || p) term in closed form (seed problems 14, 19) where
+             one exists (normal, lowrank), a sampled KL otherwise
+  iwae       RenyiELBO(alpha=0) with --particles k: the importance-weighted bound of Burda et al.
+"""
+
+import pyro
+import pyro.distributions as dist
+import torch
+from pyro.distributions.transforms import AffineAutoregressive
+from pyro.infer import JitTrace_ELBO, JitTraceMeanField_ELBO, RenyiELBO, Trace_ELBO, TraceMeanField_ELBO
+from pyro.nn import AutoRegressiveNN
+from torch import nn
+
+LOG_SCALE_RANGE = (-12.0, 8.0)  # sigma = exp(.) within [6e-6, 3e3]: no overflow, no zero variance
+
+
+def mlp(sizes):
+    """Linear layers of the given sizes with ReLU between them (none after the last)."""
+    layers = []
+    for fan_in, fan_out in zip(sizes[:-1], sizes[1:]):
+        layers += [nn.Linear(fan_in, fan_out), nn.ReLU()]
+    return nn.Sequential(*layers[:-1])
+
+
+class Encoder(nn.Module):
+    """x -> hidden layers -> heads. `heads` gives each head's output size."""
+
+    def __init__(self, num_pixels, hidden, heads):
+        super().__init__()
+        self.body = nn.Sequential(mlp([num_pixels, *hidden]), nn.ReLU())
+        self.heads = nn.ModuleList(nn.Linear(hidden[-1], size) for size in heads)
+
+    def forward(self, x):
+        h = self.body(x)
+        return [head(h) for head in self.heads]
+
+
+class VAE:
+    name = "vae"
+    guides = ("normal", "iaf", "lowrank")
+    default_guide = "normal"
+    elbos = ("trace", "meanfield", "iwae")
+    exact = False  # log p(x) is an integral: reported as ELBO and IWAE-k bounds
+    hyperparameters = ("z_dim", "hidden", "flows", "rank")
+    training_defaults = dict(optimizer="adam", lr=1e-3, batch_size=100, epochs=5, eval_samples=1000)  # seed template's
+
+    def __init__(self, z_dim=2, hidden=(200, 200), flows=2, rank=2, num_pixels=784):
+        for value, flag in ((z_dim, "--z-dim"), (flows, "--flows"), (rank, "--rank"), *((h, "--hidden") for h in hidden)):
+            if value < 1:
+                raise ValueError(f"{flag} must be positive, got {value}")
+        if not hidden:
+            raise ValueError("--hidden needs at least one layer size, e.g. 200,200")
+        self.z_dim, self.hidden, self.num_pixels = z_dim, tuple(hidden), num_pixels
+        self.decoder = mlp([z_dim, *self.hidden[::-1], num_pixels])  # z -> pixel logits
+        self.encoder = Encoder(num_pixels, self.hidden, [z_dim, z_dim])  # -> mu, log sigma
+        self.flows = nn.ModuleList(
+            AffineAutoregressive(AutoRegressiveNN(z_dim, [max(2 * z_dim, 40)])) for _ in range(flows)
+        )
+        self.lowrank_encoder = Encoder(num_pixels, self.hidden, [z_dim, z_dim * rank, z_dim])
+        self.rank = rank
+
+    # ---- model and guides -------------------------------------------------------------
+    def model(self, x):
+        pyro.module("decoder", self.decoder.to(x.device))
+        with pyro.plate("data", x.shape[0]):
+            prior = dist.Normal(x.new_zeros(self.z_dim), x.new_ones(self.z_dim)).to_event(1)
+            z = pyro.sample("z", prior)
+            pyro.sample("x", dist.Bernoulli(logits=self.decoder(z)).to_event(1), obs=x)
+
+    def posterior_normal(self, x):
+        """N(mu(x), diag sigma(x)^2), sigma from an exponential at the last layer (seed eq. 23)."""
+        loc, log_scale = self.encoder.to(x.device)(x)
+        return dist.Normal(loc, log_scale.clamp(*LOG_SCALE_RANGE).exp()).to_event(1)
+
+    def guide_normal(self, x):
+        pyro.module("encoder", self.encoder)
+        with pyro.plate("data", x.shape[0]):
+            pyro.sample("z", self.posterior_normal(x))
+
+    def guide_iaf(self, x):
+        pyro.module("encoder", self.encoder)
+        pyro.module("flows", self.flows.to(x.device))
+        with pyro.plate("data", x.shape[0]):
+            pyro.sample("z", dist.TransformedDistribution(self.posterior_normal(x), list(self.flows)))
+
+    def guide_lowrank(self, x):
+        pyro.module("lowrank_encoder", self.lowrank_encoder.to(x.device))
+        loc, factor, log_diag = self.lowrank_encoder(x)
+        factor = factor.reshape(*factor.shape[:-1], self.z_dim, self.rank)
+        with pyro.plate("data", x.shape[0]):
+            pyro.sample("z", dist.LowRankMultivariateNormal(loc, factor, log_diag.clamp(*LOG_SCALE_RANGE).exp()))
+
+    def guide(self, name):
+        return getattr(self, f"guide_{name}")
+
+    def elbo(self, guide_name, elbo_name="trace", jit=False, particles=1):
+        if elbo_name == "iwae":
+            if jit:
+                raise ValueError("--jit is not available with --elbo iwae (Pyro has no JIT RenyiELBO); drop --jit")
+            return RenyiELBO(alpha=0, num_particles=particles, vectorize_particles=True, max_plate_nesting=1)
+        common = dict(num_particles=particles, vectorize_particles=particles > 1, max_plate_nesting=1)
+        if elbo_name == "meanfield":
+            return (JitTraceMeanField_ELBO if jit else TraceMeanField_ELBO)(**common)
+        return (JitTrace_ELBO if jit else Trace_ELBO)(**common)
+
+    def loss_name(self, guide_name, elbo_name=None):
+        return "-IWAE bound" if elbo_name == "iwae" else "-ELBO"
+
+    # ---- what a generative model is for -----------------------------------------------
+    @torch.no_grad()
+    def decode(self, z):
+        """The decoder's mean image p(x_d = 1 | z) for each z: (..., 784)."""
+        return torch.sigmoid(self.decoder(z))
+
+    @torch.no_grad()
+    def sample(self, num_samples, device="cpu"):
+        """z ~ N(0, I), x ~ p(x | z): returns (z, x)."""
+        z = torch.randn(num_samples, self.z_dim, device=device)
+        return z, torch.bernoulli(self.decode(z))
+
+    def summary(self):
+        size = sum(p.numel() for p in self.decoder.parameters()) + sum(p.numel() for p in self.encoder.parameters())
+        return f"VAE, z-dim {self.z_dim}, MLP {'-'.join(map(str, self.hidden))} ({size:,} parameters in encoder and decoder)"

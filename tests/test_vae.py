@@ -1,0 +1,113 @@
+"""The VAE: KL and bounds against Monte Carlo, gradients, and every guide and ELBO end to end."""
+
+import json
+
+import numpy as np
+import pyro
+import pyro.distributions as dist
+import pytest
+import torch
+from pyro.infer import Trace_ELBO, TraceMeanField_ELBO
+
+import run
+from ppl_models.evaluate import importance_log_weights, iwae_bound
+from ppl_models.models.vae import VAE
+from ppl_models.train import Config, train
+
+QUIET = dict(progress=False, log=lambda *args: None)
+
+
+def digits(n=8, seed=0):
+    return torch.bernoulli(torch.full((n, 784), 0.2), generator=torch.Generator().manual_seed(seed))
+
+
+def test_closed_form_kl_of_seed_problem_14_equals_monte_carlo():
+    mu, sigma = torch.tensor([0.3, -1.2, 2.0]), torch.tensor([0.5, 1.3, 0.1])
+    closed_form = (-torch.log(sigma) + (sigma**2 + mu**2 - 1) / 2).sum()
+    q, p = dist.Normal(mu, sigma).to_event(1), dist.Normal(0.0, 1.0).expand([3]).to_event(1)
+    z = q.sample((200_000,))
+    monte_carlo = (q.log_prob(z) - p.log_prob(z)).mean()
+    assert torch.allclose(closed_form, torch.distributions.kl_divergence(q, p), atol=1e-5)
+    assert abs(monte_carlo - closed_form) < 0.05
+
+
+def test_meanfield_and_trace_elbos_agree_in_expectation():
+    vae, x = VAE(z_dim=3, hidden=(32,)), digits()
+    pyro.module("encoder", vae.encoder)
+    meanfield = TraceMeanField_ELBO(num_particles=2000, vectorize_particles=True, max_plate_nesting=1)
+    trace = Trace_ELBO(num_particles=2000, vectorize_particles=True, max_plate_nesting=1)
+    a, b = (elbo.loss(vae.model, vae.guide_normal, x) for elbo in (meanfield, trace))
+    assert abs(a - b) / len(x) < 0.5, (a, b)  # nats per digit; the sampled KL's standard error is ~0.05
+
+
+def test_importance_sampled_estimate_is_above_the_elbo_and_grows_with_k():
+    vae, x = VAE(z_dim=2, hidden=(32,)), digits(16)
+    pyro.module("encoder", vae.encoder)
+    elbo = importance_log_weights(vae.model, vae.guide_normal, x, 4000).mean().item()
+    estimates = [torch.stack([iwae_bound(importance_log_weights(vae.model, vae.guide_normal, x, k))
+                              for _ in range(200 // k)]).mean().item() for k in (1, 10, 100)]
+    assert abs(estimates[0] - elbo) < 1.0  # IWAE-1 is the ELBO
+    assert estimates[0] < estimates[1] < estimates[2], estimates
+
+
+@pytest.mark.parametrize("guide", VAE.guides)
+def test_gradients_reach_the_encoder(guide):
+    vae = VAE(z_dim=3, hidden=(32,))
+    Trace_ELBO(max_plate_nesting=1).loss_and_grads(vae.model, vae.guide(guide), digits())
+    encoder = vae.lowrank_encoder if guide == "lowrank" else vae.encoder
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in encoder.parameters())
+    if guide == "iaf":
+        assert all(p.grad is not None for p in vae.flows.parameters())
+
+
+@pytest.mark.parametrize("elbo, particles", [("trace", 1), ("meanfield", 1), ("iwae", 5)])
+def test_every_elbo_raises_the_held_out_elbo(tiny_dataset, tmp_path, elbo, particles):
+    cfg = Config(model="vae", guide="normal", elbo=elbo, particles=particles, optimizer="adam", lr=3e-3,
+                 epochs=2, batch_size=50, eval_every=1000, eval_digits=100, eval_samples=50,
+                 model_args={"z_dim": 4, "hidden": [64]})
+    summary = train(VAE(z_dim=4, hidden=(64,)), tiny_dataset, cfg, tmp_path, **QUIET)
+    rows = (tmp_path / "metrics.csv").read_text().splitlines()
+    untrained = float(next(r for r in rows if r.startswith("0,0,0.0,test,elbo")).split(",")[-1])
+    final = summary["final"]["test"]
+    assert final["elbo"] > untrained + 150, (untrained, final)
+    assert final["iwae-50"] >= final["elbo"] - 0.5
+
+
+@pytest.fixture
+def tiny_binarized(tmp_path, monkeypatch):
+    monkeypatch.delenv("PPL_MODELS_DATA", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    rng = np.random.default_rng(0)
+    root = tmp_path / "data"
+    root.mkdir()
+    np.savez(root / "binarized_mnist.npz",
+             **{s: (rng.random((n, 784)) < 0.2).astype(np.uint8) for s, n in (("train", 200), ("valid", 50), ("test", 50))})
+    return root
+
+
+@pytest.mark.parametrize("guide", VAE.guides)
+def test_every_guide_trains_through_the_cli_and_draws_its_figures(tiny_binarized, tmp_path, guide):
+    out = tmp_path / guide
+    code = run.main(["--model", "vae", "--guide", guide, "--dataset", "binarized-mnist", "--data-dir",
+                     str(tiny_binarized), "--epochs", "2", "--batch-size", "50", "--z-dim", "3", "--hidden", "32",
+                     "--eval-samples", "20", "--out", str(out), "--quiet", "--no-download"])
+    assert code == 0
+    summary = json.loads((out / "metrics.json").read_text())
+    assert set(summary["final"]["test"]) == {"elbo", "iwae-20"} and set(summary["final"]["train"]) == {"elbo"}
+    for figure in ("learning_curves", "samples_through_training", "manifold", "reconstructions", "latent_means"):
+        assert (out / f"{figure}.png").stat().st_size > 1000, figure
+    assert sorted(torch.load(out / "samples_through_training.pt", weights_only=True)) == [0, 1, 2]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--model", "vae", "--z-dim", "0"], "--z-dim must be positive"),
+    (["--model", "vae", "--elbo", "iwae", "--jit"], "--jit is not available with --elbo iwae"),
+    (["--model", "vae", "--guide", "enum"], "guide 'enum' does not belong to model 'vae'"),
+    (["--model", "mixture", "--elbo", "iwae"], "--elbo does not apply to model 'mixture'"),
+    (["--model", "vae", "--particles", "0"], "--particles must be a positive integer"),
+])
+def test_bad_vae_input_exits_2_with_one_line(tiny_binarized, tmp_path, capsys, args, message):
+    assert run.main([*args, "--data-dir", str(tiny_binarized), "--dataset", "binarized-mnist", "--out",
+                     str(tmp_path / "run"), "--quiet", "--no-download"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1, err
