@@ -12,7 +12,7 @@ from pyro import poutine
 
 from . import plots
 from .data import DataError, load_dataset, load_mnist_test_intensities
-from .evaluate import batch_test, cluster_purity, roc_auc
+from .evaluate import batch_test, cluster_purity, per_digit_estimate, roc_auc
 from .models import build_model, check_elbo, check_guide
 from .train import atomic_torch_save, train, write_json
 
@@ -29,8 +29,8 @@ def run(cfg, out, experiment=None, resume=False, progress=True, download=True, l
                         seed=cfg.seed, download=download, progress=progress)
     log(f"{model.summary()}, guide '{cfg.guide}'; {cfg.dataset} ({data.binarize} binarization): "
         + ", ".join(f"{split} {data.images[split].shape[0]:,} digits from {data.sources[split]}" for split in data.splits))
-    if experiment == "enum-vs-sampled":
-        return enum_vs_sampled(cfg, data, out, progress, log)
+    if experiment:
+        return EXPERIMENTS[experiment](cfg, data, out, progress, log)
     after_epoch = EPOCH_HOOKS[cfg.model](model, out, cfg) if cfg.model in EPOCH_HOOKS else None
     summary = train(model, data, cfg, out, resume=resume, progress=progress, log=log, after_epoch=after_epoch)
     REPORTS[cfg.model](model, data, cfg, out, summary, download=download, log=log)
@@ -211,8 +211,44 @@ def latent_means(model, guide_name, x, num_samples=100):
     return z.mean(0)
 
 
-REPORTS = {"mixture": mixture_report, "vae": vae_report}
-EPOCH_HOOKS = {"vae": vae_sample_recorder}
+def prior_vs_importance(cfg, data, out, progress, log=print, z_dims=(2, 5, 20),
+                        sample_counts=(1, 10, 100, 1000, 10000), digits=20, repeats=10):
+    """Seed problem 13, measured: log p(x) by plain Monte Carlo from the prior, log mean p(x | z_m)
+    with z_m ~ p(z), against importance sampling from q, for growing M and several latent sizes.
+    Each estimate is repeated `repeats` times on the same `digits` fixed random test digits; the
+    plot shows the mean over digits of the mean estimate, and of its spread (sd over repeats)."""
+    x_test = data.binary("test")
+    x = x_test[torch.randperm(x_test.shape[0], generator=torch.Generator().manual_seed(0))[:digits].to(x_test.device)]
+    panels, results = {}, {}
+    for z_dim in z_dims:
+        run_cfg = replace(cfg, model_args={**cfg.model_args, "z_dim": z_dim}, eval_samples=0)
+        model = build_model(cfg.model, run_cfg.model_args)
+        log(f"training the VAE with z-dim {z_dim}")
+        train(model, data, run_cfg, out / f"z{z_dim}", progress=progress, log=log)
+        lines = {}
+        for proposal, label in (("prior", "Monte Carlo from the prior p(z)"), (cfg.guide, f"importance sampling from q ({cfg.guide})")):
+            means, spreads = [], []
+            with torch.random.fork_rng():
+                torch.manual_seed(cfg.seed)
+                for M in sample_counts:
+                    runs = torch.stack([per_digit_estimate(model, proposal, x, f"iwae-{M}") for _ in range(repeats)])
+                    means.append(runs.mean().item())
+                    spreads.append(runs.std(0).mean().item())
+            lines[label] = (list(sample_counts), means, spreads)
+            results[f"z-dim {z_dim}"] = results.get(f"z-dim {z_dim}", {}) | {
+                proposal: {"samples": list(sample_counts), "mean": means, "sd_over_repeats": spreads}}
+        panels[f"z-dim {z_dim}"] = lines
+    plots.estimates_against_samples(panels, out / "prior_vs_importance.png",
+                                    f"Estimating log p(x) of {digits} test digits: mean over digits of {repeats} "
+                                    "repeated estimates, band = their sd")
+    write_json({"digits": digits, "repeats": repeats, "estimates": results}, out / "prior_vs_importance.json")
+    for z_dim, by_proposal in results.items():
+        log(f"{z_dim}: M={sample_counts[-1]}: prior {by_proposal['prior']['mean'][-1]:.2f} "
+            f"(sd {by_proposal['prior']['sd_over_repeats'][-1]:.2f}), q {by_proposal[cfg.guide]['mean'][-1]:.2f} "
+            f"(sd {by_proposal[cfg.guide]['sd_over_repeats'][-1]:.2f}) nats")
+    return results
+
+
 
 
 # ---- experiments -----------------------------------------------------------------------------
@@ -252,3 +288,8 @@ def plot_enum_vs_sampled(out, eval_digits):
     plots.curves_against([("SVI step", ylabel, by_step), ("training time (s, evaluation excluded)", ylabel, by_time)],
                          out / "enum_vs_sampled.png",
                          f"Exact enumeration vs. sampled ELBO (score function), on {eval_digits} fixed test digits")
+
+
+REPORTS = {"mixture": mixture_report, "vae": vae_report}
+EPOCH_HOOKS = {"vae": vae_sample_recorder}
+EXPERIMENTS = {"enum-vs-sampled": enum_vs_sampled, "prior-vs-importance": prior_vs_importance}

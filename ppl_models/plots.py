@@ -120,3 +120,21 @@ def latent_scatter(points, labels, path, title):
     ax.set_ylabel("z_2")
     ax.set_title(title, fontsize=10)
     _save(fig, path)
+
+
+def estimates_against_samples(panels, path, title):
+    """One panel per setting: {label: (sample counts, means, spreads)} with a +-spread band."""
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), squeeze=False, sharey=False)
+    for ax, (panel_title, lines) in zip(axes.flat, panels.items()):
+        for label, (counts, means, spreads) in lines.items():
+            means, spreads = np.asarray(means), np.asarray(spreads)
+            ax.plot(counts, means, "o-", label=label)
+            ax.fill_between(counts, means - spreads, means + spreads, alpha=0.25)
+        ax.set_xscale("log")
+        ax.set_xlabel("samples M")
+        ax.set_ylabel("estimate of log p(x) (nats)")
+        ax.set_title(panel_title, fontsize=10)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(title, fontsize=10)
+    _save(fig, path)

@@ -111,3 +111,19 @@ def test_bad_vae_input_exits_2_with_one_line(tiny_binarized, tmp_path, capsys, a
                      str(tmp_path / "run"), "--quiet", "--no-download"]) == 2
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1, err
+
+
+def test_prior_vs_importance_experiment_writes_its_estimates(tiny_dataset, tmp_path):
+    from ppl_models.experiments import prior_vs_importance
+
+    cfg = Config(model="vae", guide="normal", optimizer="adam", lr=3e-3, epochs=1, batch_size=50, eval_every=1000,
+                 eval_digits=50, model_args={"z_dim": 2, "hidden": [32]})
+    results = prior_vs_importance(cfg, tiny_dataset, tmp_path, progress=False, log=lambda *a: None, z_dims=(2, 8),
+                                  sample_counts=(1, 100), digits=4, repeats=3)
+    assert (tmp_path / "prior_vs_importance.png").stat().st_size > 1000
+    saved = json.loads((tmp_path / "prior_vs_importance.json").read_text())["estimates"]
+    assert set(saved) == {"z-dim 2", "z-dim 8"} and set(saved["z-dim 8"]) == {"prior", "normal"}
+    for by_proposal in results.values():
+        for estimate in by_proposal.values():
+            assert estimate["samples"] == [1, 100] and all(np.isfinite(estimate["mean"]))
+            assert all(sd >= 0 for sd in estimate["sd_over_repeats"])
