@@ -21,12 +21,9 @@ from dataclasses import fields
 from pathlib import Path
 
 from ppl_models.data import BINARIZATIONS, DATASETS, DataError
-from ppl_models.experiments import run
+from ppl_models.experiments import EXPERIMENTS, run
 from ppl_models.models import MODELS
 from ppl_models.train import OPTIMIZERS, Config, TrainingError, load_checkpoint
-
-EXPERIMENTS = {"mixture": ("enum-vs-sampled",), "vae": ("prior-vs-importance",)}
-
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(
@@ -163,9 +160,10 @@ def main(argv=None):
     try:
         cfg = config_from_args(args)
         cfg.validate()
-        if args.experiment and args.experiment not in EXPERIMENTS.get(cfg.model, ()):
+        if args.experiment and EXPERIMENTS.get(args.experiment, ("",))[0] != cfg.model:
+            choices = [name for name, (model, _) in EXPERIMENTS.items() if model == cfg.model]
             raise ValueError(f"unknown experiment {args.experiment!r} for model {cfg.model}; "
-                             f"choose from: {', '.join(EXPERIMENTS.get(cfg.model, ())) or 'none'}")
+                             f"choose from: {', '.join(choices) or 'none'}")
         out = Path(args.resume or args.out or Path("figures") / cfg.model)
         run(cfg, out, experiment=args.experiment, resume=bool(args.resume), progress=not args.quiet,
             download=not args.no_download)

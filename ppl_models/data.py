@@ -224,10 +224,11 @@ def cache_root() -> pathlib.Path:
     return pathlib.Path(cache) / "ppl_models"
 
 
-def check_binary(x: torch.Tensor, what: str = "data") -> None:
-    """Raise DataError unless `x` is an (N, 784) tensor of zeros and ones."""
-    if x.dim() != 2 or x.shape[1] != PIXELS:
-        raise DataError(f"{what} has shape {tuple(x.shape)}, expected (N, {PIXELS}) flattened 28x28 images")
+def check_binary(x: torch.Tensor, what: str = "data", pixels: int = PIXELS) -> None:
+    """Raise DataError unless `x` is an (N, pixels) tensor of zeros and ones."""
+    if x.dim() != 2 or x.shape[1] != pixels:
+        raise DataError(f"{what} has shape {tuple(x.shape)}, expected (N, {pixels})"
+                        + (" flattened 28x28 images" if pixels == PIXELS else ""))
     if not torch.all((x == 0) | (x == 1)):
         raise DataError(f"{what} has values other than 0 and 1; binarize it first (e.g. --binarize threshold)")
 

@@ -14,6 +14,8 @@ import torch
 from pyro import poutine
 from tqdm.auto import tqdm
 
+from .data import check_binary
+
 
 @torch.no_grad()
 def importance_log_weights(model, guide, x, num_samples=1):
@@ -52,6 +54,7 @@ def estimators(model, guide_name, iwae_samples=0):
 def per_digit_estimate(model, guide_name, x, name, progress=False, memory_floats=2**25):
     """One estimator's (N,) per-digit values, in batches of digits sized so that the samples of a
     batch (samples x digits x pixels) stay under `memory_floats` numbers."""
+    check_binary(x, "digits to score", x.shape[-1])
     samples = 1 if name in ("exact", "elbo") else int(name.split("-")[1])
     batch_size = max(1, memory_floats // (samples * x.shape[1]))
     values = []

@@ -30,7 +30,7 @@ def run(cfg, out, experiment=None, resume=False, progress=True, download=True, l
     log(f"{model.summary()}, guide '{cfg.guide}'; {cfg.dataset} ({data.binarize} binarization): "
         + ", ".join(f"{split} {data.images[split].shape[0]:,} digits from {data.sources[split]}" for split in data.splits))
     if experiment:
-        return EXPERIMENTS[experiment](cfg, data, out, progress, log)
+        return EXPERIMENTS[experiment][1](cfg, data, out, progress, log)
     after_epoch = EPOCH_HOOKS[cfg.model](model, out, cfg) if cfg.model in EPOCH_HOOKS else None
     summary = train(model, data, cfg, out, resume=resume, progress=progress, log=log, after_epoch=after_epoch)
     REPORTS[cfg.model](model, data, cfg, out, summary, download=download, log=log)
@@ -292,4 +292,7 @@ def plot_enum_vs_sampled(out, eval_digits):
 
 REPORTS = {"mixture": mixture_report, "vae": vae_report}
 EPOCH_HOOKS = {"vae": vae_sample_recorder}
-EXPERIMENTS = {"enum-vs-sampled": enum_vs_sampled, "prior-vs-importance": prior_vs_importance}
+EXPERIMENTS = {  # name -> (the model it is for, what it does)
+    "enum-vs-sampled": ("mixture", enum_vs_sampled),
+    "prior-vs-importance": ("vae", prior_vs_importance),
+}

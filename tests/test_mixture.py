@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from pyro.infer import TraceEnum_ELBO
 
+from ppl_models.data import DataError
 from ppl_models.distributions import IndexedBernoulli
 from ppl_models.evaluate import importance_log_weights
 from ppl_models.models.mixture import BernoulliMixture
@@ -130,6 +131,7 @@ def test_fill_in_keeps_observed_pixels_and_predicts_the_rest_by_brute_force():
                 joint[(x2, x4)] = brute_force_log_likelihood(full[None], b, w, c).exp()
         probs.append((joint[(1.0, 0.0)] + joint[(1.0, 1.0)]) / sum(joint.values()))
     assert torch.equal(filled[:, mask.bool()], x[:, mask.bool()])
+    assert torch.equal(model.fill_in(torch.where(mask.bool(), x, float("nan")), mask.expand(4, 5)), filled)
     assert torch.allclose(filled[:, 2].double(), torch.cat(probs), atol=1e-5)
 
 
@@ -177,3 +179,13 @@ def test_training_raises_the_held_out_exact_log_likelihood(tiny_dataset, tmp_pat
 def test_bad_component_count_is_refused():
     with pytest.raises(ValueError, match="--components must be a positive integer"):
         BernoulliMixture(components=0)
+
+
+def test_non_binary_digits_get_a_clear_error_not_a_wrong_number():
+    model = tiny_model()
+    with pytest.raises(DataError, match="digits to score has values other than 0 and 1; binarize it first"):
+        model.log_likelihood(torch.full((2, 5), 0.5))
+    with pytest.raises(DataError, match="digits to infer z for has values other than 0 and 1"):
+        model.posterior(torch.full((2, 5), 0.5))
+    with pytest.raises(DataError, match=r"expected \(N, 5\)"):
+        model.log_likelihood(torch.zeros(2, 6))

@@ -127,3 +127,11 @@ def test_prior_vs_importance_experiment_writes_its_estimates(tiny_dataset, tmp_p
         for estimate in by_proposal.values():
             assert estimate["samples"] == [1, 100] and all(np.isfinite(estimate["mean"]))
             assert all(sd >= 0 for sd in estimate["sd_over_repeats"])
+
+
+def test_scoring_non_binary_digits_is_refused():
+    from ppl_models.data import DataError
+    from ppl_models.evaluate import per_digit_estimate
+
+    with pytest.raises(DataError, match="digits to score has values other than 0 and 1"):
+        per_digit_estimate(VAE(z_dim=2, hidden=(8,)), "normal", torch.full((2, 784), 0.3), "iwae-10")

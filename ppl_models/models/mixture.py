@@ -18,6 +18,7 @@ from pyro import poutine
 from pyro.infer import JitTraceEnum_ELBO, JitTraceGraph_ELBO, TraceEnum_ELBO, TraceGraph_ELBO, config_enumerate
 from torch import nn
 
+from ..data import check_binary
 from ..distributions import IndexedBernoulli, table_log_likelihood
 
 
@@ -100,6 +101,7 @@ class BernoulliMixture:
     @torch.no_grad()
     def log_likelihood(self, x, pixel_mask=None):
         """Exact log p(x) per digit (nats), or log p(x_observed) under a pixel mask."""
+        check_binary(x, "digits to score", self.num_pixels)
         b, _, _ = self.params()
         log_joint = torch.log_softmax(b, -1) + table_log_likelihood(x, self.logits_table(), pixel_mask)
         return torch.logsumexp(log_joint, -1)
@@ -108,6 +110,7 @@ class BernoulliMixture:
     def posterior(self, x, pixel_mask=None):
         """p(z | x) (or p(z | x_observed)) per digit, as the (N, K) probabilities Pyro's
         TraceEnum_ELBO.compute_marginals finds for the enumerated site."""
+        check_binary(x, "digits to infer z for", self.num_pixels)
         marginals = TraceEnum_ELBO(max_plate_nesting=1).compute_marginals(
             self.model, self.guide_enum, x, pixel_mask
         )
@@ -129,9 +132,11 @@ class BernoulliMixture:
     @torch.no_grad()
     def fill_in(self, x, pixel_mask):
         """Predictive mean of every pixel given the observed ones (mask = 1):
-        E[x_d | x_obs] = sum_k p(z = k | x_obs) sigm(theta_kd). Observed pixels are kept."""
-        predicted = self.posterior(x, pixel_mask) @ self.component_means()
-        return torch.where(pixel_mask.bool(), x, predicted)
+        E[x_d | x_obs] = sum_k p(z = k | x_obs) sigm(theta_kd). Observed pixels are kept; missing
+        ones may hold anything (NaN included)."""
+        observed = pixel_mask.bool()
+        predicted = self.posterior(torch.where(observed, x, 0.0), pixel_mask) @ self.component_means()
+        return torch.where(observed, x, predicted)
 
     def summary(self):
         return f"mixture of {self.components} Bernoulli components ({self.components * (self.num_pixels + 1) + self.num_pixels:,} parameters)"
