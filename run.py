@@ -25,14 +25,21 @@ from ppl_models.experiments import EXPERIMENTS, run
 from ppl_models.models import MODELS
 from ppl_models.train import OPTIMIZERS, Config, TrainingError, load_checkpoint
 
+class OneLineErrors(argparse.ArgumentParser):
+    """Bad flags end like every other bad input: one line, exit status 2."""
+
+    def error(self, message):
+        self.exit(2, f"error: {message} (see --help)\n")
+
+
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(
+    parser = OneLineErrors(
         description=__doc__.split("\n\n")[0],
         epilog="\n\n".join(__doc__.split("\n\n")[1:]),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     what = parser.add_argument_group("what to train")
-    what.add_argument("--model", choices=sorted(MODELS), default="mixture", help="model family (default: mixture)")
+    what.add_argument("--model", choices=sorted(MODELS), help="model family (default: mixture)")
     what.add_argument(
         "--guide",
         help="inference guide; mixture: enum (exact, default) or sampled (amortized q(z|x), score-function ELBO); "
@@ -97,7 +104,9 @@ def parse_args(argv=None):
                      help="k of the final importance-sampled estimate of test log p(x), iwae-k, with q as proposal "
                           "(vae: 1000; 0 skips it; mixture: its exact log-likelihood needs none)")
     run.add_argument("--out", help="run directory (default: figures/<model>)")
-    run.add_argument("--resume", metavar="RUN_DIR", help="continue the interrupted run in RUN_DIR")
+    run.add_argument("--resume", metavar="RUN_DIR",
+                     help="continue the run in RUN_DIR with its own settings (give --epochs to train a finished "
+                          "run for longer); it ends exactly where an uninterrupted run would")
     run.add_argument("--quiet", action="store_true", help="no progress bars (metrics files are unchanged)")
     return parser, parser.parse_args(argv)
 
@@ -123,11 +132,16 @@ def resolve_device(name):
 
 
 def config_from_args(args):
-    if args.resume:
+    if args.resume:  # the run's own settings; only the device and (to extend it) --epochs may change
         saved = load_checkpoint(Path(args.resume) / "checkpoint.pt")["config"]
+        if args.model and args.model != saved["model"]:
+            raise ValueError(f"{args.resume} is a run of model {saved['model']!r}, not {args.model!r}; "
+                             f"drop --model to resume it, or start a new run with another --out")
         cfg = Config(**{f.name: saved[f.name] for f in fields(Config) if f.name in saved})
         cfg.device = resolve_device(args.device)
+        cfg.epochs = cfg.epochs if args.epochs is None else args.epochs
         return cfg
+    args.model = args.model or "mixture"
     family = MODELS[args.model]
     defaults = family.training_defaults
     return Config(

@@ -67,6 +67,8 @@ def test_resume_through_the_cli_finishes_the_run(offline, tiny_binarized, tmp_pa
                    "--epochs", "1", "--batch-size", "50", "--out", str(out)) == 0
     assert run_cli("--resume", str(out)) == 0
     assert json.loads((out / "metrics.json").read_text())["epochs"] == 1
+    assert run_cli("--resume", str(out), "--epochs", "2") == 0  # a finished run, trained for longer
+    assert json.loads((out / "metrics.json").read_text())["epochs"] == 2
 
 
 def test_main_job_runs_offline_with_no_data_at_all(offline, tmp_path, capsys):
@@ -96,6 +98,31 @@ def test_bad_input_exits_2_with_one_line(offline, tmp_path, capsys, args, messag
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and message in err, err
     assert len(err.splitlines()) == 1 and "Traceback" not in err
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--model", "rbm"], "argument --model: invalid choice: 'rbm'"),
+    (["--dataset", "cifar"], "argument --dataset: invalid choice: 'cifar'"),
+    (["--binarize", "otsu"], "argument --binarize: invalid choice: 'otsu'"),
+    (["--elbo", "renyi"], "argument --elbo: invalid choice: 'renyi'"),
+    (["--hidden", "200,x"], "'200,x' is not comma-separated integers"),
+    (["--epochs", "many"], "argument --epochs: invalid int value: 'many'"),
+])
+def test_bad_flag_exits_2_with_one_line(capsys, args, message):
+    with pytest.raises(SystemExit) as exit_info:
+        run.main(args)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and message in err and len(err.splitlines()) == 1, err
+
+
+def test_resume_of_another_models_run_exits_2(offline, tiny_binarized, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert run_cli("--components", "3", "--dataset", "binarized-mnist", "--data-dir", str(tiny_binarized),
+                   "--epochs", "1", "--batch-size", "50", "--out", str(out)) == 0
+    capsys.readouterr()
+    assert run_cli("--resume", str(out), "--model", "vae") == 2
+    assert "is a run of model 'mixture', not 'vae'; drop --model" in capsys.readouterr().err
 
 
 def test_cuda_without_a_gpu_exits_2(offline, tmp_path, capsys, monkeypatch):
