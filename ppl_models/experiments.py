@@ -3,7 +3,7 @@ score, fill in, infer) and write the figures and numbers into the run directory.
 
 import csv
 import json
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import pyro
@@ -14,6 +14,7 @@ from . import plots
 from .data import DataError, load_dataset, load_mnist_test_intensities
 from .evaluate import batch_test, cluster_purity, per_digit_estimate, roc_auc
 from .models import build_model, check_elbo, check_guide
+from .report import write_report
 from .train import atomic_torch_save, train, write_json
 
 BATCH_SIZES = (1, 2, 5, 10, 20)
@@ -33,8 +34,9 @@ def run(cfg, out, experiment=None, resume=False, progress=True, download=True, l
         return EXPERIMENTS[experiment][1](cfg, data, out, progress, log)
     after_epoch = EPOCH_HOOKS[cfg.model](model, out, cfg) if cfg.model in EPOCH_HOOKS else None
     summary = train(model, data, cfg, out, resume=resume, progress=progress, log=log, after_epoch=after_epoch)
-    REPORTS[cfg.model](model, data, cfg, out, summary, download=download, log=log)
+    figures = REPORTS[cfg.model](model, data, cfg, out, summary, download=download, log=log)
     write_json(summary, out / "metrics.json")
+    write_report(out, asdict(cfg), summary, figures)
     log(describe(summary, out))
     return summary
 
@@ -59,6 +61,16 @@ def mixture_report(model, data, cfg, out, summary, download=True, log=print):
     steps_per_epoch = (cfg.train_subset or data.binary("train").shape[0]) // cfg.batch_size
     K = model.components
     generator = torch.Generator().manual_seed(cfg.seed)
+    figures = [("learning_curves.png", f"Exact log-likelihood of {cfg.eval_digits} fixed random digits of each split "
+                "during training (seed problem 8); the untrained model starts near -543 nats."),
+               ("component_means.png", "What each component draws: p(x_d = 1 | z = k), the pixel probabilities of "
+                "component k (seed problem 6)."),
+               ("samples.png", "Digits sampled from the model, z first and then the pixels, with the component each "
+                "came from (seed problem 7)."),
+               ("fill_in.png", "Filling in missing pixels: given only the top half, the posterior over components "
+                "gives the expected bottom half, beside the true digit."),
+               ("infer.png", "Inferring the latent: test digits and the mean image of their most probable component, "
+                "with p(z | x).")]
 
     shown = min(K, 100)
     plots.image_grid(model.component_means()[:shown], out / "component_means.png",
@@ -100,8 +112,13 @@ def mixture_report(model, data, cfg, out, summary, download=True, log=print):
 
     try:
         summary["frankenstein"] = frankenstein_report(model, data, cfg, out, generator, download)
+        figures += [("frankenstein.png", "Natural test digits and Frankenstein digits (two halves of digits of "
+                     "different classes) with their exact log p(x) (seed problem 9)."),
+                    ("frankenstein_hist.png", "Exact log p(x) of natural and Frankenstein test digits: how well the "
+                     "model tells them apart; ROC AUC and the batch test's power are under Other findings.")]
     except DataError as error:
         log(f"note: Frankenstein digits skipped, they need the labelled MNIST test set: {error}")
+    return figures
 
 
 def frankenstein_digits(images, labels, generator):
@@ -173,6 +190,16 @@ def vae_report(model, data, cfg, out, summary, download=True, log=print):
     plots.learning_curves(read_metrics(out), out / "learning_curves.png",
                           f"{model.summary()}, guide {cfg.guide}: {cfg.eval_digits} fixed random digits per split",
                           steps_per_epoch)
+    figures = [("learning_curves.png", f"ELBO of {cfg.eval_digits} fixed random digits of each split during training "
+                "(seed problem 22): a lower bound on log p(x); the untrained model starts near -544 nats."),
+               ("samples_through_training.png", "The decoder's mean image for the same 20 draws of z ~ N(0, I) before, "
+                "part way through and after training (seed problem 24)."),
+               ("manifold.png", "The learned manifold: the decoder's mean over a grid of the latent plane, placed "
+                "through the inverse Normal CDF so each cell holds equal prior mass."),
+               ("reconstructions.png", "Test digits and the decoder's mean at a z drawn from q(z | x): what the "
+                "latent keeps of a digit."),
+               ("latent_means.png", "Where test digits sit in latent space: the mean of q(z | x), coloured by class "
+                "where labels exist.")]
 
     history = torch.load(out / "samples_through_training.pt", weights_only=True)
     epochs = sorted(history)
@@ -201,6 +228,7 @@ def vae_report(model, data, cfg, out, summary, download=True, log=print):
     plots.latent_scatter(z_all[:, :2], None if labels is None else labels[:5000], out / "latent_means.png",
                          f"Mean of q(z | x) for 5000 test digits (guide {cfg.guide}; 100 samples each)"
                          + ("" if model.z_dim == 2 else ", first two coordinates"))
+    return figures
 
 
 @torch.no_grad()

@@ -1,3 +1,4 @@
+import numpy as np
 import pyro
 import pytest
 import torch
@@ -33,3 +34,22 @@ def tiny_dataset():
         labels={"train": train_labels, "test": test_labels},
         sources={"train": "generated", "test": "generated"}, seed=0,
     )
+
+
+@pytest.fixture
+def offline(tmp_path, monkeypatch):
+    """No $PPL_MODELS_DATA, an empty cache: what a fresh machine without internet has."""
+    monkeypatch.delenv("PPL_MODELS_DATA", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+
+
+@pytest.fixture
+def tiny_binarized(tmp_path):
+    """A data folder holding a small random binarized_mnist.npz (300 / 100 / 100 digits)."""
+    rng = np.random.default_rng(0)
+    root = tmp_path / "data"
+    root.mkdir()
+    arrays = {split: (rng.random((n, 784)) < 0.2).astype(np.uint8) for split, n in
+              (("train", 300), ("valid", 100), ("test", 100))}
+    np.savez(root / "binarized_mnist.npz", **arrays)
+    return root

@@ -1,6 +1,7 @@
 """run.py end to end: a real (tiny) run, the offline main job, and every bad input's one line."""
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -10,24 +11,6 @@ import run
 
 FIGURES = ("component_means.png", "samples.png", "learning_curves.png", "fill_in.png", "infer.png",
            "frankenstein.png", "frankenstein_hist.png")
-
-
-@pytest.fixture
-def offline(tmp_path, monkeypatch):
-    """No $PPL_MODELS_DATA, an empty cache: what a fresh machine without internet has."""
-    monkeypatch.delenv("PPL_MODELS_DATA", raising=False)
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
-
-
-@pytest.fixture
-def tiny_binarized(tmp_path):
-    rng = np.random.default_rng(0)
-    root = tmp_path / "data"
-    root.mkdir()
-    arrays = {split: (rng.random((n, 784)) < 0.2).astype(np.uint8) for split, n in
-              (("train", 300), ("valid", 100), ("test", 100))}
-    np.savez(root / "binarized_mnist.npz", **arrays)
-    return root
 
 
 def run_cli(*args):
@@ -59,6 +42,10 @@ def test_training_run_writes_metrics_and_every_figure(offline, tiny_binarized, t
         assert (out / figure).stat().st_size > 1000, figure
     printed = capsys.readouterr().out
     assert "test (100 digits): exact" in printed
+    page = (out / "report.html").read_text()
+    named = re.findall(r'<img src="([^"]+)"', page)
+    assert set(named) == set(FIGURES) and all((out / name).exists() for name in named)
+    assert "<td>test</td><td>exact</td>" in page and "roc_auc" in page
 
 
 def test_resume_through_the_cli_finishes_the_run(offline, tiny_binarized, tmp_path):

@@ -9,7 +9,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 import run
@@ -17,16 +16,9 @@ import run
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path, monkeypatch):
-    monkeypatch.delenv("PPL_MODELS_DATA", raising=False)
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
-    data = tmp_path / "data"
-    data.mkdir()
-    rng = np.random.default_rng(0)
-    np.savez(data / "binarized_mnist.npz",
-             **{s: (rng.random((n, 784)) < 0.2).astype(np.uint8) for s, n in (("train", 300), ("valid", 50), ("test", 50))})
+def test_sigkill_then_resume_matches_an_uninterrupted_run(offline, tiny_binarized, tmp_path):
     args = ["--model", "mixture", "--guide", "sampled", "--components", "3", "--dataset", "binarized-mnist",
-            "--data-dir", str(data), "--epochs", "60", "--batch-size", "50", "--eval-every", "7", "--quiet",
+            "--data-dir", str(tiny_binarized), "--epochs", "60", "--batch-size", "50", "--eval-every", "7", "--quiet",
             "--no-download"]
 
     killed = tmp_path / "killed"

@@ -73,20 +73,8 @@ def test_every_elbo_raises_the_held_out_elbo(tiny_dataset, tmp_path, elbo, parti
     assert final["iwae-50"] >= final["elbo"] - 0.5
 
 
-@pytest.fixture
-def tiny_binarized(tmp_path, monkeypatch):
-    monkeypatch.delenv("PPL_MODELS_DATA", raising=False)
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
-    rng = np.random.default_rng(0)
-    root = tmp_path / "data"
-    root.mkdir()
-    np.savez(root / "binarized_mnist.npz",
-             **{s: (rng.random((n, 784)) < 0.2).astype(np.uint8) for s, n in (("train", 200), ("valid", 50), ("test", 50))})
-    return root
-
-
 @pytest.mark.parametrize("guide", VAE.guides)
-def test_every_guide_trains_through_the_cli_and_draws_its_figures(tiny_binarized, tmp_path, guide):
+def test_every_guide_trains_through_the_cli_and_draws_its_figures(offline, tiny_binarized, tmp_path, guide):
     out = tmp_path / guide
     code = run.main(["--model", "vae", "--guide", guide, "--dataset", "binarized-mnist", "--data-dir",
                      str(tiny_binarized), "--epochs", "2", "--batch-size", "50", "--z-dim", "3", "--hidden", "32",
@@ -97,6 +85,10 @@ def test_every_guide_trains_through_the_cli_and_draws_its_figures(tiny_binarized
     for figure in ("learning_curves", "samples_through_training", "manifold", "reconstructions", "latent_means"):
         assert (out / f"{figure}.png").stat().st_size > 1000, figure
     assert sorted(torch.load(out / "samples_through_training.pt", weights_only=True)) == [0, 1, 2]
+    page = (out / "report.html").read_text()
+    assert all(f'<img src="{figure}.png"' in page for figure in
+               ("learning_curves", "samples_through_training", "manifold", "reconstructions", "latent_means"))
+    assert "<td>test</td><td>iwae-20</td>" in page
 
 
 @pytest.mark.parametrize("args, message", [
@@ -106,7 +98,7 @@ def test_every_guide_trains_through_the_cli_and_draws_its_figures(tiny_binarized
     (["--model", "mixture", "--elbo", "iwae"], "--elbo does not apply to model 'mixture'"),
     (["--model", "vae", "--particles", "0"], "--particles must be a positive integer"),
 ])
-def test_bad_vae_input_exits_2_with_one_line(tiny_binarized, tmp_path, capsys, args, message):
+def test_bad_vae_input_exits_2_with_one_line(offline, tiny_binarized, tmp_path, capsys, args, message):
     assert run.main([*args, "--data-dir", str(tiny_binarized), "--dataset", "binarized-mnist", "--out",
                      str(tmp_path / "run"), "--quiet", "--no-download"]) == 2
     err = capsys.readouterr().err.strip()
