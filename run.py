@@ -8,6 +8,8 @@ Examples:
   python run.py --model mixture --dataset binarized-mnist --components 500 --epochs 50
   python run.py --model vae --device cuda           # the VAE: seed defaults z-dim 2, 200-200 MLPs, Adam 1e-3
   python run.py --model vae --guide iaf --elbo iwae --particles 5 --z-dim 32
+  python run.py --model sbn --latents 16            # exact: all 65,536 states of z summed every step
+  python run.py --model sbn --latents 200 --guide bernoulli
   python run.py --resume figures/mixture            # continue an interrupted run
 
 Every number printed or written says what it is: `exact` log-likelihood, `elbo`, or `iwae-<k>`,
@@ -43,6 +45,8 @@ def parse_args(argv=None):
     what.add_argument(
         "--guide",
         help="inference guide; mixture: enum (exact, default) or sampled (amortized q(z|x), score-function ELBO); "
+             "sbn: enum (all 2^M states summed, exact; default), bernoulli (amortized q(z|x), score-function "
+             "ELBO with a neural baseline), relaxed (Concrete relaxation, straight-through); "
              "vae: normal (amortized diagonal Normal, default), iaf (Normal + inverse-autoregressive flows), "
              "lowrank (Normal with a low-rank-plus-diagonal covariance)",
     )
@@ -64,6 +68,12 @@ def parse_args(argv=None):
 
     mixture = parser.add_argument_group("mixture of Bernoullis")
     mixture.add_argument("--components", type=int, default=20, help="K, the number of mixture components (default: 20)")
+
+    sbn = parser.add_argument_group("sigmoid belief net")
+    sbn.add_argument("--latents", type=int, default=10,
+                     help="M, the number of binary latents; --guide enum sums all 2^M states, so M <= 20 (default: 10)")
+    sbn.add_argument("--temperature", type=float, default=0.5,
+                     help="temperature of the Concrete relaxation of --guide relaxed (default: 0.5)")
 
     vae = parser.add_argument_group("VAE")
     vae.add_argument("--z-dim", type=int, default=2, help="latent dimensions (default: 2, the seed's; 2 gives the manifold plot)")

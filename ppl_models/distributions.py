@@ -16,6 +16,7 @@ S x N x D is ever allocated.
 
 import math
 
+import pyro.distributions as dist
 import torch
 import torch.nn.functional as F
 from pyro.distributions import TorchDistribution
@@ -103,3 +104,107 @@ class IndexedBernoulli(TorchDistribution):
         table = table_log_likelihood(value, self.logits_table, self.pixel_mask).reshape(num_digits, num_states)
         digit = torch.arange(num_digits, device=value.device).reshape(value.shape[:-1])
         return table[digit, index]
+
+
+STATE_CHUNK = 4096  # latent states scored at once: 4096 x 784 logits, 13 MB
+
+
+def chunked_table_log_likelihood(x, states, w, c):
+    """log p(x_n | z = states_s) for x | z ~ Bernoulli(logits = z @ w + c): shape (N, S), computed
+    STATE_CHUNK states at a time. Under autograd each chunk is checkpointed (recomputed in the
+    backward pass), so memory holds one chunk's logits, never the whole (S, D) table."""
+    def chunk_table(chunk):
+        return table_log_likelihood(x, chunk @ w + c)
+
+    parts = []
+    for chunk in states.split(STATE_CHUNK):
+        if torch.is_grad_enabled() and len(states) > STATE_CHUNK:
+            parts.append(torch.utils.checkpoint.checkpoint(chunk_table, chunk, use_reentrant=False))
+        else:
+            parts.append(chunk_table(chunk))
+    return torch.cat(parts, -1)
+
+
+def all_codes(num_bits, device=None):
+    """Every z in {0, 1}^M as the rows of a (2^M, M) tensor."""
+    integers = torch.arange(2**num_bits, device=device)
+    return ((integers[:, None] >> torch.arange(num_bits - 1, -1, -1, device=device)) & 1).float()
+
+
+class IndependentBits(TorchDistribution):
+    """z in {0, 1}^M with z_m ~ Bernoulli(sigm(logits_m)) independently, enumerable as a whole:
+    its support is all 2^M codes, so Pyro can enumerate the joint z in one tensor dimension
+    instead of M (which would broadcast an N x 2 x ... x 2 x D tensor)."""
+
+    arg_constraints = {"logits": constraints.real}
+    support = constraints.independent(constraints.boolean, 1)
+    has_enumerate_support = True
+
+    def __init__(self, logits, validate_args=None):
+        self.logits = logits
+        super().__init__(logits.shape[:-1], logits.shape[-1:], validate_args=validate_args)
+
+    def expand(self, batch_shape, _instance=None):
+        return IndependentBits(self.logits.expand(torch.Size(batch_shape) + self.event_shape), validate_args=False)
+
+    def sample(self, sample_shape=torch.Size()):
+        with torch.no_grad():
+            return torch.bernoulli(torch.sigmoid(self.logits).expand(self.shape(sample_shape)))
+
+    def log_prob(self, value):
+        if self._validate_args:
+            self._validate_sample(value)
+        return (value * F.logsigmoid(self.logits) + (1 - value) * F.logsigmoid(-self.logits)).sum(-1)
+
+    def enumerate_support(self, expand=True):
+        codes = all_codes(self.event_shape[0], self.logits.device)
+        codes = codes.reshape((len(codes),) + (1,) * len(self.batch_shape) + self.event_shape)
+        return codes.expand((len(codes),) + self.batch_shape + self.event_shape) if expand else codes
+
+
+class LinearBernoulli(TorchDistribution):
+    """x | z ~ Bernoulli(logits = z @ w + c).to_event(1): the sigmoid belief net's likelihood.
+
+    When z is the same for every digit of the batch (Pyro enumerating z: shape (S, 1, M)), all
+    S x N log-likelihoods come from `chunked_table_log_likelihood`; a z drawn per digit is scored
+    directly.
+    """
+
+    arg_constraints = {"w": constraints.real, "c": constraints.real}
+    support = constraints.independent(constraints.boolean, 1)
+
+    def __init__(self, z, w, c, batch_shape=None, validate_args=None):
+        self.z, self.w, self.c = z, w, c
+        super().__init__(torch.Size(batch_shape or z.shape[:-1]), c.shape[-1:], validate_args=validate_args)
+
+    def expand(self, batch_shape, _instance=None):
+        # z keeps its own shape: expanding it along the data dim would hide that it is shared.
+        return LinearBernoulli(self.z, self.w, self.c, batch_shape, validate_args=False)
+
+    @property
+    def mean(self):
+        return torch.sigmoid(self.z @ self.w + self.c).expand(self.batch_shape + self.event_shape)
+
+    def sample(self, sample_shape=torch.Size()):
+        with torch.no_grad():
+            return torch.bernoulli(self.mean.expand(self.shape(sample_shape)))
+
+    def log_prob(self, value):
+        if self._validate_args:
+            self._validate_sample(value)
+        shape = torch.broadcast_shapes(self.batch_shape, value.shape[:-1])
+        if value.dim() == 2 and self.z.dim() >= 2 and self.z.shape[-2] == 1 and value.shape[0] > 1:
+            states = self.z.reshape(-1, self.z.shape[-1])  # the same states for every digit
+            table = chunked_table_log_likelihood(value, states, self.w, self.c)  # (N, S)
+            return table.T.reshape(self.z.shape[:-2] + value.shape[:1]).expand(shape)
+        logits = self.z @ self.w + self.c
+        return (value * logits - F.softplus(logits)).sum(-1).expand(shape)
+
+
+class StraightThroughBernoulli(dist.RelaxedBernoulliStraightThrough):
+    """Hard Bernoulli samples whose gradient flows through a Concrete relaxation (the
+    straight-through estimator, Jang et al. 2017), scored as the discrete Bernoulli they are:
+    the relaxed density is infinite where a float32 sample saturates at exactly 0 or 1."""
+
+    def log_prob(self, value):
+        return dist.Bernoulli(logits=self.logits).log_prob(value)

@@ -231,6 +231,29 @@ def vae_report(model, data, cfg, out, summary, download=True, log=print):
     return figures
 
 
+# ---- the sigmoid belief net's report --------------------------------------------------------
+def sbn_report(model, data, cfg, out, summary, download=True, log=print):
+    steps_per_epoch = (cfg.train_subset or data.binary("train").shape[0]) // cfg.batch_size
+    estimates = "exact log-likelihood" if model.exact else "ELBO"
+    plots.learning_curves(read_metrics(out), out / "learning_curves.png",
+                          f"{model.summary()}, guide {cfg.guide}: {cfg.eval_digits} fixed random digits per split",
+                          steps_per_epoch)
+    with torch.random.fork_rng():
+        torch.manual_seed(cfg.seed)
+        z, samples = model.sample(16)
+    plots.image_grid(samples, out / "samples.png", "16 samples x ~ p(x), with how many causes were on",
+                     captions=[f"{int(k)} on" for k in z.sum(-1).tolist()], ncols=8)
+    causes = model.cause_images()[:100]
+    scale = causes.abs().max().clamp(min=1e-6)
+    plots.image_grid(0.5 + 0.5 * causes / scale, out / "causes.png",
+                     "What each binary cause draws: row m of w (grey 0, dark adds ink, light removes it)",
+                     captions=[f"m={m}" for m in range(len(causes))], ncols=10)
+    return [("learning_curves.png", f"The {estimates} of {cfg.eval_digits} fixed random digits of each split during "
+             "training."),
+            ("samples.png", "Digits sampled from the model: the binary causes z first, then the pixels."),
+            ("causes.png", "Row m of w as an image: the pixel logits that binary cause m adds when it is on.")]
+
+
 @torch.no_grad()
 def latent_means(model, guide_name, x, num_samples=100):
     """E_q[z | x] by averaging guide samples: the same for every guide, flows included."""
@@ -318,7 +341,7 @@ def plot_enum_vs_sampled(out, eval_digits):
                          f"Exact enumeration vs. sampled ELBO (score function), on {eval_digits} fixed test digits")
 
 
-REPORTS = {"mixture": mixture_report, "vae": vae_report}
+REPORTS = {"mixture": mixture_report, "sbn": sbn_report, "vae": vae_report}
 EPOCH_HOOKS = {"vae": vae_sample_recorder}
 EXPERIMENTS = {  # name -> (the model it is for, what it does)
     "enum-vs-sampled": ("mixture", enum_vs_sampled),

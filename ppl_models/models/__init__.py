@@ -2,9 +2,10 @@
 `guide_<name>` method on its class plus its name in the class's `guides`."""
 
 from .mixture import BernoulliMixture
+from .sbn import SigmoidBeliefNet
 from .vae import VAE
 
-MODELS = {cls.name: cls for cls in (BernoulliMixture, VAE)}
+MODELS = {cls.name: cls for cls in (BernoulliMixture, SigmoidBeliefNet, VAE)}
 
 
 def build_model(name, model_args):

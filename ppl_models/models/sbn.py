@@ -1,0 +1,143 @@
+"""Sigmoid belief net: M binary causes instead of one category (seed section 5, equations 8-9).
+
+    z_m ~ Bernoulli(sigm(b_m))                   m = 1..M, independently
+    x_d | z ~ Bernoulli(sigm(z . w_d + c_d))     d = 1..784
+
+Guides:
+  enum       no guide: all 2^M values of z are summed (one enumerated site over the codes, the
+             likelihood as a chunked matrix product), so TraceEnum_ELBO is the exact
+             log-likelihood. Cost O(N 2^M (M + D)) a step: the seed's problem 10.
+  bernoulli  amortized q(z | x) = prod_m Bernoulli(sigm(f(x)_m)), score-function gradients
+             (TraceGraph_ELBO) with an input-dependent neural baseline (NVIL).
+  relaxed    the same q, its discrete samples given gradients through a Concrete (relaxed
+             Bernoulli) sample at --temperature: the straight-through estimator, with Trace_ELBO.
+"""
+
+import pyro
+import pyro.distributions as dist
+import torch
+from pyro.infer import (JitTrace_ELBO, JitTraceEnum_ELBO, JitTraceGraph_ELBO, Trace_ELBO, TraceEnum_ELBO,
+                        TraceGraph_ELBO, config_enumerate)
+from torch import nn
+
+from ..data import check_binary
+from ..distributions import (IndependentBits, LinearBernoulli, StraightThroughBernoulli, all_codes,
+                             chunked_table_log_likelihood)
+
+MAX_EXACT_LATENTS = 20  # 2^20 = 1,048,576 states: exact test log-likelihood in minutes on 2 CPU cores
+FLOPS = 2e10  # a 2-core CPU's sustained float throughput, for the refusal message's estimate
+
+
+class SigmoidBeliefNet:
+    name = "sbn"
+    guides = ("enum", "bernoulli", "relaxed")
+    default_guide = "enum"
+    elbos = ()  # the guide decides: TraceEnum_ELBO, TraceGraph_ELBO or Trace_ELBO
+    hyperparameters = ("latents", "temperature")
+    training_defaults = dict(optimizer="adam", lr=1e-3, batch_size=100, epochs=20, eval_samples=1000)
+
+    def __init__(self, latents=10, temperature=0.5, num_pixels=784, encoder_hidden=200):
+        if latents < 1:
+            raise ValueError(f"--latents must be a positive integer, got {latents}")
+        if temperature <= 0:
+            raise ValueError(f"--temperature must be positive, got {temperature}")
+        self.latents, self.temperature, self.num_pixels = latents, temperature, num_pixels
+        self.encoder = nn.Sequential(nn.Linear(num_pixels, encoder_hidden), nn.ReLU(), nn.Linear(encoder_hidden, latents))
+        self.baseline = nn.Sequential(
+            nn.Linear(num_pixels, encoder_hidden), nn.ReLU(), nn.Linear(encoder_hidden, 1), nn.Flatten(-2)
+        )
+
+    @property
+    def exact(self):
+        """log p(x) is reported exactly when the 2^M states can be summed in reasonable time."""
+        return self.latents <= MAX_EXACT_LATENTS
+
+    def params(self, device=None):
+        M, D = self.latents, self.num_pixels
+        b = pyro.param("b", lambda: torch.zeros(M, device=device))
+        w = pyro.param("w", lambda: 0.01 * torch.randn(M, D, device=device))
+        c = pyro.param("c", lambda: torch.zeros(D, device=device))
+        return b, w, c
+
+    # ---- model and guides -------------------------------------------------------------
+    @config_enumerate
+    def model(self, x):
+        b, w, c = self.params(x.device)
+        with pyro.plate("data", x.shape[0]):
+            z = pyro.sample("z", IndependentBits(b))
+            pyro.sample("x", LinearBernoulli(z, w, c), obs=x)
+
+    def guide_enum(self, x):
+        """Empty guide: the model enumerates z, nothing is sampled."""
+
+    def _posterior_logits(self, x):
+        pyro.module("encoder", self.encoder.to(x.device))
+        return self.encoder(x)
+
+    def guide_bernoulli(self, x):
+        logits = self._posterior_logits(x)
+        pyro.module("baseline", self.baseline.to(x.device))
+        with pyro.plate("data", x.shape[0]):
+            pyro.sample("z", dist.Bernoulli(logits=logits).to_event(1),
+                        infer={"baseline": {"nn_baseline": self.baseline, "nn_baseline_input": x}})
+
+    def guide_relaxed(self, x):
+        logits = self._posterior_logits(x)
+        temperature = torch.tensor(self.temperature, device=x.device)
+        with pyro.plate("data", x.shape[0]):
+            pyro.sample("z", StraightThroughBernoulli(temperature, logits=logits).to_event(1))
+
+    def guide(self, name):
+        return getattr(self, f"guide_{name}")
+
+    def elbo(self, guide_name, elbo_name=None, jit=False, particles=1):
+        if guide_name == "enum":
+            check_enumerable(self.latents)
+            return (JitTraceEnum_ELBO if jit else TraceEnum_ELBO)(max_plate_nesting=1)
+        common = dict(num_particles=particles, vectorize_particles=particles > 1, max_plate_nesting=1)
+        if guide_name == "bernoulli":
+            return (JitTraceGraph_ELBO if jit else TraceGraph_ELBO)(**common)
+        return (JitTrace_ELBO if jit else Trace_ELBO)(**common)
+
+    def loss_name(self, guide_name, elbo_name=None):
+        return "-log p(x)" if guide_name == "enum" else "-ELBO"
+
+    # ---- what a generative model is for -----------------------------------------------
+    @torch.no_grad()
+    def log_likelihood(self, x):
+        """Exact log p(x) per digit: a log-sum-exp over all 2^M codes, in chunks of codes."""
+        check_binary(x, "digits to score", self.num_pixels)
+        check_enumerable(self.latents)
+        b, w, c = self.params()
+        codes = all_codes(self.latents, x.device)
+        log_prior = IndependentBits(b).log_prob(codes)
+        return torch.logsumexp(log_prior + chunked_table_log_likelihood(x, codes, w, c), -1)
+
+    @torch.no_grad()
+    def sample(self, num_samples):
+        b, w, c = self.params()
+        z = torch.bernoulli(torch.sigmoid(b).expand(num_samples, self.latents))
+        return z, torch.bernoulli(torch.sigmoid(z @ w + c))
+
+    @torch.no_grad()
+    def cause_images(self):
+        """What each binary cause adds to the pixel logits: the rows of w, (M, D)."""
+        return self.params()[1]
+
+    def summary(self):
+        return f"sigmoid belief net with {self.latents} binary latents ({2**self.latents:,} states)"
+
+
+def check_enumerable(latents, batch_size=100, pixels=784):
+    """Refuse an M whose exact sum would be absurd, with the estimate that makes it so."""
+    if latents <= MAX_EXACT_LATENTS:
+        return
+    states = 2**latents
+    table_gb = batch_size * states * 4 / 1e9
+    seconds = 3 * 2 * states * (latents + batch_size) * pixels / FLOPS  # forward, backward, recomputation
+    raise ValueError(
+        f"exact enumeration over M = {latents} binary latents sums 2^{latents} = {states:,} states: about "
+        f"{table_gb:,.0f} GB for one batch's log-likelihood table and {seconds / 3600:,.1f} hours per step on this "
+        f"machine; use --latents {MAX_EXACT_LATENTS} or fewer, or a sampled guide (--guide bernoulli or relaxed)"
+    )
+

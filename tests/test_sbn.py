@@ -1,0 +1,116 @@
+"""The sigmoid belief net against brute force over all 2^M states."""
+
+import itertools
+
+import pyro
+import pyro.distributions as dist
+import pytest
+import torch
+from pyro.infer import TraceEnum_ELBO
+
+import ppl_models.distributions as distributions
+import run
+from ppl_models.distributions import IndependentBits, all_codes, chunked_table_log_likelihood, table_log_likelihood
+from ppl_models.evaluate import importance_log_weights
+from ppl_models.models.sbn import SigmoidBeliefNet
+from ppl_models.train import Config, train
+
+
+def tiny_sbn(M=4, D=6):
+    model = SigmoidBeliefNet(latents=M, num_pixels=D)
+    generator = torch.Generator().manual_seed(0)
+    pyro.param("b", torch.randn(M, generator=generator))
+    pyro.param("w", 2 * torch.randn(M, D, generator=generator))
+    pyro.param("c", torch.randn(D, generator=generator))
+    return model
+
+
+def brute_force_log_likelihood(x, b, w, c):
+    """log sum_z p(z) p(x | z), one state and one digit at a time (seed equation 10)."""
+    values = []
+    for digit in x:
+        total = 0.0
+        for bits in itertools.product((0.0, 1.0), repeat=len(b)):
+            z = torch.tensor(bits)
+            prior = torch.where(z.bool(), torch.sigmoid(b), torch.sigmoid(-b)).double().prod()
+            probs = torch.sigmoid(z @ w + c).double()
+            total += prior * torch.where(digit.bool(), probs, 1 - probs).prod()
+        values.append(torch.log(total))
+    return torch.stack(values)
+
+
+def digits(n, d, seed=1):
+    return torch.bernoulli(torch.full((n, d), 0.4), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("M", [1, 3, 6])
+def test_exact_log_likelihood_equals_the_sum_over_every_state(M):
+    model = tiny_sbn(M)
+    x = digits(7, 6)
+    b, w, c = (p.detach() for p in model.params())
+    assert torch.allclose(model.log_likelihood(x).double(), brute_force_log_likelihood(x, b, w, c), atol=1e-4)
+
+
+def test_enumerated_elbo_is_the_exact_log_likelihood():
+    model = tiny_sbn(5)
+    x = digits(9, 6)
+    loss = TraceEnum_ELBO(max_plate_nesting=1).loss(model.model, model.guide_enum, x)
+    assert loss == pytest.approx(-model.log_likelihood(x).sum().item(), rel=1e-5)
+
+
+def test_chunked_table_equals_unchunked_values_and_gradients(monkeypatch):
+    monkeypatch.setattr(distributions, "STATE_CHUNK", 5)
+    generator = torch.Generator().manual_seed(0)
+    w = torch.randn(4, 6, generator=generator, requires_grad=True)
+    c = torch.randn(6, generator=generator)
+    x, codes = digits(3, 6), all_codes(4)
+    chunked = chunked_table_log_likelihood(x, codes, w, c)
+    (grad_chunked,) = torch.autograd.grad(chunked.sum(), w)
+    whole = table_log_likelihood(x, codes @ w + c)
+    (grad_whole,) = torch.autograd.grad(whole.sum(), w)
+    assert torch.allclose(chunked, whole, atol=1e-5) and torch.allclose(grad_chunked, grad_whole, atol=1e-5)
+
+
+def test_independent_bits_enumerate_every_code_with_the_product_probability():
+    logits = torch.tensor([0.3, -1.0, 2.0])
+    bits = IndependentBits(logits)
+    support = bits.enumerate_support()
+    assert support.shape == (8, 3) and len({tuple(row.tolist()) for row in support}) == 8
+    assert torch.allclose(bits.log_prob(support), dist.Bernoulli(logits=logits).log_prob(support).sum(-1))
+    assert torch.allclose(bits.log_prob(support).exp().sum(), torch.tensor(1.0))
+
+
+@pytest.mark.parametrize("guide", ["bernoulli", "relaxed"])
+def test_a_sampled_guides_elbo_never_exceeds_the_exact_log_likelihood(guide):
+    model = tiny_sbn(4)
+    x = digits(12, 6)
+    pyro.module("encoder", model.encoder)
+    log_w = importance_log_weights(model.model, model.guide(guide), x, 4000)
+    elbo, exact = log_w.mean(0), model.log_likelihood(x)
+    assert (elbo <= exact + 4 * log_w.std(0) / 4000**0.5 + 1e-5).all()
+
+
+def test_enumeration_over_a_huge_m_is_refused_with_an_estimate():
+    model = SigmoidBeliefNet(latents=30)
+    with pytest.raises(ValueError, match=r"2\^30 = 1,073,741,824 states: about 429 GB .* hours per step .*--guide bernoulli"):
+        model.elbo("enum")
+    assert not model.exact
+
+
+@pytest.mark.parametrize("guide", SigmoidBeliefNet.guides)
+def test_training_raises_the_held_out_exact_log_likelihood(tiny_dataset, tmp_path, guide):
+    model = SigmoidBeliefNet(latents=6)
+    cfg = Config(model="sbn", guide=guide, optimizer="adam", lr=0.03, epochs=3, batch_size=50, eval_every=1000,
+                 eval_digits=100, eval_samples=0, model_args={"latents": 6})
+    summary = train(model, tiny_dataset, cfg, tmp_path, progress=False, log=lambda *a: None)
+    rows = (tmp_path / "metrics.csv").read_text().splitlines()
+    untrained = float(next(r for r in rows if r.startswith("0,0,0.0,test,exact")).split(",")[-1])
+    gain = 100 if guide == "enum" else 50  # sampled guides learn more slowly: 36 steps here
+    assert summary["final"]["test"]["exact"] > untrained + gain, (untrained, summary["final"])
+
+
+def test_cli_refuses_enum_for_a_huge_m(offline, tiny_binarized, tmp_path, capsys):
+    code = run.main(["--model", "sbn", "--latents", "40", "--dataset", "binarized-mnist", "--data-dir",
+                     str(tiny_binarized), "--out", str(tmp_path / "run"), "--quiet", "--no-download"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "2^40 = 1,099,511,627,776 states" in err and len(err.splitlines()) == 1, err
