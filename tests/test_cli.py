@@ -71,6 +71,8 @@ def test_main_job_runs_offline_with_no_data_at_all(offline, tmp_path, capsys):
     "args, message",
     [
         (["--components", "0"], "--components must be a positive integer"),
+        (["--model", "sbn", "--latents", "0"], "--latents must be a positive integer"),
+        (["--model", "sbn", "--temperature", "0"], "--temperature must be positive"),
         (["--guide", "gibbs"], "guide 'gibbs' does not belong to model 'mixture'"),
         (["--lr", "-1"], "--lr must be positive"),
         (["--epochs", "0"], "--epochs must be a positive integer"),

@@ -175,3 +175,11 @@ def test_jit_trains_as_eager_does(tiny_dataset, tmp_path, guide):
         assert finals[1] == pytest.approx(finals[0], abs=1e-3)
     else:  # the traced sampler draws differently: as good, not identical
         assert abs(finals[1] - finals[0]) < 10 and min(finals) > -500  # untrained: -543
+
+
+def test_detect_anomaly_is_on_during_training_only(tiny_dataset, tmp_path, monkeypatch):
+    seen = []
+    StepCounter.count, StepCounter.on_step = 0, lambda n: seen.append(torch.is_anomaly_enabled())
+    monkeypatch.setattr(train_module, "SVI", StepCounter)
+    train(BernoulliMixture(4), tiny_dataset, config(epochs=1, detect_anomaly=True), tmp_path, **QUIET)
+    assert seen and all(seen) and not torch.is_anomaly_enabled()
