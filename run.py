@@ -60,8 +60,9 @@ def parse_args(argv=None):
                       help="samples of z per digit in the training objective: the k of --elbo iwae (default: 1)")
     what.add_argument(
         "--experiment",
-        help="run an experiment instead of one training run; mixture: enum-vs-sampled (trains both guides and "
-        "plots the exact held-out log-likelihood against steps and wall time); vae: prior-vs-importance (seed "
+        help="run an experiment instead of one training run; mixture and sbn: enum-vs-sampled (trains every guide "
+        "and plots the exact held-out log-likelihood against steps and wall time, with the sampled guides' ELBOs); "
+        "sbn: cost-vs-latents (seconds and memory per step against M, seed problem 10); vae: prior-vs-importance (seed "
         "problem 13: log p(x) by Monte Carlo from the prior vs. importance sampling from q, M = 1..10^4 samples, "
         "z-dim 2, 5, 20)",
     )
@@ -184,8 +185,8 @@ def main(argv=None):
     try:
         cfg = config_from_args(args)
         cfg.validate()
-        if args.experiment and EXPERIMENTS.get(args.experiment, ("",))[0] != cfg.model:
-            choices = [name for name, (model, _) in EXPERIMENTS.items() if model == cfg.model]
+        if args.experiment and cfg.model not in EXPERIMENTS.get(args.experiment, ((),))[0]:
+            choices = [name for name, (models, _) in EXPERIMENTS.items() if cfg.model in models]
             raise ValueError(f"unknown experiment {args.experiment!r} for model {cfg.model}; "
                              f"choose from: {', '.join(choices) or 'none'}")
         out = Path(args.resume or args.out or Path("figures") / cfg.model)

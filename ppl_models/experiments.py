@@ -3,10 +3,13 @@ score, fill in, infer) and write the figures and numbers into the run directory.
 
 import csv
 import json
+import resource
+import time
 from dataclasses import asdict, replace
 from pathlib import Path
 
 import pyro
+import pyro.optim
 import torch
 from pyro import poutine
 
@@ -231,6 +234,14 @@ def vae_report(model, data, cfg, out, summary, download=True, log=print):
     return figures
 
 
+@torch.no_grad()
+def latent_means(model, guide_name, x, num_samples=100):
+    """E_q[z | x] by averaging guide samples: the same for every guide, flows included."""
+    with pyro.plate("particles", num_samples, dim=-2):
+        z = poutine.trace(model.guide(guide_name)).get_trace(x).nodes["z"]["value"]
+    return z.mean(0)
+
+
 # ---- the sigmoid belief net's report --------------------------------------------------------
 def sbn_report(model, data, cfg, out, summary, download=True, log=print):
     steps_per_epoch = (cfg.train_subset or data.binary("train").shape[0]) // cfg.batch_size
@@ -254,12 +265,72 @@ def sbn_report(model, data, cfg, out, summary, download=True, log=print):
             ("causes.png", "Row m of w as an image: the pixel logits that binary cause m adds when it is on.")]
 
 
-@torch.no_grad()
-def latent_means(model, guide_name, x, num_samples=100):
-    """E_q[z | x] by averaging guide samples: the same for every guide, flows included."""
-    with pyro.plate("particles", num_samples, dim=-2):
-        z = poutine.trace(model.guide(guide_name)).get_trace(x).nodes["z"]["value"]
-    return z.mean(0)
+# ---- experiments -----------------------------------------------------------------------------
+def enum_vs_sampled(cfg, data, out, progress, log=print):
+    """Train every guide of the model with the same settings: the exact (enumerated) one and the
+    sampled ones. Plot the exact held-out log-likelihood of each against steps and against
+    training time, with each sampled guide's ELBO beside it (their gap is KL(q || p(z | x)))."""
+    guides = build_model(cfg.model, cfg.model_args).guides
+    results = {}
+    for guide in guides:
+        log(f"training with guide '{guide}'")
+        results[guide] = train(build_model(cfg.model, cfg.model_args), data, replace(cfg, guide=guide), out / guide,
+                               progress=progress, log=log)
+        write_json(results[guide], out / guide / "metrics.json")
+
+    plot_enum_vs_sampled(out, guides, cfg.eval_digits)
+    comparison = {guide: {"final": r["final"], "seconds_per_epoch": r["seconds_per_epoch"]} for guide, r in results.items()}
+    (out / "comparison.json").write_text(json.dumps(comparison, indent=2) + "\n")
+    for guide, r in results.items():
+        log(describe(r, out / guide))
+    return comparison
+
+
+def plot_enum_vs_sampled(out, guides, eval_digits):
+    """enum_vs_sampled.png from the runs' metrics.csv (so it can be redrawn without training)."""
+    by_step, by_time = {}, {}
+    for guide in guides:
+        rows = [r for r in read_metrics(out / guide) if r["split"] == "test"]
+        for estimator in sorted({r["estimator"] for r in rows}):
+            points = [r for r in rows if r["estimator"] == estimator]
+            label = f"guide {guide}: test {estimator}"
+            style = "-" if estimator == "exact" else ":"
+            values = [float(r["value"]) for r in points]
+            by_step[label] = ([int(r["step"]) for r in points], values, style)
+            by_time[label] = ([float(r["seconds"]) for r in points], values, style)
+    ylabel = "mean log-likelihood per digit (nats)"
+    plots.curves_against([("SVI step", ylabel, by_step), ("training time (s, evaluation excluded)", ylabel, by_time)],
+                         out / "enum_vs_sampled.png",
+                         f"Exact enumeration vs. sampled ELBOs: exact log p(x) of each model, on {eval_digits} fixed "
+                         "test digits")
+
+
+def cost_against_latents(cfg, data, out, progress, log=print, latents=(2, 4, 6, 8, 10, 12, 14, 16, 18, 20), steps=3):
+    """The seed's problem 10, measured: seconds per training step (batch --batch-size) of each SBN
+    guide as M grows, and the process's peak resident memory. Enumeration is O(2^M); the sampled
+    guides are O(M)."""
+    x = data.binary("train")[: cfg.batch_size]
+    results = {}
+    for guide in ("bernoulli", "relaxed", "enum"):  # enum last: peak memory only grows
+        results[guide] = {"latents": [], "seconds_per_step": [], "peak_rss_mb": []}
+        for M in latents:
+            model = build_model("sbn", {**cfg.model_args, "latents": M})
+            pyro.clear_param_store()
+            pyro.set_rng_seed(cfg.seed)
+            svi = pyro.infer.SVI(model.model, model.guide(guide), pyro.optim.Adam({"lr": cfg.lr}), model.elbo(guide))
+            svi.step(x)  # warm-up: parameter creation
+            started = time.perf_counter()
+            for _ in range(steps):
+                svi.step(x)
+            seconds = (time.perf_counter() - started) / steps
+            results[guide]["latents"].append(M)
+            results[guide]["seconds_per_step"].append(seconds)
+            results[guide]["peak_rss_mb"].append(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+            log(f"guide {guide}, M = {M}: {seconds:.4f} s per step")
+    plots.cost_against_latents(results, out / "cost_vs_latents.png",
+                               f"Cost of one training step (batch {cfg.batch_size}) against the number of binary latents")
+    write_json({"batch_size": cfg.batch_size, "steps_timed": steps, "results": results}, out / "cost_vs_latents.json")
+    return results
 
 
 def prior_vs_importance(cfg, data, out, progress, log=print, z_dims=(2, 5, 20),
@@ -300,50 +371,10 @@ def prior_vs_importance(cfg, data, out, progress, log=print, z_dims=(2, 5, 20),
     return results
 
 
-
-
-# ---- experiments -----------------------------------------------------------------------------
-def enum_vs_sampled(cfg, data, out, progress, log=print):
-    """Train the exact (enumerated) and the sampled guide with the same settings; plot the exact
-    held-out log-likelihood of both against steps and against training time, and the sampled
-    guide's ELBO beside it."""
-    results = {}
-    for guide in ("enum", "sampled"):
-        log(f"training with guide '{guide}'")
-        run_cfg = replace(cfg, guide=guide)
-        model = build_model(cfg.model, cfg.model_args)
-        results[guide] = train(model, data, run_cfg, out / guide, progress=progress, log=log)
-        write_json(results[guide], out / guide / "metrics.json")
-
-    plot_enum_vs_sampled(out, cfg.eval_digits)
-    comparison = {guide: {"final": r["final"], "seconds_per_epoch": r["seconds_per_epoch"]} for guide, r in results.items()}
-    (out / "comparison.json").write_text(json.dumps(comparison, indent=2) + "\n")
-    for guide, r in results.items():
-        log(describe(r, out / guide))
-    return comparison
-
-
-def plot_enum_vs_sampled(out, eval_digits):
-    """enum_vs_sampled.png from the two runs' metrics.csv (so it can be redrawn without training)."""
-    by_step, by_time = {}, {}
-    for guide in ("enum", "sampled"):
-        rows = [r for r in read_metrics(out / guide) if r["split"] == "test"]
-        for estimator in sorted({r["estimator"] for r in rows}):
-            points = [r for r in rows if r["estimator"] == estimator]
-            label = f"guide {guide}: test {estimator}"
-            style = "-" if estimator == "exact" else ":"
-            values = [float(r["value"]) for r in points]
-            by_step[label] = ([int(r["step"]) for r in points], values, style)
-            by_time[label] = ([float(r["seconds"]) for r in points], values, style)
-    ylabel = "mean log-likelihood per digit (nats)"
-    plots.curves_against([("SVI step", ylabel, by_step), ("training time (s, evaluation excluded)", ylabel, by_time)],
-                         out / "enum_vs_sampled.png",
-                         f"Exact enumeration vs. sampled ELBO (score function), on {eval_digits} fixed test digits")
-
-
 REPORTS = {"mixture": mixture_report, "sbn": sbn_report, "vae": vae_report}
 EPOCH_HOOKS = {"vae": vae_sample_recorder}
-EXPERIMENTS = {  # name -> (the model it is for, what it does)
-    "enum-vs-sampled": ("mixture", enum_vs_sampled),
-    "prior-vs-importance": ("vae", prior_vs_importance),
+EXPERIMENTS = {  # name -> (the models it is for, what it does)
+    "enum-vs-sampled": (("mixture", "sbn"), enum_vs_sampled),
+    "cost-vs-latents": (("sbn",), cost_against_latents),
+    "prior-vs-importance": (("vae",), prior_vs_importance),
 }

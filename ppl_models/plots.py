@@ -138,3 +138,24 @@ def estimates_against_samples(panels, path, title):
         ax.legend(fontsize=8)
     fig.suptitle(title, fontsize=10)
     _save(fig, path)
+
+
+def cost_against_latents(results, path, title):
+    """Seconds per step and peak memory against M, log scale, one line per guide."""
+    fig, (time_ax, memory_ax) = plt.subplots(1, 2, figsize=(12, 4))
+    for guide, r in results.items():
+        time_ax.plot(r["latents"], r["seconds_per_step"], "o-", label=f"guide {guide}")
+        memory_ax.plot(r["latents"], r["peak_rss_mb"], "o-", label=f"guide {guide}")
+    enum = results.get("enum")
+    if enum:  # the O(2^M) reference through the last enumerated point
+        M = np.asarray(enum["latents"], dtype=float)
+        time_ax.plot(M, enum["seconds_per_step"][-1] * 2.0 ** (M - M[-1]), "k:", label="2^M (scaled)")
+    time_ax.set_yscale("log")
+    time_ax.set_ylabel("seconds per training step")
+    memory_ax.set_ylabel("peak resident memory of the process (MB)")
+    for ax in (time_ax, memory_ax):
+        ax.set_xlabel("M, binary latents")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(title, fontsize=10)
+    _save(fig, path)

@@ -114,3 +114,27 @@ def test_cli_refuses_enum_for_a_huge_m(offline, tiny_binarized, tmp_path, capsys
                      str(tiny_binarized), "--out", str(tmp_path / "run"), "--quiet", "--no-download"])
     err = capsys.readouterr().err.strip()
     assert code == 2 and "2^40 = 1,099,511,627,776 states" in err and len(err.splitlines()) == 1, err
+
+
+def test_enum_vs_sampled_trains_every_guide_and_compares_them(tiny_dataset, tmp_path):
+    from ppl_models.experiments import enum_vs_sampled
+
+    cfg = Config(model="sbn", guide="enum", optimizer="adam", lr=0.03, epochs=1, batch_size=50, eval_every=4,
+                 eval_digits=50, model_args={"latents": 4, "temperature": 0.5})
+    comparison = enum_vs_sampled(cfg, tiny_dataset, tmp_path, progress=False, log=lambda *a: None)
+    assert set(comparison) == {"enum", "bernoulli", "relaxed"}
+    for guide in ("bernoulli", "relaxed"):  # every model is scored exactly; a sampled ELBO sits below
+        final = comparison[guide]["final"]["test"]
+        assert final["elbo"] <= final["exact"] + 1e-3
+    assert (tmp_path / "enum_vs_sampled.png").stat().st_size > 1000
+
+
+def test_cost_against_latents_measures_every_guide(tiny_dataset, tmp_path):
+    from ppl_models.experiments import cost_against_latents
+
+    cfg = Config(model="sbn", lr=1e-3, batch_size=50, model_args={"latents": 2, "temperature": 0.5})
+    results = cost_against_latents(cfg, tiny_dataset, tmp_path, progress=False, log=lambda *a: None,
+                                   latents=(2, 6), steps=1)
+    assert set(results) == {"bernoulli", "relaxed", "enum"}
+    assert all(r["latents"] == [2, 6] and min(r["seconds_per_step"]) > 0 for r in results.values())
+    assert (tmp_path / "cost_vs_latents.png").exists() and (tmp_path / "cost_vs_latents.json").exists()
