@@ -271,7 +271,7 @@ def _train(model, data, cfg, run_dir, resume, progress, log, after_epoch):
         raise ValueError(f"--batch-size {cfg.batch_size} is larger than the {num_train} training digits")
     steps_per_epoch = num_train // cfg.batch_size  # the last partial batch is dropped (fixed shapes for --jit)
     curves = {split: curve_digits(data.binary(split), cfg.eval_digits) for split in data.splits}
-    names = estimators(model, cfg.guide)
+    names = estimators(model, cfg.guide, split="curves")
 
     pyro.clear_param_store()
     pyro.set_rng_seed(cfg.seed)
@@ -367,16 +367,17 @@ def _train(model, data, cfg, run_dir, resume, progress, log, after_epoch):
 
     evaluate_curves()  # the end of training, if it fell between two --eval-every points
     metrics.flush()
-    summary = summarise(model, data, cfg, names, seconds / cfg.epochs, device, progress)
+    summary = summarise(model, data, cfg, seconds / cfg.epochs, device, progress)
     write_json(summary, run_dir / "metrics.json")
     return summary
 
 
-def summarise(model, data, cfg, names, seconds_per_epoch, device, progress=True):
+def summarise(model, data, cfg, seconds_per_epoch, device, progress=True):
     """metrics.json: final -> split -> estimator -> mean log-likelihood per digit (nats), on every
     digit of each split (`final_digits` says how many); IWAE-k with --eval-samples k on test only."""
     with evaluation_rng(cfg.seed, device):
-        final = {split: mean_estimates(model, cfg.guide, data.binary(split), names) for split in data.splits}
+        final = {split: mean_estimates(model, cfg.guide, data.binary(split), estimators(model, cfg.guide, split=split))
+                 for split in data.splits}
         if cfg.eval_samples and cfg.guide != "enum":
             name = f"iwae-{cfg.eval_samples}"
             final["test"][name] = per_digit_estimate(model, cfg.guide, data.binary("test"), name, progress).mean().item()

@@ -138,3 +138,13 @@ def test_cost_against_latents_measures_every_guide(tiny_dataset, tmp_path):
     assert set(results) == {"bernoulli", "relaxed", "enum"}
     assert all(r["latents"] == [2, 6] and min(r["seconds_per_step"]) > 0 for r in results.values())
     assert (tmp_path / "cost_vs_latents.png").exists() and (tmp_path / "cost_vs_latents.json").exists()
+
+
+def test_a_costly_exact_sum_is_reported_on_the_test_split_only():
+    from ppl_models.evaluate import estimators
+
+    big, small = SigmoidBeliefNet(latents=18), SigmoidBeliefNet(latents=10)
+    assert estimators(big, "bernoulli", split="test") == ["exact", "elbo"]
+    assert estimators(big, "bernoulli", split="curves") == ["elbo"] == estimators(big, "bernoulli", split="train")
+    assert estimators(big, "enum", split="curves") == ["exact"]  # its loss is exact anyway
+    assert estimators(small, "bernoulli", split="curves") == ["exact", "elbo"]

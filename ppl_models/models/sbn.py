@@ -52,6 +52,11 @@ class SigmoidBeliefNet:
         """log p(x) is reported exactly when the 2^M states can be summed in reasonable time."""
         return self.latents <= MAX_EXACT_LATENTS
 
+    @property
+    def exact_is_costly(self):
+        """Past 2^16 states an exact pass over a split takes minutes: test split only."""
+        return self.latents > 16
+
     def params(self, device=None):
         M, D = self.latents, self.num_pixels
         b = pyro.param("b", lambda: torch.zeros(M, device=device))
