@@ -14,7 +14,6 @@ an epoch (marked "extrapolated"). Not a test: numbers depend on the machine.
 
 import argparse
 import platform
-import time
 
 import pyro
 import pyro.distributions as dist
@@ -23,7 +22,7 @@ import torch.nn.functional as F
 from pyro.infer import SVI, config_enumerate
 from pyro.optim import RMSprop
 
-from ppl_models.data import load_dataset
+from common import epoch_seconds, training_batches
 from ppl_models.models.mixture import BernoulliMixture
 from ppl_models.train import reproducible
 
@@ -39,27 +38,14 @@ class GenericMixture(BernoulliMixture):
             pyro.sample("x", dist.Bernoulli(logits=(w + c)[z]).to_event(1), obs=x)
 
 
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def time_pyro(model_class, K, batches, jit, device, steps):
+def pyro_step(model_class, K, jit):
     pyro.clear_param_store()
     pyro.set_rng_seed(0)
     model = model_class(K)
-    svi = SVI(model.model, model.guide_enum, RMSprop({"lr": 0.01}), model.elbo("enum", jit=jit))
-    for batch in batches[:3]:  # warm-up: parameter creation, optimizer import, JIT compilation
-        svi.step(batch)
-    sync(device)
-    started = time.perf_counter()
-    for batch in batches[:steps]:
-        svi.step(batch)
-    sync(device)
-    return (time.perf_counter() - started) * len(batches) / steps
+    return SVI(model.model, model.guide_enum, RMSprop({"lr": 0.01}), model.elbo("enum", jit=jit)).step
 
 
-def time_torch(K, batches, device, steps):
+def torch_step(K, device):
     torch.manual_seed(0)
     b = torch.zeros(K, device=device, requires_grad=True)
     w = (0.01 * torch.randn(K, 784, device=device)).requires_grad_()
@@ -74,14 +60,27 @@ def time_torch(K, batches, device, steps):
         loss.backward()
         optimizer.step()
 
-    for batch in batches[:3]:
-        step(batch)
-    sync(device)
-    started = time.perf_counter()
-    for batch in batches[:steps]:
-        step(batch)
-    sync(device)
-    return (time.perf_counter() - started) * len(batches) / steps
+    return step
+
+
+def measure(components=(20, 500), device="cpu", probe_steps=25, generic=True, log=print):
+    """Rows (benchmark, variant, seconds per epoch, ratio to plain PyTorch)."""
+    device = torch.device(device)
+    batches = training_batches(device)
+    rows = []
+    with reproducible(device):
+        for K in components:
+            reference = epoch_seconds(torch_step(K, device), batches, device)
+            timings = [("plain PyTorch", reference),
+                       ("Pyro", epoch_seconds(pyro_step(BernoulliMixture, K, False), batches, device)),
+                       ("Pyro --jit", epoch_seconds(pyro_step(BernoulliMixture, K, True), batches, device))]
+            if generic:
+                timings.append((f"Pyro, generic Bernoulli(logits=theta[z]) (extrapolated from {probe_steps} steps)",
+                                epoch_seconds(pyro_step(GenericMixture, K, False), batches, device, probe_steps)))
+            for name, seconds in timings:
+                rows.append((f"mixture K={K}, exact (TraceEnum_ELBO), epoch of 50,000", name, seconds, seconds / reference))
+                log(f"{rows[-1][0]}: {name}: {seconds:.2f} s ({seconds / reference:.2f}x)")
+    return rows
 
 
 def main():
@@ -91,27 +90,9 @@ def main():
     parser.add_argument("--probe-steps", type=int, default=25, help="steps timed for the slow generic path")
     parser.add_argument("--skip-generic", action="store_true", help="do not time Pyro's generic path")
     args = parser.parse_args()
-    device = torch.device(args.device)
-
-    data = load_dataset("binarized-mnist", device=device, progress=False)
-    x = data.binary("train")
-    order = torch.randperm(len(x), generator=torch.Generator().manual_seed(0)).to(device)
-    batches = [x[i] for i in order.split(100)]
-    print(f"binarized-mnist train, {len(x):,} digits, batch 100 ({len(batches)} steps an epoch), RMSprop 0.01, "
-          f"{device}; torch {torch.__version__}, pyro {pyro.__version__}, {platform.processor() or platform.machine()}, "
-          f"{torch.get_num_threads()} threads; deterministic CPU kernels as in training")
-    print(f"{'K':>5}  {'variant':<14} {'s/epoch':>9}  {'x torch':>8}")
-    with reproducible(device):
-        for K in args.components:
-            reference = time_torch(K, batches, device, len(batches))
-            rows = [("torch", reference, "")]
-            rows.append(("pyro", time_pyro(BernoulliMixture, K, batches, False, device, len(batches)), ""))
-            rows.append(("pyro --jit", time_pyro(BernoulliMixture, K, batches, True, device, len(batches)), ""))
-            if not args.skip_generic:
-                rows.append(("pyro generic", time_pyro(GenericMixture, K, batches, False, device, args.probe_steps),
-                             f"  extrapolated from {args.probe_steps} steps"))
-            for name, seconds, note in rows:
-                print(f"{K:>5}  {name:<14} {seconds:>9.2f}  {seconds / reference:>7.2f}x{note}", flush=True)
+    print(f"torch {torch.__version__}, pyro {pyro.__version__}, {platform.machine()}, {torch.get_num_threads()} threads; "
+          "binarized-mnist train, batch 100, RMSprop 0.01, deterministic CPU kernels as in training")
+    measure(args.components, args.device, args.probe_steps, not args.skip_generic)
 
 
 if __name__ == "__main__":

@@ -11,7 +11,6 @@ Not a test: numbers depend on the machine.
 import argparse
 import math
 import platform
-import time
 
 import pyro
 import torch
@@ -19,25 +18,9 @@ import torch.nn.functional as F
 from pyro.infer import SVI
 from pyro.optim import Adam
 
-from ppl_models.data import load_dataset
+from common import epoch_seconds, training_batches
 from ppl_models.models.vae import LOG_SCALE_RANGE, VAE
 from ppl_models.train import reproducible
-
-
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def timed_epoch(step, batches, device):
-    for batch in batches[:3]:  # warm-up: parameter creation, optimizer import, JIT compilation
-        step(batch)
-    sync(device)
-    started = time.perf_counter()
-    for batch in batches:
-        step(batch)
-    sync(device)
-    return time.perf_counter() - started
 
 
 def pyro_step(args, jit):
@@ -72,26 +55,33 @@ def torch_step(args, device):
     return step
 
 
+def measure(z_dim=2, hidden=(200, 200), device="cpu", log=print):
+    """Rows (benchmark, variant, seconds per epoch, ratio to plain PyTorch)."""
+    args = argparse.Namespace(z_dim=z_dim, hidden=list(hidden))
+    device = torch.device(device)
+    batches = training_batches(device)
+    with reproducible(device):
+        reference = epoch_seconds(torch_step(args, device), batches, device)
+        timings = [("plain PyTorch", reference),
+                   ("Pyro Trace_ELBO", epoch_seconds(pyro_step(args, False), batches, device)),
+                   ("Pyro JitTrace_ELBO", epoch_seconds(pyro_step(args, True), batches, device))]
+    rows = []
+    for name, seconds in timings:
+        rows.append((f"VAE z-dim {z_dim}, MLP {'-'.join(map(str, hidden))}, epoch of 50,000", name, seconds,
+                     seconds / reference))
+        log(f"{rows[-1][0]}: {name}: {seconds:.2f} s ({seconds / reference:.2f}x)")
+    return rows
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--z-dim", type=int, default=2)
     parser.add_argument("--hidden", type=int, nargs="+", default=[200, 200])
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
-    device = torch.device(args.device)
-    x = load_dataset("binarized-mnist", device=device, progress=False).binary("train")
-    order = torch.randperm(len(x), generator=torch.Generator().manual_seed(0)).to(device)
-    batches = [x[i] for i in order.split(100)]
-    print(f"VAE z-dim {args.z_dim}, MLP {'-'.join(map(str, args.hidden))}; binarized-mnist train, {len(x):,} digits, "
-          f"batch 100 ({len(batches)} steps an epoch), Adam 1e-3, {device}; torch {torch.__version__}, "
-          f"pyro {pyro.__version__}, {platform.machine()}, {torch.get_num_threads()} threads")
-    with reproducible(device):
-        reference = timed_epoch(torch_step(args, device), batches, device)
-        rows = [("torch", reference), ("pyro Trace_ELBO", timed_epoch(pyro_step(args, False), batches, device)),
-                ("pyro JitTrace_ELBO", timed_epoch(pyro_step(args, True), batches, device))]
-    print(f"{'variant':<20} {'s/epoch':>8}  {'x torch':>8}")
-    for name, seconds in rows:
-        print(f"{name:<20} {seconds:>8.2f}  {seconds / reference:>7.2f}x")
+    print(f"torch {torch.__version__}, pyro {pyro.__version__}, {platform.machine()}, {torch.get_num_threads()} threads; "
+          "binarized-mnist train, batch 100, Adam 1e-3")
+    measure(args.z_dim, args.hidden, args.device)
 
 
 if __name__ == "__main__":
