@@ -62,7 +62,8 @@ def parse_args(argv=None):
         "--experiment",
         help="run an experiment instead of one training run; mixture and sbn: enum-vs-sampled (trains every guide "
         "and plots the exact held-out log-likelihood against steps and wall time, with the sampled guides' ELBOs); "
-        "sbn: cost-vs-latents (seconds and memory per step against M, seed problem 10); vae: prior-vs-importance (seed "
+        "sbn: cost-vs-latents (seconds and memory per step against M, seed problem 10), gradient-variance (each "
+        "sampled guide's gradient variance at fixed parameters, against the exact gradient); vae: prior-vs-importance (seed "
         "problem 13: log p(x) by Monte Carlo from the prior vs. importance sampling from q, M = 1..10^4 samples, "
         "z-dim 2, 5, 20)",
     )

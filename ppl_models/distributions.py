@@ -140,12 +140,14 @@ class IndependentBits(TorchDistribution):
     support = constraints.independent(constraints.boolean, 1)
     has_enumerate_support = True
 
-    def __init__(self, logits, validate_args=None):
+    def __init__(self, logits, batch_shape=None, validate_args=None):
         self.logits = logits
-        super().__init__(logits.shape[:-1], logits.shape[-1:], validate_args=validate_args)
+        super().__init__(torch.Size(batch_shape or logits.shape[:-1]), logits.shape[-1:], validate_args=validate_args)
 
     def expand(self, batch_shape, _instance=None):
-        return IndependentBits(self.logits.expand(torch.Size(batch_shape) + self.event_shape), validate_args=False)
+        # The logits keep their shape: broadcast against the 2^M codes they would make a
+        # (2^M, N, M) tensor where (2^M, 1, M) is all there is.
+        return IndependentBits(self.logits, batch_shape, validate_args=False)
 
     def sample(self, sample_shape=torch.Size()):
         with torch.no_grad():
@@ -154,7 +156,8 @@ class IndependentBits(TorchDistribution):
     def log_prob(self, value):
         if self._validate_args:
             self._validate_sample(value)
-        return (value * F.logsigmoid(self.logits) + (1 - value) * F.logsigmoid(-self.logits)).sum(-1)
+        log_prob = (value * F.logsigmoid(self.logits) + (1 - value) * F.logsigmoid(-self.logits)).sum(-1)
+        return log_prob.expand(torch.broadcast_shapes(self.batch_shape, value.shape[:-1]))
 
     def enumerate_support(self, expand=True):
         codes = all_codes(self.event_shape[0], self.logits.device)

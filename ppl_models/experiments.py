@@ -333,6 +333,41 @@ def cost_against_latents(cfg, data, out, progress, log=print, latents=(2, 4, 6, 
     return results
 
 
+def gradient_variance(cfg, data, out, progress, log=print, draws=200):
+    """Issue 5's third experiment: the variance of each sampled guide's gradient estimator at fixed
+    parameters (the untrained model of --seed, one batch of --batch-size training digits). For the
+    model's weights w the exact gradient of log p(x) is known by enumeration (M <= 20), so the
+    mean estimated gradient is also compared with it (cosine similarity)."""
+    model = build_model("sbn", cfg.model_args)
+    x = data.binary("train")[: cfg.batch_size]
+    pyro.clear_param_store()
+    pyro.set_rng_seed(cfg.seed)
+
+    def gradients(elbo, guide):
+        for _, p in pyro.get_param_store().named_parameters():
+            p.grad = None
+        elbo.loss_and_grads(model.model, guide, x)
+        params = dict(pyro.get_param_store().named_parameters())
+        encoder = [p.grad.flatten() for name, p in params.items() if name.startswith("encoder") and p.grad is not None]
+        return params["w"].grad.flatten().clone(), torch.cat(encoder).clone() if encoder else None
+
+    exact_w, _ = gradients(model.elbo("enum"), model.guide_enum)
+    results = {}
+    for guide in ("bernoulli", "relaxed"):
+        elbo = model.elbo(guide)
+        draws_w, draws_encoder = zip(*(gradients(elbo, model.guide(guide)) for _ in range(draws)))
+        w, encoder = torch.stack(draws_w), torch.stack(draws_encoder)
+        results[guide] = {
+            "w_variance_per_coordinate": w.var(0).mean().item(),
+            "encoder_variance_per_coordinate": encoder.var(0).mean().item(),
+            "w_mean_cosine_to_exact_gradient": torch.nn.functional.cosine_similarity(w.mean(0), exact_w, 0).item(),
+        }
+        log(f"guide {guide}: " + ", ".join(f"{k} {v:.4g}" for k, v in results[guide].items()))
+    write_json({"latents": model.latents, "batch_size": cfg.batch_size, "draws": draws,
+                "exact_w_gradient_norm": exact_w.norm().item(), "results": results}, out / "gradient_variance.json")
+    return results
+
+
 def prior_vs_importance(cfg, data, out, progress, log=print, z_dims=(2, 5, 20),
                         sample_counts=(1, 10, 100, 1000, 10000), digits=20, repeats=10):
     """Seed problem 13, measured: log p(x) by plain Monte Carlo from the prior, log mean p(x | z_m)
@@ -376,5 +411,6 @@ EPOCH_HOOKS = {"vae": vae_sample_recorder}
 EXPERIMENTS = {  # name -> (the models it is for, what it does)
     "enum-vs-sampled": (("mixture", "sbn"), enum_vs_sampled),
     "cost-vs-latents": (("sbn",), cost_against_latents),
+    "gradient-variance": (("sbn",), gradient_variance),
     "prior-vs-importance": (("vae",), prior_vs_importance),
 }

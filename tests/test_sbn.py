@@ -148,3 +148,23 @@ def test_a_costly_exact_sum_is_reported_on_the_test_split_only():
     assert estimators(big, "bernoulli", split="curves") == ["elbo"] == estimators(big, "bernoulli", split="train")
     assert estimators(big, "enum", split="curves") == ["exact"]  # its loss is exact anyway
     assert estimators(small, "bernoulli", split="curves") == ["exact", "elbo"]
+
+
+def test_gradient_variance_compares_each_estimator_with_the_exact_gradient(tiny_dataset, tmp_path):
+    from ppl_models.experiments import gradient_variance
+
+    cfg = Config(model="sbn", batch_size=50, model_args={"latents": 5, "temperature": 0.5})
+    results = gradient_variance(cfg, tiny_dataset, tmp_path, progress=False, log=lambda *a: None, draws=30)
+    assert set(results) == {"bernoulli", "relaxed"}
+    for r in results.values():
+        assert r["w_variance_per_coordinate"] > 0 and r["encoder_variance_per_coordinate"] > 0
+        assert -1 <= r["w_mean_cosine_to_exact_gradient"] <= 1
+    assert (tmp_path / "gradient_variance.json").exists()
+
+
+def test_enumerated_prior_is_never_broadcast_against_the_batch():
+    prior = IndependentBits(torch.zeros(12)).expand((100,))  # as pyro.plate leaves it
+    codes = prior.enumerate_support(expand=False)
+    log_prob = prior.log_prob(codes)
+    assert codes.shape == (4096, 1, 12) and log_prob.shape == (4096, 100)
+    assert log_prob.stride(-1) == 0  # a view: 4096 numbers, not 4096 x 100 (x 12 before the sum)
