@@ -51,6 +51,14 @@ def test_exact_log_likelihood_equals_the_sum_over_every_state(M):
     assert torch.allclose(model.log_likelihood(x).double(), brute_force_log_likelihood(x, b, w, c), atol=1e-4)
 
 
+def test_exact_log_likelihood_accumulated_over_chunks_of_states(monkeypatch):
+    monkeypatch.setattr(distributions, "STATE_CHUNK", 5)  # 64 states in 13 chunks
+    model = tiny_sbn(6)
+    x = digits(7, 6)
+    b, w, c = (p.detach() for p in model.params())
+    assert torch.allclose(model.log_likelihood(x).double(), brute_force_log_likelihood(x, b, w, c), atol=1e-4)
+
+
 def test_enumerated_elbo_is_the_exact_log_likelihood():
     model = tiny_sbn(5)
     x = digits(9, 6)

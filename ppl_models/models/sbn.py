@@ -13,6 +13,8 @@ Guides:
              Bernoulli) sample at --temperature: the straight-through estimator, with Trace_ELBO.
 """
 
+import math
+
 import pyro
 import pyro.distributions as dist
 import torch
@@ -20,9 +22,10 @@ from pyro.infer import (JitTrace_ELBO, JitTraceEnum_ELBO, JitTraceGraph_ELBO, Tr
                         TraceGraph_ELBO, config_enumerate)
 from torch import nn
 
+from .. import distributions
 from ..data import check_binary
 from ..distributions import (IndependentBits, LinearBernoulli, StraightThroughBernoulli, all_codes,
-                             chunked_table_log_likelihood)
+                             table_log_likelihood)
 
 MAX_EXACT_LATENTS = 20  # 2^20 = 1,048,576 states: exact test log-likelihood in minutes on 2 CPU cores
 FLOPS = 2e10  # a 2-core CPU's sustained float throughput, for the refusal message's estimate
@@ -110,13 +113,16 @@ class SigmoidBeliefNet:
     # ---- what a generative model is for -----------------------------------------------
     @torch.no_grad()
     def log_likelihood(self, x):
-        """Exact log p(x) per digit: a log-sum-exp over all 2^M codes, in chunks of codes."""
+        """Exact log p(x) per digit: a log-sum-exp over all 2^M codes, accumulated over chunks of
+        codes so memory holds (digits x STATE_CHUNK) numbers, not (digits x 2^M)."""
         check_binary(x, "digits to score", self.num_pixels)
         check_enumerable(self.latents)
         b, w, c = self.params()
-        codes = all_codes(self.latents, x.device)
-        log_prior = IndependentBits(b).log_prob(codes)
-        return torch.logsumexp(log_prior + chunked_table_log_likelihood(x, codes, w, c), -1)
+        total = torch.full(x.shape[:1], -math.inf, device=x.device)
+        for codes in all_codes(self.latents, x.device).split(distributions.STATE_CHUNK):
+            log_joint = IndependentBits(b).log_prob(codes) + table_log_likelihood(x, codes @ w + c)
+            total = torch.logaddexp(total, torch.logsumexp(log_joint, -1))
+        return total
 
     @torch.no_grad()
     def sample(self, num_samples):
