@@ -1,5 +1,8 @@
-"""The registry of model families. Adding a model is one entry here; adding a guide is one
-`guide_<name>` method on its class plus its name in the class's `guides`."""
+"""The registry of model families. A model family is one module here: a class with `model`,
+`guide_<name>` methods, `elbo`, and what its runs report (`exact`, `hyperparameters`,
+`training_defaults`). Adding one takes its entry in MODELS, its figures in
+`experiments.REPORTS` and its flags in run.py; adding a guide is one `guide_<name>` method plus
+its name in the class's `guides`."""
 
 from .mixture import BernoulliMixture
 from .sbn import SigmoidBeliefNet
