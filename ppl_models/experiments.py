@@ -34,6 +34,7 @@ def run(cfg, out, experiment=None, resume=False, progress=True, download=True, l
     log(f"{model.summary()}, guide '{cfg.guide}'; {cfg.dataset} ({data.binarize} binarization): "
         + ", ".join(f"{split} {data.images[split].shape[0]:,} digits from {data.sources[split]}" for split in data.splits))
     if experiment:
+        out.mkdir(parents=True, exist_ok=True)
         return EXPERIMENTS[experiment][1](cfg, data, out, progress, log)
     after_epoch = EPOCH_HOOKS[cfg.model](model, out, cfg) if cfg.model in EPOCH_HOOKS else None
     summary = train(model, data, cfg, out, resume=resume, progress=progress, log=log, after_epoch=after_epoch)
