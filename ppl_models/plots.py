@@ -154,6 +154,7 @@ def cost_against_latents(results, path, title):
     time_ax.set_ylabel("seconds per training step")
     memory_ax.set_ylabel("peak resident memory of the process (MB)")
     for ax in (time_ax, memory_ax):
+        ax.set_xticks(next(iter(results.values()))["latents"])
         ax.set_xlabel("M, binary latents")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
