@@ -18,7 +18,7 @@ from .data import DataError, load_dataset, load_mnist_test_intensities
 from .evaluate import batch_test, cluster_purity, per_digit_estimate, roc_auc
 from .models import build_model, check_elbo, check_guide
 from .report import write_report
-from .train import atomic_torch_save, train, write_json
+from .train import atomic_torch_save, steps_per_epoch, train, write_json
 
 BATCH_SIZES = (1, 2, 5, 10, 20)
 
@@ -62,7 +62,6 @@ def read_metrics(run_dir):
 # ---- the mixture's report (seed problems 6-9, and fill-in / infer) -----------------------
 def mixture_report(model, data, cfg, out, summary, download=True, log=print):
     x_test = data.binary("test")
-    steps_per_epoch = (cfg.train_subset or data.binary("train").shape[0]) // cfg.batch_size
     K = model.components
     generator = torch.Generator().manual_seed(cfg.seed)
     figures = [("learning_curves.png", f"Exact log-likelihood of {cfg.eval_digits} fixed random digits of each split "
@@ -88,7 +87,8 @@ def mixture_report(model, data, cfg, out, summary, download=True, log=print):
                      captions=[f"z={k}" for k in z.tolist()], ncols=8)
 
     plots.learning_curves(read_metrics(out), out / "learning_curves.png",
-                          f"{model.summary()}: {cfg.eval_digits} fixed random train / test digits", steps_per_epoch)
+                          f"{model.summary()}: {cfg.eval_digits} fixed random train / test digits",
+                          steps_per_epoch(cfg, data))
 
     # Ten fixed random test digits to show (test files can be ordered by class).
     shown_digits = x_test[torch.randperm(x_test.shape[0], generator=generator)[:10].to(x_test.device)]
@@ -189,11 +189,10 @@ def vae_sample_recorder(model, out, cfg):
 
 def vae_report(model, data, cfg, out, summary, download=True, log=print):
     x_test = data.binary("test")
-    steps_per_epoch = (cfg.train_subset or data.binary("train").shape[0]) // cfg.batch_size
     generator = torch.Generator().manual_seed(cfg.seed)
     plots.learning_curves(read_metrics(out), out / "learning_curves.png",
                           f"{model.summary()}, guide {cfg.guide}: {cfg.eval_digits} fixed random digits per split",
-                          steps_per_epoch)
+                          steps_per_epoch(cfg, data))
     figures = [("learning_curves.png", f"ELBO of {cfg.eval_digits} fixed random digits of each split during training "
                 "(seed problem 22): a lower bound on log p(x); the untrained model starts near -544 nats."),
                ("samples_through_training.png", "The decoder's mean image for the same 20 draws of z ~ N(0, I) before, "
@@ -245,11 +244,10 @@ def latent_means(model, guide_name, x, num_samples=100):
 
 # ---- the sigmoid belief net's report --------------------------------------------------------
 def sbn_report(model, data, cfg, out, summary, download=True, log=print):
-    steps_per_epoch = (cfg.train_subset or data.binary("train").shape[0]) // cfg.batch_size
     estimates = "exact log-likelihood" if model.exact else "ELBO"
     plots.learning_curves(read_metrics(out), out / "learning_curves.png",
                           f"{model.summary()}, guide {cfg.guide}: {cfg.eval_digits} fixed random digits per split",
-                          steps_per_epoch)
+                          steps_per_epoch(cfg, data))
     with torch.random.fork_rng():
         torch.manual_seed(cfg.seed)
         z, samples = model.sample(16)

@@ -269,7 +269,7 @@ def _train(model, data, cfg, run_dir, resume, progress, log, after_epoch):
         raise ValueError(f"--train-subset {num_train} is more than the {x_train_all.shape[0]} training digits there are")
     if cfg.batch_size > num_train:
         raise ValueError(f"--batch-size {cfg.batch_size} is larger than the {num_train} training digits")
-    steps_per_epoch = num_train // cfg.batch_size  # the last partial batch is dropped (fixed shapes for --jit)
+    steps = steps_per_epoch(cfg, data)
     curves = {split: curve_digits(data.binary(split), cfg.eval_digits) for split in data.splits}
     names = estimators(model, cfg.guide, split="curves")
 
@@ -325,11 +325,11 @@ def _train(model, data, cfg, run_dir, resume, progress, log, after_epoch):
             x_epoch = data.binary("train", epoch)[:num_train]
             order = torch.randperm(num_train, generator=epoch_generator(cfg.seed, epoch, device), device=device)
             bar = tqdm(
-                total=steps_per_epoch, initial=step_in_epoch, disable=not progress,
+                total=steps, initial=step_in_epoch, disable=not progress,
                 desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="step", leave=False,
             )
             running = math.nan
-            while step_in_epoch < steps_per_epoch:
+            while step_in_epoch < steps:
                 batch = x_epoch[order[step_in_epoch * cfg.batch_size : (step_in_epoch + 1) * cfg.batch_size]]
                 started = time.perf_counter()
                 try:
@@ -372,6 +372,11 @@ def _train(model, data, cfg, run_dir, resume, progress, log, after_epoch):
     return summary
 
 
+def steps_per_epoch(cfg, data):
+    """SVI steps in an epoch: the last partial batch is dropped (fixed shapes for --jit)."""
+    return (cfg.train_subset or len(data.images["train"])) // cfg.batch_size
+
+
 def summarise(model, data, cfg, seconds_per_epoch, device, progress=True):
     """metrics.json: final -> split -> estimator -> mean log-likelihood per digit (nats), on every
     digit of each split (`final_digits` says how many); IWAE-k with --eval-samples k on test only."""
@@ -387,10 +392,10 @@ def summarise(model, data, cfg, seconds_per_epoch, device, progress=True):
         "dataset": cfg.dataset,
         "binarize": data.binarize,
         "epochs": cfg.epochs,
-        "train_digits": cfg.train_subset or data.binary("train").shape[0],
+        "train_digits": cfg.train_subset or len(data.images["train"]),
         "seconds_per_epoch": seconds_per_epoch,
         "units": "mean log-likelihood per digit, nats",
-        "final_digits": {split: data.binary(split).shape[0] for split in data.splits},
+        "final_digits": {split: len(data.images[split]) for split in data.splits},
         "final": final,
     }
 
