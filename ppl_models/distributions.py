@@ -1,17 +1,17 @@
-"""A Bernoulli image whose pixel logits are one row of a table, chosen by a discrete latent.
+"""Distributions that let Pyro enumerate discrete latents at the cost of a matrix product.
 
-Both discrete models of this package say ``x | z ~ Bernoulli(logits = theta[z])`` with a
-table ``theta`` of shape (S, D): the mixture's S = K components (theta = w + c), and the
-sigmoid belief net's S = 2^M codes (theta = codes @ w + c).
-
-When Pyro enumerates ``z`` in parallel, the generic path would build ``Bernoulli(logits=theta[z])``
-as an (S, N, D) tensor and score every (state, digit, pixel) triple. This distribution instead
-uses the identity
+When Pyro enumerates a discrete z in parallel, the generic path scores every (state, digit,
+pixel) triple: an S x N x D tensor. For Bernoulli pixels with logits theta_s,
 
     log p(x | z = s) = x . theta_s - sum_d softplus(theta_sd)
 
-so that all S x N log-likelihoods cost one (N, D) x (D, S) matrix product and nothing of size
-S x N x D is ever allocated.
+so all S x N log-likelihoods cost one (N, D) x (D, S) product (`table_log_likelihood`).
+
+  IndexedBernoulli   x | z ~ Bernoulli(logits = theta[z]) for a table theta: the mixture (theta = w + c)
+  IndependentBits    the SBN prior: M independent bits, enumerable as one site over all 2^M codes
+  LinearBernoulli    the SBN likelihood x | z ~ Bernoulli(logits = z @ w + c), scored over enumerated
+                     codes in chunks of states (`chunked_table_log_likelihood`)
+  StraightThroughBernoulli  hard Bernoulli samples with relaxed (Concrete) gradients
 """
 
 import math
