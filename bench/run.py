@@ -30,6 +30,7 @@ def main():
 
     rows = mixture_speed.measure((20,) if args.quick else (20, 500), args.device, generic=not args.quick)
     rows += sbn_speed.measure((8, 12) if args.quick else (8, 12, 16), args.device)
+    rows += sbn_speed.measure_sampled((200,), args.device)
     rows += vae_speed.measure(2, (200, 200), args.device)
     if not args.quick:
         rows += vae_speed.measure(40, (300, 300), args.device)

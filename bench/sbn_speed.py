@@ -1,5 +1,5 @@
-"""Exact sigmoid belief net: the Pyro model (TraceEnum_ELBO over all 2^M codes) against a
-plain-PyTorch loop with the same exact loss, at several M.
+"""Sigmoid belief net: the Pyro model against plain-PyTorch loops with the same losses. Exact
+(TraceEnum_ELBO over all 2^M codes) at several M, and the score-function guide at M = 200.
 
     PPL_MODELS_DATA=../shared/data python bench/sbn_speed.py [--latents 8 12 16] [--device cpu]
 
@@ -46,6 +46,58 @@ def torch_step(M, device):
     return step
 
 
+def pyro_sampled_step(M):
+    pyro.clear_param_store()
+    pyro.set_rng_seed(0)
+    model = SigmoidBeliefNet(latents=M)
+    return SVI(model.model, model.guide_bernoulli, Adam({"lr": 1e-3}), model.elbo("bernoulli")).step
+
+
+def torch_sampled_step(M, device):
+    """The score-function ELBO of guide `bernoulli` written out: the same surrogate loss Pyro's
+    TraceGraph_ELBO builds (log p + log q x (log p - log q - baseline), detached, plus the neural
+    baseline's squared error), with the same encoder and baseline networks."""
+    torch.manual_seed(0)
+    nets = SigmoidBeliefNet(latents=M)
+    encoder, baseline = nets.encoder.to(device), nets.baseline.to(device)
+    b = torch.zeros(M, device=device, requires_grad=True)
+    w = (0.01 * torch.randn(M, 784, device=device)).requires_grad_()
+    c = torch.zeros(784, device=device, requires_grad=True)
+    optimizer = torch.optim.Adam([b, w, c, *encoder.parameters(), *baseline.parameters()], lr=1e-3)
+
+    def step(x):
+        q = torch.distributions.Bernoulli(logits=encoder(x))
+        z = q.sample()
+        log_q = q.log_prob(z).sum(-1)
+        theta = z @ w + c
+        log_p = (z * F.logsigmoid(b) + (1 - z) * F.logsigmoid(-b)).sum(-1) + (x * theta - F.softplus(theta)).sum(-1)
+        signal = (log_p - log_q).detach()
+        predicted = baseline(x)
+        surrogate = log_p + log_q * (signal - predicted.detach())
+        loss = -surrogate.sum() + ((signal - predicted) ** 2).sum()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+
+    return step
+
+
+def measure_sampled(latents=(200,), device="cpu", log=print):
+    """Rows for guide `bernoulli` (score function, neural baseline), a full epoch each."""
+    device = torch.device(device)
+    batches = training_batches(device)
+    rows = []
+    with reproducible(device):
+        for M in latents:
+            reference = epoch_seconds(torch_sampled_step(M, device), batches, device)
+            for name, seconds in (("plain PyTorch", reference),
+                                  ("Pyro TraceGraph_ELBO", epoch_seconds(pyro_sampled_step(M), batches, device))):
+                rows.append((f"SBN M={M}, guide bernoulli (score function + neural baseline), epoch of 50,000", name,
+                             seconds, seconds / reference))
+                log(f"{rows[-1][0]}: {name}: {seconds:.2f} s ({seconds / reference:.2f}x)")
+    return rows
+
+
 def measure(latents=(8, 12, 16), device="cpu", probe_steps=20, log=print):
     """Rows (benchmark, variant, seconds per epoch, ratio to plain PyTorch)."""
     device = torch.device(device)
@@ -69,6 +121,7 @@ def main():
     parser.add_argument("--probe-steps", type=int, default=20)
     args = parser.parse_args()
     measure(args.latents, args.device, args.probe_steps)
+    measure_sampled((200,), args.device)
 
 
 if __name__ == "__main__":
