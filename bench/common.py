@@ -28,3 +28,14 @@ def epoch_seconds(step, batches, device, steps=None):
     if device.type == "cuda":
         torch.cuda.synchronize()
     return (time.perf_counter() - started) * len(batches) / steps
+
+
+def ratio_rows(benchmark, timings, log=print):
+    """Table rows (benchmark, variant, seconds, ratio to the first timing, the plain-PyTorch
+    reference) from [(variant, seconds)], each printed as it is made."""
+    reference = timings[0][1]
+    rows = []
+    for variant, seconds in timings:
+        rows.append((benchmark, variant, seconds, seconds / reference))
+        log(f"{benchmark}: {variant}: {seconds:.2f} s ({seconds / reference:.2f}x)")
+    return rows

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from pyro.infer import SVI, config_enumerate
 from pyro.optim import RMSprop
 
-from common import epoch_seconds, training_batches
+from common import epoch_seconds, ratio_rows, training_batches
 from ppl_models.models.mixture import BernoulliMixture
 from ppl_models.train import reproducible
 
@@ -70,16 +70,13 @@ def measure(components=(20, 500), device="cpu", probe_steps=25, generic=True, lo
     rows = []
     with reproducible(device):
         for K in components:
-            reference = epoch_seconds(torch_step(K, device), batches, device)
-            timings = [("plain PyTorch", reference),
+            timings = [("plain PyTorch", epoch_seconds(torch_step(K, device), batches, device)),
                        ("Pyro", epoch_seconds(pyro_step(BernoulliMixture, K, False), batches, device)),
                        ("Pyro --jit", epoch_seconds(pyro_step(BernoulliMixture, K, True), batches, device))]
             if generic:
                 timings.append((f"Pyro, generic Bernoulli(logits=theta[z]) (extrapolated from {probe_steps} steps)",
                                 epoch_seconds(pyro_step(GenericMixture, K, False), batches, device, probe_steps)))
-            for name, seconds in timings:
-                rows.append((f"mixture K={K}, exact (TraceEnum_ELBO), epoch of 50,000", name, seconds, seconds / reference))
-                log(f"{rows[-1][0]}: {name}: {seconds:.2f} s ({seconds / reference:.2f}x)")
+            rows += ratio_rows(f"mixture K={K}, exact (TraceEnum_ELBO), epoch of 50,000", timings, log)
     return rows
 
 

@@ -14,17 +14,17 @@ import torch.nn.functional as F
 from pyro.infer import SVI
 from pyro.optim import Adam
 
-from common import epoch_seconds, training_batches
+from common import epoch_seconds, ratio_rows, training_batches
 from ppl_models.distributions import all_codes
 from ppl_models.models.sbn import SigmoidBeliefNet
 from ppl_models.train import reproducible
 
 
-def pyro_step(M):
+def pyro_step(M, guide):
     pyro.clear_param_store()
     pyro.set_rng_seed(0)
     model = SigmoidBeliefNet(latents=M)
-    return SVI(model.model, model.guide_enum, Adam({"lr": 1e-3}), model.elbo("enum")).step
+    return SVI(model.model, model.guide(guide), Adam({"lr": 1e-3}), model.elbo(guide)).step
 
 
 def torch_step(M, device):
@@ -44,13 +44,6 @@ def torch_step(M, device):
         optimizer.step()
 
     return step
-
-
-def pyro_sampled_step(M):
-    pyro.clear_param_store()
-    pyro.set_rng_seed(0)
-    model = SigmoidBeliefNet(latents=M)
-    return SVI(model.model, model.guide_bernoulli, Adam({"lr": 1e-3}), model.elbo("bernoulli")).step
 
 
 def torch_sampled_step(M, device):
@@ -89,12 +82,10 @@ def measure_sampled(latents=(200,), device="cpu", log=print):
     rows = []
     with reproducible(device):
         for M in latents:
-            reference = epoch_seconds(torch_sampled_step(M, device), batches, device)
-            for name, seconds in (("plain PyTorch", reference),
-                                  ("Pyro TraceGraph_ELBO", epoch_seconds(pyro_sampled_step(M), batches, device))):
-                rows.append((f"SBN M={M}, guide bernoulli (score function + neural baseline), epoch of 50,000", name,
-                             seconds, seconds / reference))
-                log(f"{rows[-1][0]}: {name}: {seconds:.2f} s ({seconds / reference:.2f}x)")
+            timings = [("plain PyTorch", epoch_seconds(torch_sampled_step(M, device), batches, device)),
+                       ("Pyro TraceGraph_ELBO", epoch_seconds(pyro_step(M, "bernoulli"), batches, device))]
+            rows += ratio_rows(f"SBN M={M}, guide bernoulli (score function + neural baseline), epoch of 50,000",
+                               timings, log)
     return rows
 
 
@@ -105,12 +96,10 @@ def measure(latents=(8, 12, 16), device="cpu", probe_steps=20, log=print):
     rows = []
     with reproducible(device):
         for M in latents:
-            reference = epoch_seconds(torch_step(M, device), batches, device, probe_steps)
-            for name, seconds in (("plain PyTorch", reference),
-                                  ("Pyro", epoch_seconds(pyro_step(M), batches, device, probe_steps))):
-                rows.append((f"SBN M={M}, exact over {2**M:,} states, epoch of 50,000 (extrapolated from "
-                             f"{probe_steps} steps)", name, seconds, seconds / reference))
-                log(f"{rows[-1][0]}: {name}: {seconds:.2f} s ({seconds / reference:.2f}x)")
+            timings = [("plain PyTorch", epoch_seconds(torch_step(M, device), batches, device, probe_steps)),
+                       ("Pyro", epoch_seconds(pyro_step(M, "enum"), batches, device, probe_steps))]
+            rows += ratio_rows(f"SBN M={M}, exact over {2**M:,} states, epoch of 50,000 (extrapolated from "
+                               f"{probe_steps} steps)", timings, log)
     return rows
 
 

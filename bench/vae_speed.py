@@ -18,22 +18,22 @@ import torch.nn.functional as F
 from pyro.infer import SVI
 from pyro.optim import Adam
 
-from common import epoch_seconds, training_batches
+from common import epoch_seconds, ratio_rows, training_batches
 from ppl_models.models.vae import LOG_SCALE_RANGE, VAE
 from ppl_models.train import reproducible
 
 
-def pyro_step(args, jit):
+def pyro_step(z_dim, hidden, jit):
     pyro.clear_param_store()
     pyro.set_rng_seed(0)
-    vae = VAE(args.z_dim, args.hidden)
+    vae = VAE(z_dim, hidden)
     svi = SVI(vae.model, vae.guide_normal, Adam({"lr": 1e-3}), vae.elbo("normal", "trace", jit=jit))
     return svi.step
 
 
-def torch_step(args, device):
+def torch_step(z_dim, hidden, device):
     torch.manual_seed(0)
-    vae = VAE(args.z_dim, args.hidden)
+    vae = VAE(z_dim, hidden)
     encoder, decoder = vae.encoder.to(device), vae.decoder.to(device)
     optimizer = torch.optim.Adam([*encoder.parameters(), *decoder.parameters()], lr=1e-3)
     half_log_2pi = 0.5 * math.log(2 * math.pi)
@@ -57,20 +57,13 @@ def torch_step(args, device):
 
 def measure(z_dim=2, hidden=(200, 200), device="cpu", log=print):
     """Rows (benchmark, variant, seconds per epoch, ratio to plain PyTorch)."""
-    args = argparse.Namespace(z_dim=z_dim, hidden=list(hidden))
     device = torch.device(device)
     batches = training_batches(device)
     with reproducible(device):
-        reference = epoch_seconds(torch_step(args, device), batches, device)
-        timings = [("plain PyTorch", reference),
-                   ("Pyro Trace_ELBO", epoch_seconds(pyro_step(args, False), batches, device)),
-                   ("Pyro JitTrace_ELBO", epoch_seconds(pyro_step(args, True), batches, device))]
-    rows = []
-    for name, seconds in timings:
-        rows.append((f"VAE z-dim {z_dim}, MLP {'-'.join(map(str, hidden))}, epoch of 50,000", name, seconds,
-                     seconds / reference))
-        log(f"{rows[-1][0]}: {name}: {seconds:.2f} s ({seconds / reference:.2f}x)")
-    return rows
+        timings = [("plain PyTorch", epoch_seconds(torch_step(z_dim, hidden, device), batches, device)),
+                   ("Pyro Trace_ELBO", epoch_seconds(pyro_step(z_dim, hidden, False), batches, device)),
+                   ("Pyro JitTrace_ELBO", epoch_seconds(pyro_step(z_dim, hidden, True), batches, device))]
+    return ratio_rows(f"VAE z-dim {z_dim}, MLP {'-'.join(map(str, hidden))}, epoch of 50,000", timings, log)
 
 
 def main():

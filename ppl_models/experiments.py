@@ -145,9 +145,14 @@ def frankenstein_report(model, data, cfg, out, generator, download):
     order = torch.randperm(len(labels), generator=generator)
     calibrate, natural, spliced = order.tensor_split(3)
     device = data.binary("test").device
-    binarize = lambda x: data.binarize_like_training(x).to(device)  # noqa: E731
+
+    def binarize(grayscale):
+        return data.binarize_like_training(grayscale).to(device)
+
+    def score(grayscale):
+        return model.log_likelihood(binarize(grayscale)).cpu()
+
     frankenstein = frankenstein_digits(intensities[spliced], labels[spliced], generator)
-    score = lambda x: model.log_likelihood(binarize(x)).cpu()  # noqa: E731
     log_p = {"calibration": score(intensities[calibrate]), "natural": score(intensities[natural]),
              "frankenstein": score(frankenstein)}
 

@@ -98,7 +98,9 @@ def load_checkpoint(path):
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
-        raise TrainingError(f"no checkpoint at {path}: is this a run directory? Start a new run instead of --resume")
+        raise TrainingError(
+            f"no checkpoint at {path}: is this a run directory? Start a new run instead of --resume"
+        ) from None
     except Exception as error:
         raise TrainingError(
             f"checkpoint {path} is corrupt or not a ppl_models checkpoint ({type(error).__name__}); "

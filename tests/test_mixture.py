@@ -4,7 +4,6 @@ import pyro
 import pyro.distributions as dist
 import pytest
 import torch
-import torch.nn.functional as F
 from pyro.infer import TraceEnum_ELBO
 
 from ppl_models.data import DataError
