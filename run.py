@@ -101,6 +101,11 @@ def parse_args(argv=None):
     opt.add_argument("--batch-size", type=int, help="digits per SVI step; mixture: 100")
     opt.add_argument("--epochs", type=int, help="passes over the training digits; mixture: 20")
     opt.add_argument("--seed", type=int, default=0, help="random seed; CPU runs are bit-reproducible (default: 0)")
+    opt.add_argument("--patience", type=int,
+                     help="early stopping: after each epoch score the --eval-digits fixed valid digits (exact "
+                          "log-likelihood where the model has one, else the ELBO), stop after this many epochs "
+                          "without a better score, and report and plot the best epoch's model (needs a valid "
+                          "split: binarized-mnist; default: train every epoch and keep the last)")
     opt.add_argument("--jit", action="store_true", help="use Pyro's JIT-compiled ELBOs (faster steps, slower start)")
     opt.add_argument("--detect-anomaly", action="store_true",
                      help="PyTorch's autograd anomaly detection: names the operation that made a NaN (slow; debugging)")
@@ -178,6 +183,7 @@ def config_from_args(args):
         eval_digits=args.eval_digits,
         eval_samples=defaults["eval_samples"] if args.eval_samples is None else args.eval_samples,
         train_subset=args.train_subset,
+        patience=args.patience,
     )
 
 

@@ -1,10 +1,15 @@
-"""What every benchmark shares: the data, the clock, and the table row."""
+"""What every benchmark shares: the data, the Pyro steps, the clock, and the table row."""
 
+import statistics
 import time
 
+import pyro
+import pyro.optim
 import torch
 
 from ppl_models.data import load_dataset
+from ppl_models.models import build_model
+from ppl_models.train import SVI
 
 
 def training_batches(device, batch_size=100):
@@ -14,20 +19,40 @@ def training_batches(device, batch_size=100):
     return [x[i] for i in order.split(batch_size)]
 
 
-def epoch_seconds(step, batches, device, steps=None):
-    """Seconds for one epoch of `step`: timed over `steps` batches (all by default) after three
-    warm-up steps (parameter creation, lazy imports, JIT compilation), scaled to the epoch."""
+def pyro_step(name, model_args, guide_name, optimizer, lr, first_batch, jit=False, stock=False, elbo_name=None,
+              model=None):
+    """A fresh model's SVI step. `stock=False`: the step run.py takes (ppl_models.train.SVI, one
+    PyTorch optimizer over the param store); `stock=True`: pyro.infer.SVI with pyro.optim's
+    per-param optimizers, for comparison. `optimizer` names both ("Adam", "RMSprop")."""
+    pyro.clear_param_store()
+    pyro.set_rng_seed(0)
+    model = model or build_model(name, model_args, first_batch.device)
+    guide = model.guide(guide_name)
+    elbo = model.elbo(guide_name, elbo_name, jit=jit)
+    if stock:
+        return pyro.infer.SVI(model.model, guide, getattr(pyro.optim, optimizer)({"lr": lr}), elbo).step
+    elbo.loss(model.model, guide, first_batch)  # creates the params, as training does
+    return SVI(model.model, guide, elbo, getattr(torch.optim, optimizer), lr).step
+
+
+def epoch_seconds(step, batches, device, steps=None, repeats=3):
+    """Seconds for one epoch of `step`: the median of `repeats` timings over `steps` batches (all
+    by default), after three warm-up steps (parameter creation, lazy imports, JIT compilation),
+    scaled to the epoch. The median, because a shared machine has slow moments."""
     steps = steps or len(batches)
     for batch in batches[:3]:
         step(batch)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    started = time.perf_counter()
-    for batch in batches[:steps]:
-        step(batch)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return (time.perf_counter() - started) * len(batches) / steps
+    timings = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        started = time.perf_counter()
+        for batch in batches[:steps]:
+            step(batch)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        timings.append((time.perf_counter() - started) * len(batches) / steps)
+    return statistics.median(timings)
 
 
 def ratio_rows(benchmark, timings, log=print):

@@ -4,10 +4,11 @@
 
 For each K it trains on the same batches of binarized-mnist (50,000 digits, batch 100, RMSprop
 0.01, the seed's settings) and prints seconds per epoch for
-  pyro        the package's model: TraceEnum_ELBO over the enumerated z, IndexedBernoulli likelihood
-  pyro --jit  the same under JitTraceEnum_ELBO
+  torch         plain PyTorch: logsumexp(log softmax(b) + x theta^T - sum softplus(theta))
+  pyro          run.py's step: TraceEnum_ELBO over the enumerated z, IndexedBernoulli likelihood
+  pyro --jit    the same under JitTraceEnum_ELBO
+  stock SVI     the same ELBO under pyro.infer.SVI with pyro.optim (one optimizer per param)
   pyro generic  the same model written with Bernoulli(logits=theta[z]): Pyro's default N x K x D path
-  torch       plain PyTorch: logsumexp(log softmax(b) + x theta^T - sum softplus(theta))
 and each time as a ratio to torch. Slow variants are timed on --probe-steps steps and scaled to
 an epoch (marked "extrapolated"). Not a test: numbers depend on the machine.
 """
@@ -19,10 +20,9 @@ import pyro
 import pyro.distributions as dist
 import torch
 import torch.nn.functional as F
-from pyro.infer import SVI, config_enumerate
-from pyro.optim import RMSprop
+from pyro.infer import config_enumerate
 
-from common import epoch_seconds, ratio_rows, training_batches
+from common import epoch_seconds, pyro_step, ratio_rows, training_batches
 from ppl_models.models.mixture import BernoulliMixture
 from ppl_models.train import reproducible
 
@@ -36,13 +36,6 @@ class GenericMixture(BernoulliMixture):
         with pyro.plate("data", x.shape[0]):
             z = pyro.sample("z", dist.Categorical(logits=b))
             pyro.sample("x", dist.Bernoulli(logits=(w + c)[z]).to_event(1), obs=x)
-
-
-def pyro_step(model_class, K, jit):
-    pyro.clear_param_store()
-    pyro.set_rng_seed(0)
-    model = model_class(K)
-    return SVI(model.model, model.guide_enum, RMSprop({"lr": 0.01}), model.elbo("enum", jit=jit)).step
 
 
 def torch_step(K, device):
@@ -70,12 +63,16 @@ def measure(components=(20, 500), device="cpu", probe_steps=25, generic=True, lo
     rows = []
     with reproducible(device):
         for K in components:
+            def mixture_step(**options):
+                return pyro_step("mixture", {"components": K}, "enum", "RMSprop", 0.01, batches[0], **options)
+
             timings = [("plain PyTorch", epoch_seconds(torch_step(K, device), batches, device)),
-                       ("Pyro", epoch_seconds(pyro_step(BernoulliMixture, K, False), batches, device)),
-                       ("Pyro --jit", epoch_seconds(pyro_step(BernoulliMixture, K, True), batches, device))]
+                       ("Pyro", epoch_seconds(mixture_step(), batches, device)),
+                       ("Pyro --jit", epoch_seconds(mixture_step(jit=True), batches, device)),
+                       ("Pyro, stock pyro.infer.SVI + pyro.optim", epoch_seconds(mixture_step(stock=True), batches, device))]
             if generic:
                 timings.append((f"Pyro, generic Bernoulli(logits=theta[z]) (extrapolated from {probe_steps} steps)",
-                                epoch_seconds(pyro_step(GenericMixture, K, False), batches, device, probe_steps)))
+                                epoch_seconds(mixture_step(model=GenericMixture(K)), batches, device, probe_steps, 1)))
             rows += ratio_rows(f"mixture K={K}, exact (TraceEnum_ELBO), epoch of 50,000", timings, log)
     return rows
 

@@ -8,23 +8,13 @@ Each step sums 2^M states, so epochs are extrapolated from --probe-steps timed s
 
 import argparse
 
-import pyro
 import torch
 import torch.nn.functional as F
-from pyro.infer import SVI
-from pyro.optim import Adam
 
-from common import epoch_seconds, ratio_rows, training_batches
+from common import epoch_seconds, pyro_step, ratio_rows, training_batches
 from ppl_models.distributions import all_codes
 from ppl_models.models.sbn import SigmoidBeliefNet
 from ppl_models.train import reproducible
-
-
-def pyro_step(M, guide):
-    pyro.clear_param_store()
-    pyro.set_rng_seed(0)
-    model = SigmoidBeliefNet(latents=M)
-    return SVI(model.model, model.guide(guide), Adam({"lr": 1e-3}), model.elbo(guide)).step
 
 
 def torch_step(M, device):
@@ -82,8 +72,14 @@ def measure_sampled(latents=(200,), device="cpu", log=print):
     rows = []
     with reproducible(device):
         for M in latents:
+            def sbn_step(**options):
+                return pyro_step("sbn", {"latents": M}, "bernoulli", "Adam", 1e-3, batches[0], **options)
+
             timings = [("plain PyTorch", epoch_seconds(torch_sampled_step(M, device), batches, device)),
-                       ("Pyro TraceGraph_ELBO", epoch_seconds(pyro_step(M, "bernoulli"), batches, device))]
+                       ("Pyro TraceGraph_ELBO", epoch_seconds(sbn_step(), batches, device)),
+                       ("Pyro JitTraceGraph_ELBO", epoch_seconds(sbn_step(jit=True), batches, device)),
+                       ("Pyro TraceGraph_ELBO, stock pyro.infer.SVI + pyro.optim",
+                        epoch_seconds(sbn_step(stock=True), batches, device))]
             rows += ratio_rows(f"SBN M={M}, guide bernoulli (score function + neural baseline), epoch of 50,000",
                                timings, log)
     return rows
@@ -96,8 +92,9 @@ def measure(latents=(8, 12, 16), device="cpu", probe_steps=20, log=print):
     rows = []
     with reproducible(device):
         for M in latents:
+            enum_step = pyro_step("sbn", {"latents": M}, "enum", "Adam", 1e-3, batches[0])
             timings = [("plain PyTorch", epoch_seconds(torch_step(M, device), batches, device, probe_steps)),
-                       ("Pyro", epoch_seconds(pyro_step(M, "enum"), batches, device, probe_steps))]
+                       ("Pyro", epoch_seconds(enum_step, batches, device, probe_steps))]
             rows += ratio_rows(f"SBN M={M}, exact over {2**M:,} states, epoch of 50,000 (extrapolated from "
                                f"{probe_steps} steps)", timings, log)
     return rows

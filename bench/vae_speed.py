@@ -15,20 +15,10 @@ import platform
 import pyro
 import torch
 import torch.nn.functional as F
-from pyro.infer import SVI
-from pyro.optim import Adam
 
-from common import epoch_seconds, ratio_rows, training_batches
+from common import epoch_seconds, pyro_step, ratio_rows, training_batches
 from ppl_models.models.vae import LOG_SCALE_RANGE, VAE
 from ppl_models.train import reproducible
-
-
-def pyro_step(z_dim, hidden, jit):
-    pyro.clear_param_store()
-    pyro.set_rng_seed(0)
-    vae = VAE(z_dim, hidden)
-    svi = SVI(vae.model, vae.guide_normal, Adam({"lr": 1e-3}), vae.elbo("normal", "trace", jit=jit))
-    return svi.step
 
 
 def torch_step(z_dim, hidden, device):
@@ -60,9 +50,16 @@ def measure(z_dim=2, hidden=(200, 200), device="cpu", log=print):
     device = torch.device(device)
     batches = training_batches(device)
     with reproducible(device):
+        def vae_step(**options):
+            return pyro_step("vae", {"z_dim": z_dim, "hidden": hidden}, "normal", "Adam", 1e-3, batches[0],
+                             elbo_name="trace", **options)
+
         timings = [("plain PyTorch", epoch_seconds(torch_step(z_dim, hidden, device), batches, device)),
-                   ("Pyro Trace_ELBO", epoch_seconds(pyro_step(z_dim, hidden, False), batches, device)),
-                   ("Pyro JitTrace_ELBO", epoch_seconds(pyro_step(z_dim, hidden, True), batches, device))]
+                   ("Pyro Trace_ELBO", epoch_seconds(vae_step(), batches, device)),
+                   ("Pyro JitTrace_ELBO", epoch_seconds(vae_step(jit=True), batches, device)),
+                   ("Pyro Trace_ELBO, stock pyro.infer.SVI + pyro.optim", epoch_seconds(vae_step(stock=True), batches, device)),
+                   ("Pyro JitTrace_ELBO, stock pyro.infer.SVI + pyro.optim",
+                    epoch_seconds(vae_step(jit=True, stock=True), batches, device))]
     return ratio_rows(f"VAE z-dim {z_dim}, MLP {'-'.join(map(str, hidden))}, epoch of 50,000", timings, log)
 
 

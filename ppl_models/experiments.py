@@ -9,7 +9,6 @@ from dataclasses import asdict, replace
 from pathlib import Path
 
 import pyro
-import pyro.optim
 import torch
 from pyro import poutine
 
@@ -18,7 +17,7 @@ from .data import DataError, load_dataset, load_mnist_test_intensities
 from .evaluate import batch_test, cluster_purity, per_digit_estimate, roc_auc
 from .models import build_model, check_elbo, check_guide
 from .report import write_report
-from .train import atomic_torch_save, steps_per_epoch, train, write_json
+from .train import SVI, atomic_torch_save, steps_per_epoch, train, write_json
 
 BATCH_SIZES = (1, 2, 5, 10, 20)
 
@@ -26,7 +25,7 @@ BATCH_SIZES = (1, 2, 5, 10, 20)
 def run(cfg, out, experiment=None, resume=False, progress=True, download=True, log=print):
     """The main job: one training run (or an experiment), its report, and a printed summary."""
     out = Path(out)
-    model = build_model(cfg.model, cfg.model_args)
+    model = build_model(cfg.model, cfg.model_args, cfg.device)
     check_guide(model, cfg.guide)
     check_elbo(model, cfg.elbo)
     data = load_dataset(cfg.dataset, binarize=cfg.binarize, data_dir=cfg.data_dir, device=cfg.device,
@@ -46,7 +45,10 @@ def run(cfg, out, experiment=None, resume=False, progress=True, download=True, l
 
 
 def describe(summary, out):
-    lines = [f"final mean log-likelihood per digit (nats), {summary['model']} / {summary['guide']}:"]
+    chosen = summary.get("early_stopping")
+    when = f"epoch {chosen['best_epoch']} of {chosen['epochs_trained']} (best valid score)" if chosen else \
+        f"after {summary['epochs']} epochs"
+    lines = [f"final mean log-likelihood per digit (nats), {summary['model']} / {summary['guide']}, {when}:"]
     for split, values in summary["final"].items():
         figures = ", ".join(f"{name} {value:.2f}" for name, value in values.items())
         lines.append(f"  {split} ({summary['final_digits'][split]:,} digits): {figures}")
@@ -274,11 +276,11 @@ def enum_vs_sampled(cfg, data, out, progress, log=print):
     """Train every guide of the model with the same settings: the exact (enumerated) one and the
     sampled ones. Plot the exact held-out log-likelihood of each against steps and against
     training time, with each sampled guide's ELBO beside it (their gap is KL(q || p(z | x)))."""
-    guides = build_model(cfg.model, cfg.model_args).guides
+    guides = build_model(cfg.model, cfg.model_args, cfg.device).guides
     results = {}
     for guide in guides:
         log(f"training with guide '{guide}'")
-        results[guide] = train(build_model(cfg.model, cfg.model_args), data, replace(cfg, guide=guide), out / guide,
+        results[guide] = train(build_model(cfg.model, cfg.model_args, cfg.device), data, replace(cfg, guide=guide), out / guide,
                                progress=progress, log=log)
         write_json(results[guide], out / guide / "metrics.json")
 
@@ -318,11 +320,13 @@ def cost_against_latents(cfg, data, out, progress, log=print, latents=(2, 4, 6, 
     for guide in ("bernoulli", "relaxed", "enum"):  # enum last: peak memory only grows
         results[guide] = {"latents": [], "seconds_per_step": [], "peak_rss_mb": []}
         for M in latents:
-            model = build_model("sbn", {**cfg.model_args, "latents": M})
+            model = build_model("sbn", {**cfg.model_args, "latents": M}, cfg.device)
             pyro.clear_param_store()
             pyro.set_rng_seed(cfg.seed)
-            svi = pyro.infer.SVI(model.model, model.guide(guide), pyro.optim.Adam({"lr": cfg.lr}), model.elbo(guide))
-            svi.step(x)  # warm-up: parameter creation
+            guide_fn, elbo = model.guide(guide), model.elbo(guide)
+            elbo.loss(model.model, guide_fn, x)  # creates the params
+            svi = SVI(model.model, guide_fn, elbo, torch.optim.Adam, cfg.lr)
+            svi.step(x)  # warm-up: lazy imports, first-call allocations
             started = time.perf_counter()
             for _ in range(steps):
                 svi.step(x)
@@ -342,7 +346,7 @@ def gradient_variance(cfg, data, out, progress, log=print, draws=200):
     parameters (the untrained model of --seed, one batch of --batch-size training digits). For the
     model's weights w the exact gradient of log p(x) is known by enumeration (M <= 20), so the
     mean estimated gradient is also compared with it (cosine similarity)."""
-    model = build_model("sbn", cfg.model_args)
+    model = build_model("sbn", cfg.model_args, cfg.device)
     x = data.binary("train")[: cfg.batch_size]
     pyro.clear_param_store()
     pyro.set_rng_seed(cfg.seed)
@@ -383,7 +387,7 @@ def prior_vs_importance(cfg, data, out, progress, log=print, z_dims=(2, 5, 20),
     panels, results = {}, {}
     for z_dim in z_dims:
         run_cfg = replace(cfg, model_args={**cfg.model_args, "z_dim": z_dim}, eval_samples=0)
-        model = build_model(cfg.model, run_cfg.model_args)
+        model = build_model(cfg.model, run_cfg.model_args, cfg.device)
         log(f"training the VAE with z-dim {z_dim}")
         train(model, data, run_cfg, out / f"z{z_dim}", progress=progress, log=log)
         lines = {}

@@ -8,6 +8,8 @@ A run directory holds:
   checkpoint.pt  params, optimizer state, RNG state and progress, written atomically at the end
                  of every epoch and on Ctrl-C; `--resume RUN_DIR` continues from it and ends
                  where an uninterrupted run would.
+  best.pt        with --patience: the params of the epoch with the best validation score; the
+                 final numbers and figures are that epoch's (early stopping).
 Runs on CPU are bit-reproducible: batches come from a per-epoch permutation that depends only on
 (seed, epoch), and evaluation draws from its own seeded RNG so it never shifts training's.
 """
@@ -24,20 +26,18 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import pyro
-import pyro.optim
 import torch
 from pyro import poutine
-from pyro.infer import SVI
 from tqdm.auto import tqdm
 
 from .evaluate import estimators, mean_estimates, per_digit_estimate
 
-CHECKPOINT_FORMAT = 1
+CHECKPOINT_FORMAT = 2  # 2: one PyTorch optimizer's state (1 held pyro.optim's per-param optimizers)
 OPTIMIZERS = {
-    "adam": pyro.optim.Adam,
-    "rmsprop": pyro.optim.RMSprop,
-    "sgd": pyro.optim.SGD,
-    "adagrad": pyro.optim.Adagrad,
+    "adam": torch.optim.Adam,
+    "rmsprop": torch.optim.RMSprop,
+    "sgd": torch.optim.SGD,
+    "adagrad": torch.optim.Adagrad,
 }
 
 
@@ -67,6 +67,7 @@ class Config:
     eval_digits: int = 1000
     eval_samples: int = 0  # k of the final IWAE-k estimate of test log p(x); 0: none
     train_subset: int | None = None
+    patience: int | None = None  # early stopping: epochs without a better validation score before stopping
 
     def validate(self):
         checks = [
@@ -79,10 +80,43 @@ class Config:
             (self.particles > 0, "--particles must be a positive integer"),
             (self.eval_samples >= 0, "--eval-samples must be 0 (none) or a positive integer"),
             (self.train_subset is None or self.train_subset > 0, "--train-subset must be a positive integer"),
+            (self.patience is None or self.patience > 0, "--patience must be a positive integer"),
         ]
         for ok, message in checks:
             if not ok:
                 raise ValueError(message)
+
+
+class SVI:
+    """Stochastic variational inference with one PyTorch optimizer over the whole param store.
+
+    The gradients are Pyro's: `elbo.loss_and_grads(model, guide, x)`, the call `pyro.infer.SVI.step`
+    makes. Only the update differs. `pyro.optim` keeps one PyTorch optimizer per parameter (14
+    optimizer steps per VAE step) and `pyro.infer.SVI` traces every step to find the params; here
+    the params are collected once, after the first loss has created them all, and updated by one
+    optimizer. bench/vae_speed.py measures the difference against pyro.infer.SVI and plain PyTorch
+    (BENCHMARKS.md). The optimizer is `optimizer_class(params, lr=lr)`.
+    """
+
+    def __init__(self, model, guide, elbo, optimizer_class, lr):
+        self.model, self.guide, self.elbo = model, guide, elbo  # the same guide object every step: JIT caches on it
+        self.params = [p for _, p in pyro.get_param_store().named_parameters()]
+        if not self.params:
+            raise RuntimeError("no params in Pyro's param store: evaluate the loss once before building SVI")
+        self.optimizer = optimizer_class(self.params, lr=lr)
+        self.checked = False
+
+    def step(self, *args):
+        loss = self.elbo.loss_and_grads(self.model, self.guide, *args)
+        if not self.checked:  # a param made during this first step would never be updated: say so
+            ours = {id(p) for p in self.params}
+            missed = [n for n, p in pyro.get_param_store().named_parameters() if id(p) not in ours and p.grad is not None]
+            if missed:
+                raise RuntimeError(f"params {missed} appeared after the first loss; create them in the first call")
+            self.checked = True
+        self.optimizer.step()
+        self.optimizer.zero_grad()
+        return loss
 
 
 # ---- files ---------------------------------------------------------------------------------
@@ -236,6 +270,29 @@ def reset_networks(model):
                     module.reset_parameters()
 
 
+class BestEpoch:
+    """Early stopping (--patience): the validation score after every epoch, the params of the best
+    epoch so far kept in best.pt, and whether `patience` epochs have passed without a better one."""
+
+    def __init__(self, path, patience, state=None):
+        self.path, self.patience = Path(path), patience
+        self.epoch, self.value = (state["epoch"], state["value"]) if state else (0, -math.inf)
+
+    def update(self, epoch, value):
+        if value > self.value:
+            self.epoch, self.value = epoch, value
+            atomic_torch_save({n: plain(p) for n, p in pyro.get_param_store().named_parameters()}, self.path)
+
+    def exhausted(self, epoch):
+        return epoch - self.epoch >= self.patience
+
+    def state(self):
+        return dict(epoch=self.epoch, value=self.value)
+
+    def restore(self, device):
+        restore_params(torch.load(self.path, map_location=device, weights_only=True), device)
+
+
 # ---- the loop ------------------------------------------------------------------------------
 @contextmanager
 def reproducible(device, detect_anomaly=False):
@@ -272,6 +329,9 @@ def _train(model, data, cfg, run_dir, resume, progress, log, after_epoch):
     if cfg.batch_size > num_train:
         raise ValueError(f"--batch-size {cfg.batch_size} is larger than the {num_train} training digits")
     steps = steps_per_epoch(cfg, data)
+    if cfg.patience and "valid" not in data.splits:
+        raise ValueError(f"--patience stops on the validation split, and {data.name} has none "
+                         f"(its splits: {', '.join(data.splits)}); use --dataset binarized-mnist")
     curves = {split: curve_digits(data.binary(split), cfg.eval_digits) for split in data.splits}
     names = estimators(model, cfg.guide, split="curves")
 
@@ -281,20 +341,22 @@ def _train(model, data, cfg, run_dir, resume, progress, log, after_epoch):
     guide = model.guide(cfg.guide)
     elbo = model.elbo(cfg.guide, cfg.elbo, jit=cfg.jit, particles=cfg.particles)
     elbo.loss(model.model, guide, x_train_all[: cfg.batch_size])  # creates every param, in a fixed order
-    optimizer = OPTIMIZERS[cfg.optimizer]({"lr": cfg.lr})
-    svi = SVI(model.model, guide, optimizer, elbo)
+    svi = SVI(model.model, guide, elbo, OPTIMIZERS[cfg.optimizer], cfg.lr)
 
     epoch, step_in_epoch, step, seconds = 0, 0, 0, 0.0
+    best_state = None
     if resume:
         checkpoint = load_checkpoint(checkpoint_path)
         check_resumable(checkpoint, cfg, checkpoint_path)
         restore_params(checkpoint["params"], device)
-        optimizer.set_state(checkpoint["optimizer"])
+        svi.optimizer.load_state_dict(checkpoint["optimizer"])
         set_rng_state(checkpoint["rng"])
         epoch, step_in_epoch, step, seconds = (checkpoint["progress"][k] for k in ("epoch", "step_in_epoch", "step", "seconds"))
+        best_state = checkpoint.get("best")
         log(f"resuming {run_dir} at epoch {epoch + 1}, step {step}" if epoch < cfg.epochs else
             f"{run_dir} had finished its {cfg.epochs} epochs: evaluating it and drawing its figures again")
     metrics = MetricsLog(run_dir / "metrics.csv", up_to_step=step if resume else None)
+    best = BestEpoch(run_dir / "best.pt", cfg.patience, best_state) if cfg.patience else None
     write_json(asdict(cfg), run_dir / "config.json")
 
     def save_checkpoint():
@@ -303,9 +365,10 @@ def _train(model, data, cfg, run_dir, resume, progress, log, after_epoch):
                 "format": CHECKPOINT_FORMAT,
                 "config": asdict(cfg),
                 "params": {n: plain(p) for n, p in pyro.get_param_store().named_parameters()},
-                "optimizer": optimizer.get_state(),
+                "optimizer": svi.optimizer.state_dict(),
                 "rng": rng_state(),
                 "progress": dict(epoch=epoch, step_in_epoch=step_in_epoch, step=step, seconds=seconds),
+                "best": best.state() if best else None,
             },
             checkpoint_path,
         )
@@ -322,8 +385,12 @@ def _train(model, data, cfg, run_dir, resume, progress, log, after_epoch):
     if step == 0:
         evaluate_curves()  # the untrained model, for the start of every curve
         after_epoch(0)
+    def validation_score():
+        with evaluation_rng(cfg.seed, device):  # the same draws every epoch: scores differ by the params only
+            return mean_estimates(model, cfg.guide, curves["valid"], names[:1])[names[0]]
+
     with interrupt_between_steps() as interrupt:
-        while epoch < cfg.epochs:
+        while epoch < cfg.epochs and not (best and best.exhausted(epoch)):
             x_epoch = data.binary("train", epoch)[:num_train]
             order = torch.randperm(num_train, generator=epoch_generator(cfg.seed, epoch, device), device=device)
             bar = tqdm(
@@ -362,14 +429,26 @@ def _train(model, data, cfg, run_dir, resume, progress, log, after_epoch):
                     )
             bar.close()
             epoch, step_in_epoch = epoch + 1, 0
+            if best:
+                best.update(epoch, validation_score())
             save_checkpoint()
             after_epoch(epoch)
             log(f"epoch {epoch}/{cfg.epochs}: {model.loss_name(cfg.guide, cfg.elbo)} {running:.2f} (moving average over train "
-                f"batches), {seconds / epoch:.1f} s/epoch")
+                f"batches), {seconds / epoch:.1f} s/epoch" + (
+                    f"; best valid {names[0]} {best.value:.2f} at epoch {best.epoch}" if best else ""))
 
     evaluate_curves()  # the end of training, if it fell between two --eval-every points
     metrics.flush()
-    summary = summarise(model, data, cfg, seconds / cfg.epochs, device, progress)
+    if best:
+        stopped = best.exhausted(epoch)
+        log(f"{'early stopping: ' if stopped else ''}{epoch} epochs trained; the final numbers and figures are those of "
+            f"epoch {best.epoch}, the best valid {names[0]} ({best.value:.2f} on {len(curves['valid'])} digits)")
+        best.restore(device)
+    summary = summarise(model, data, cfg, epoch, seconds / max(epoch, 1), device, progress)
+    if best:
+        summary["early_stopping"] = dict(
+            patience=cfg.patience, epochs_trained=epoch, stopped_early=stopped, best_epoch=best.epoch,
+            selected_by=f"{names[0]} on {len(curves['valid'])} fixed random valid digits", best_value=best.value)
     write_json(summary, run_dir / "metrics.json")
     return summary
 
@@ -379,7 +458,7 @@ def steps_per_epoch(cfg, data):
     return (cfg.train_subset or len(data.images["train"])) // cfg.batch_size
 
 
-def summarise(model, data, cfg, seconds_per_epoch, device, progress=True):
+def summarise(model, data, cfg, epochs, seconds_per_epoch, device, progress=True):
     """metrics.json: final -> split -> estimator -> mean log-likelihood per digit (nats), on every
     digit of each split (`final_digits` says how many); IWAE-k with --eval-samples k on test only."""
     with evaluation_rng(cfg.seed, device):
@@ -393,7 +472,7 @@ def summarise(model, data, cfg, seconds_per_epoch, device, progress=True):
         "guide": cfg.guide,
         "dataset": cfg.dataset,
         "binarize": data.binarize,
-        "epochs": cfg.epochs,
+        "epochs": epochs,
         "train_digits": cfg.train_subset or len(data.images["train"]),
         "seconds_per_epoch": seconds_per_epoch,
         "units": "mean log-likelihood per digit, nats",
@@ -405,6 +484,9 @@ def summarise(model, data, cfg, seconds_per_epoch, device, progress=True):
 def check_resumable(checkpoint, cfg, path):
     if checkpoint.get("format", 0) > CHECKPOINT_FORMAT:
         raise TrainingError(f"{path} was written by a newer ppl_models (format {checkpoint['format']}); upgrade to resume it")
+    if checkpoint.get("format", 0) < CHECKPOINT_FORMAT:
+        raise TrainingError(f"{path} was written by an older ppl_models (format {checkpoint.get('format', 0)}), whose "
+                            "optimizer state this one cannot read; start the run again")
     saved = checkpoint["config"]
     for key in ("model", "guide", "elbo", "dataset", "model_args"):
         if saved.get(key) != getattr(cfg, key):

@@ -1,6 +1,7 @@
 """The shared training loop: reproducibility, resume, run-directory files, guards."""
 
 import csv
+import dataclasses
 import json
 import os
 import signal
@@ -183,3 +184,84 @@ def test_detect_anomaly_is_on_during_training_only(tiny_dataset, tmp_path, monke
     monkeypatch.setattr(train_module, "SVI", StepCounter)
     train(BernoulliMixture(4), tiny_dataset, config(epochs=1, detect_anomaly=True), tmp_path, **QUIET)
     assert seen and all(seen) and not torch.is_anomaly_enabled()
+
+
+def with_inverted_valid(dataset):
+    """The tiny dataset plus a 'valid' split of its test digits with every pixel flipped: training on
+    natural digits makes them less likely every epoch, so the first epoch scores best."""
+    return dataclasses.replace(dataset, images={**dataset.images, "valid": 1 - dataset.images["test"]},
+                               labels={**dataset.labels, "valid": None}, sources={**dataset.sources, "valid": "flipped"})
+
+
+def test_early_stopping_reports_the_best_epochs_model(tiny_dataset, tmp_path):
+    data = with_inverted_valid(tiny_dataset)
+    summary = train(BernoulliMixture(4), data, config(epochs=10, patience=2), tmp_path / "stopped", **QUIET)
+    stopped_params = final_params()
+    assert summary["early_stopping"] | {"best_value": 0} == dict(
+        patience=2, epochs_trained=3, stopped_early=True, best_epoch=1, best_value=0,
+        selected_by="exact on 100 fixed random valid digits")
+    assert summary["epochs"] == 3
+    one_epoch = train(BernoulliMixture(4), data, config(epochs=1), tmp_path / "one", **QUIET)
+    assert summary["final"] == one_epoch["final"]  # the reported model is epoch 1's, bit for bit
+    assert all(torch.equal(stopped_params[n], p) for n, p in final_params().items())
+    assert load_checkpoint(tmp_path / "stopped" / "checkpoint.pt")["progress"]["epoch"] == 3  # resumable state: the last
+
+
+def test_resuming_an_early_stopped_run_trains_no_further(tiny_dataset, tmp_path):
+    data = with_inverted_valid(tiny_dataset)
+    first = train(BernoulliMixture(4), data, config(epochs=10, patience=2), tmp_path, **QUIET)
+    again = train(BernoulliMixture(4), data, config(epochs=20, patience=2), tmp_path, resume=True, **QUIET)
+    assert again["final"] == first["final"] and again["early_stopping"] == first["early_stopping"]
+
+
+def test_early_stopping_needs_a_validation_split(tiny_dataset, tmp_path):
+    with pytest.raises(ValueError, match="--patience stops on the validation split, and tiny has none"):
+        train(BernoulliMixture(4), tiny_dataset, config(patience=3), tmp_path, **QUIET)
+
+
+def test_one_optimizer_svi_takes_the_steps_pyros_svi_takes(tiny_dataset):
+    """Same ELBO gradients, same Adam: the params after five steps agree with pyro.infer.SVI's."""
+    x = tiny_dataset.binary("train")[:50]
+    results = []
+    for stock in (True, False):
+        pyro.clear_param_store()
+        pyro.set_rng_seed(0)
+        model = BernoulliMixture(4)
+        guide, elbo = model.guide("enum"), model.elbo("enum")
+        elbo.loss(model.model, guide, x)
+        svi = (pyro.infer.SVI(model.model, guide, pyro.optim.Adam({"lr": 0.05}), elbo) if stock else
+               train_module.SVI(model.model, guide, elbo, torch.optim.Adam, 0.05))
+        losses = [svi.step(x) for _ in range(5)]
+        results.append((losses, final_params()))
+    (stock_losses, stock_params), (losses, params) = results
+    assert losses == pytest.approx(stock_losses, rel=1e-6)
+    assert all(torch.allclose(stock_params[n], p, atol=1e-6) for n, p in params.items())
+
+
+def test_a_param_created_after_the_first_loss_is_refused():
+    calls = []
+
+    def model():
+        pyro.sample("z", pyro.distributions.Normal(0.0, 1.0))
+
+    def guide():
+        calls.append(1)
+        loc = pyro.param("loc", torch.zeros(()))
+        if len(calls) > 1:  # a param the first call did not make
+            loc = loc + pyro.param("late", torch.zeros(()))
+        pyro.sample("z", pyro.distributions.Normal(loc, 1.0))
+
+    elbo = pyro.infer.Trace_ELBO()
+    elbo.loss(model, guide)
+    svi = train_module.SVI(model, guide, elbo, torch.optim.Adam, 0.1)
+    with pytest.raises(RuntimeError, match=r"params \['late'\] appeared after the first loss"):
+        svi.step()
+
+
+def test_checkpoint_from_an_older_format_is_refused(tiny_dataset, tmp_path):
+    train(BernoulliMixture(4), tiny_dataset, config(epochs=1), tmp_path, **QUIET)
+    checkpoint = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    checkpoint["format"] = 1
+    torch.save(checkpoint, tmp_path / "checkpoint.pt")
+    with pytest.raises(TrainingError, match=r"written by an older ppl_models \(format 1\).*start the run again"):
+        train(BernoulliMixture(4), tiny_dataset, config(epochs=2), tmp_path, resume=True, **QUIET)

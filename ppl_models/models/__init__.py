@@ -4,6 +4,8 @@
 `experiments.REPORTS` and its flags in run.py; adding a guide is one `guide_<name>` method plus
 its name in the class's `guides`."""
 
+from torch import nn
+
 from .mixture import BernoulliMixture
 from .sbn import SigmoidBeliefNet
 from .vae import VAE
@@ -11,10 +13,15 @@ from .vae import VAE
 MODELS = {cls.name: cls for cls in (BernoulliMixture, SigmoidBeliefNet, VAE)}
 
 
-def build_model(name, model_args):
+def build_model(name, model_args, device="cpu"):
+    """The model family `name` with its networks on `device` (moved once here, not every step)."""
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r}; choose one of: {', '.join(MODELS)}")
-    return MODELS[name](**model_args)
+    model = MODELS[name](**model_args)
+    for value in vars(model).values():
+        if isinstance(value, nn.Module):
+            value.to(device)
+    return model
 
 
 def check_guide(model, guide_name):

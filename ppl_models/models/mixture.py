@@ -73,8 +73,8 @@ class BernoulliMixture:
         """Empty guide: the model enumerates z, nothing is sampled."""
 
     def guide_sampled(self, x, pixel_mask=None):
-        pyro.module("encoder", self.encoder.to(x.device))
-        pyro.module("baseline", self.baseline.to(x.device))
+        pyro.module("encoder", self.encoder)
+        pyro.module("baseline", self.baseline)
         with pyro.plate("data", x.shape[0]):
             pyro.sample(
                 "z",

@@ -79,12 +79,12 @@ class SigmoidBeliefNet:
         """Empty guide: the model enumerates z, nothing is sampled."""
 
     def _posterior_logits(self, x):
-        pyro.module("encoder", self.encoder.to(x.device))
+        pyro.module("encoder", self.encoder)
         return self.encoder(x)
 
     def guide_bernoulli(self, x):
         logits = self._posterior_logits(x)
-        pyro.module("baseline", self.baseline.to(x.device))
+        pyro.module("baseline", self.baseline)
         with pyro.plate("data", x.shape[0]):
             pyro.sample("z", dist.Bernoulli(logits=logits).to_event(1),
                         infer={"baseline": {"nn_baseline": self.baseline, "nn_baseline_input": x}})

@@ -73,7 +73,7 @@ class VAE:
 
     # ---- model and guides -------------------------------------------------------------
     def model(self, x):
-        pyro.module("decoder", self.decoder.to(x.device))
+        pyro.module("decoder", self.decoder)
         with pyro.plate("data", x.shape[0]):
             prior = dist.Normal(x.new_zeros(self.z_dim), x.new_ones(self.z_dim)).to_event(1)
             z = pyro.sample("z", prior)
@@ -81,7 +81,7 @@ class VAE:
 
     def posterior_normal(self, x):
         """N(mu(x), diag sigma(x)^2), sigma from an exponential at the last layer (seed eq. 23)."""
-        loc, log_scale = self.encoder.to(x.device)(x)
+        loc, log_scale = self.encoder(x)
         return dist.Normal(loc, log_scale.clamp(*LOG_SCALE_RANGE).exp()).to_event(1)
 
     def guide_normal(self, x):
@@ -91,12 +91,12 @@ class VAE:
 
     def guide_iaf(self, x):
         pyro.module("encoder", self.encoder)
-        pyro.module("flows", self.flows.to(x.device))
+        pyro.module("flows", self.flows)
         with pyro.plate("data", x.shape[0]):
             pyro.sample("z", dist.TransformedDistribution(self.posterior_normal(x), list(self.flows)))
 
     def guide_lowrank(self, x):
-        pyro.module("lowrank_encoder", self.lowrank_encoder.to(x.device))
+        pyro.module("lowrank_encoder", self.lowrank_encoder)
         loc, factor, log_diag = self.lowrank_encoder(x)
         factor = factor.reshape(*factor.shape[:-1], self.z_dim, self.rank)
         with pyro.plate("data", x.shape[0]):
