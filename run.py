@@ -51,10 +51,12 @@ def parse_args(argv=None):
              "lowrank (Normal with a low-rank-plus-diagonal covariance)",
     )
     what.add_argument(
-        "--elbo", choices=("trace", "meanfield", "iwae"),
-        help="vae only: trace (Trace_ELBO, one reparameterized sample; default), meanfield (KL(q||p) in closed "
+        "--elbo", choices=("trace", "meanfield", "iwae", "vimco"),
+        help="vae: trace (Trace_ELBO, one reparameterized sample; default), meanfield (KL(q||p) in closed "
              "form where one exists, TraceMeanField_ELBO), iwae (importance-weighted bound over --particles "
-             "samples, RenyiELBO with alpha=0)",
+             "samples, RenyiELBO with alpha=0); sbn with --guide bernoulli: vimco (the importance-weighted bound "
+             "over --particles >= 2 samples with VIMCO's leave-one-out score-function gradients; default: "
+             "TraceGraph_ELBO with a neural baseline)",
     )
     what.add_argument("--particles", type=int, default=1,
                       help="samples of z per digit in the training objective: the k of --elbo iwae (default: 1)")

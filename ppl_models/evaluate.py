@@ -17,9 +17,10 @@ from tqdm.auto import tqdm
 from .data import check_binary
 
 
-@torch.no_grad()
-def importance_log_weights(model, guide, x, num_samples=1):
-    """log p(x, z) - log q(z | x) for z ~ q(z | x): shape (num_samples, N).
+def log_weight_terms(model, guide, x, num_samples=1):
+    """For z ~ q(z | x), drawn `num_samples` times per digit: log p(x, z) - log q(z | x), and the
+    part of log q(z | x) from sites without reparameterized samples (what a score-function
+    gradient multiplies); both (num_samples, N) and differentiable.
 
     The samples are drawn in parallel under an outer ``particles`` plate, so the model and guide
     must broadcast (their data plate is dim -1).
@@ -28,12 +29,21 @@ def importance_log_weights(model, guide, x, num_samples=1):
         guide_trace = poutine.trace(guide).get_trace(x)
         model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(x)
     log_weight = torch.zeros(num_samples, x.shape[0], device=x.device)
+    log_q_scored = torch.zeros(num_samples, x.shape[0], device=x.device)
     for trace, sign in ((model_trace, 1.0), (guide_trace, -1.0)):
         trace.compute_log_prob()
         for site in trace.nodes.values():
             if site["type"] == "sample":
                 log_weight = log_weight + sign * site["log_prob"]
-    return log_weight
+                if trace is guide_trace and not site["fn"].has_rsample:
+                    log_q_scored = log_q_scored + site["log_prob"]
+    return log_weight, log_q_scored
+
+
+@torch.no_grad()
+def importance_log_weights(model, guide, x, num_samples=1):
+    """log p(x, z) - log q(z | x) for z ~ q(z | x): shape (num_samples, N)."""
+    return log_weight_terms(model, guide, x, num_samples)[0]
 
 
 def iwae_bound(log_weights):

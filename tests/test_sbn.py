@@ -1,6 +1,7 @@
 """The sigmoid belief net against brute force over all 2^M states."""
 
 import itertools
+import math
 
 import pyro
 import pyro.distributions as dist
@@ -13,6 +14,7 @@ import run
 from ppl_models.distributions import IndependentBits, all_codes, chunked_table_log_likelihood, table_log_likelihood
 from ppl_models.evaluate import importance_log_weights
 from ppl_models.models.sbn import SigmoidBeliefNet
+from ppl_models.objectives import VIMCO, leave_one_out_bounds
 from ppl_models.train import Config, train
 
 
@@ -105,11 +107,12 @@ def test_enumeration_over_a_huge_m_is_refused_with_an_estimate():
     assert not model.exact
 
 
-@pytest.mark.parametrize("guide", SigmoidBeliefNet.guides)
-def test_training_raises_the_held_out_exact_log_likelihood(tiny_dataset, tmp_path, guide):
+@pytest.mark.parametrize("guide, elbo, particles", [(guide, None, 1) for guide in SigmoidBeliefNet.guides] +
+                         [("bernoulli", "vimco", 4)])
+def test_training_raises_the_held_out_exact_log_likelihood(tiny_dataset, tmp_path, guide, elbo, particles):
     model = SigmoidBeliefNet(latents=6)
-    cfg = Config(model="sbn", guide=guide, optimizer="adam", lr=0.03, epochs=3, batch_size=50, eval_every=1000,
-                 eval_digits=100, eval_samples=0, model_args={"latents": 6})
+    cfg = Config(model="sbn", guide=guide, elbo=elbo, particles=particles, optimizer="adam", lr=0.03, epochs=3,
+                 batch_size=50, eval_every=1000, eval_digits=100, eval_samples=0, model_args={"latents": 6})
     summary = train(model, tiny_dataset, cfg, tmp_path, progress=False, log=lambda *a: None)
     rows = (tmp_path / "metrics.csv").read_text().splitlines()
     untrained = float(next(r for r in rows if r.startswith("0,0,0.0,test,exact")).split(",")[-1])
@@ -176,3 +179,53 @@ def test_enumerated_prior_is_never_broadcast_against_the_batch():
     log_prob = prior.log_prob(codes)
     assert codes.shape == (4096, 1, 12) and log_prob.shape == (4096, 100)
     assert log_prob.stride(-1) == 0  # a view: 4096 numbers, not 4096 x 100 (x 12 before the sum)
+
+
+def test_leave_one_out_bounds_put_the_geometric_mean_of_the_others_in_place_of_each_weight():
+    log_weights = torch.randn(4, 3, generator=torch.Generator().manual_seed(0))
+    for k in range(4):
+        others = torch.cat([log_weights[:k], log_weights[k + 1:]])
+        replaced = torch.cat([others, others.mean(0, keepdim=True)])
+        expected = torch.logsumexp(replaced, 0) - math.log(4)
+        assert torch.allclose(leave_one_out_bounds(log_weights)[k], expected, atol=1e-6)
+
+
+def test_vimco_gradient_averages_to_the_gradient_of_the_exact_expected_bound():
+    """E_q[log (w_1 + w_2) / 2] summed exactly over every pair of codes (M = 2, K = 2), against the
+    mean of VIMCO's sampled gradient, for a model param (b) and a guide param (the encoder's output bias)."""
+    pyro.set_rng_seed(0)
+    model = tiny_sbn(M=2, D=5)
+    x = (torch.rand(3, 5, generator=torch.Generator().manual_seed(1)) < 0.5).float()
+    objective = VIMCO(2)
+    objective.loss(model.model, model.guide_bernoulli, x)  # creates the encoder's params
+    store = dict(pyro.get_param_store().named_parameters())
+    params = [store["b"], store["encoder$$$2.bias"]]
+
+    b, w, c = model.params()
+    codes = all_codes(2)
+    log_q = dist.Bernoulli(logits=model.encoder(x)[:, None, :]).log_prob(codes).sum(-1)  # (digits, codes)
+    log_w = IndependentBits(b).log_prob(codes) + table_log_likelihood(x, codes @ w + c) - log_q
+    pair_bounds = torch.logaddexp(log_w[:, :, None], log_w[:, None, :]) - math.log(2)
+    expected_bound = ((log_q[:, :, None] + log_q[:, None, :]).exp() * pair_bounds).sum()
+    exact = torch.autograd.grad(expected_bound, params)
+
+    draws = []
+    for _ in range(3000):
+        for p in params:
+            p.grad = None
+        objective.loss_and_grads(model.model, model.guide_bernoulli, x)
+        draws.append(torch.cat([-p.grad.flatten() for p in params]))  # the loss is -L: its gradient is -grad L
+    draws = torch.stack(draws)
+    mean, standard_error = draws.mean(0), draws.std(0) / math.sqrt(len(draws))
+    exact = torch.cat([g.flatten() for g in exact])
+    assert ((mean - exact).abs() < 4 * standard_error + 1e-4).all(), (mean, exact, standard_error)
+
+
+def test_vimco_is_refused_where_it_does_not_apply():
+    model = SigmoidBeliefNet(latents=4)
+    with pytest.raises(ValueError, match="--elbo vimco trains the score-function guide: use --guide bernoulli"):
+        model.elbo("relaxed", "vimco", particles=4)
+    with pytest.raises(ValueError, match="--elbo vimco needs --particles of at least 2"):
+        model.elbo("bernoulli", "vimco", particles=1)
+    with pytest.raises(ValueError, match="--jit is not available with --elbo vimco"):
+        model.elbo("bernoulli", "vimco", jit=True, particles=4)

@@ -11,6 +11,9 @@ Guides:
              (TraceGraph_ELBO) with an input-dependent neural baseline (NVIL).
   relaxed    the same q, its discrete samples given gradients through a Concrete (relaxed
              Bernoulli) sample at --temperature: the straight-through estimator, with Trace_ELBO.
+
+`--elbo vimco --particles K` trains guide bernoulli on VIMCO's K-sample bound instead, whose
+baseline is built from the other samples (ppl_models/objectives.py).
 """
 
 import math
@@ -26,6 +29,7 @@ from .. import distributions
 from ..data import check_binary
 from ..distributions import (IndependentBits, LinearBernoulli, StraightThroughBernoulli, all_codes,
                              table_log_likelihood)
+from ..objectives import VIMCO
 
 MAX_EXACT_LATENTS = 20  # 2^20 = 1,048,576 states: exact test log-likelihood in minutes on 2 CPU cores
 FLOPS = 2e10  # a 2-core CPU's sustained float throughput, for the refusal message's estimate
@@ -35,7 +39,7 @@ class SigmoidBeliefNet:
     name = "sbn"
     guides = ("enum", "bernoulli", "relaxed")
     default_guide = "enum"
-    elbos = ()  # the guide decides: TraceEnum_ELBO, TraceGraph_ELBO or Trace_ELBO
+    elbos = ("vimco",)  # otherwise the guide decides: TraceEnum_ELBO, TraceGraph_ELBO or Trace_ELBO
     hyperparameters = ("latents", "temperature")
     training_defaults = dict(optimizer="adam", lr=1e-3, batch_size=100, epochs=20, eval_samples=1000)
 
@@ -99,6 +103,12 @@ class SigmoidBeliefNet:
         return getattr(self, f"guide_{name}")
 
     def elbo(self, guide_name, elbo_name=None, jit=False, particles=1):
+        if elbo_name == "vimco":
+            if guide_name != "bernoulli":
+                raise ValueError(f"--elbo vimco trains the score-function guide: use --guide bernoulli, not {guide_name}")
+            if jit:
+                raise ValueError("--jit is not available with --elbo vimco (its loss is not a Pyro ELBO); drop --jit")
+            return VIMCO(particles)
         if guide_name == "enum":
             check_enumerable(self.latents)
             return (JitTraceEnum_ELBO if jit else TraceEnum_ELBO)(max_plate_nesting=1)
@@ -108,7 +118,7 @@ class SigmoidBeliefNet:
         return (JitTrace_ELBO if jit else Trace_ELBO)(**common)
 
     def loss_name(self, guide_name, elbo_name=None):
-        return "-log p(x)" if guide_name == "enum" else "-ELBO"
+        return "-log p(x)" if guide_name == "enum" else "-VIMCO bound" if elbo_name == "vimco" else "-ELBO"
 
     # ---- what a generative model is for -----------------------------------------------
     @torch.no_grad()
