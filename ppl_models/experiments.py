@@ -56,6 +56,11 @@ def describe(summary, out):
     return "\n".join(lines)
 
 
+def chosen_epoch(summary):
+    """The epoch whose model a run reports, where early stopping chose one."""
+    return summary.get("early_stopping", {}).get("best_epoch")
+
+
 def read_metrics(run_dir):
     with open(Path(run_dir) / "metrics.csv") as f:
         return list(csv.DictReader(f))
@@ -90,7 +95,7 @@ def mixture_report(model, data, cfg, out, summary, download=True, log=print):
 
     plots.learning_curves(read_metrics(out), out / "learning_curves.png",
                           f"{model.summary()}: {cfg.eval_digits} fixed random train / test digits",
-                          steps_per_epoch(cfg, data))
+                          steps_per_epoch(cfg, data), chosen_epoch(summary))
 
     # Ten fixed random test digits to show (test files can be ordered by class).
     shown_digits = x_test[torch.randperm(x_test.shape[0], generator=generator)[:10].to(x_test.device)]
@@ -199,7 +204,7 @@ def vae_report(model, data, cfg, out, summary, download=True, log=print):
     generator = torch.Generator().manual_seed(cfg.seed)
     plots.learning_curves(read_metrics(out), out / "learning_curves.png",
                           f"{model.summary()}, guide {cfg.guide}: {cfg.eval_digits} fixed random digits per split",
-                          steps_per_epoch(cfg, data))
+                          steps_per_epoch(cfg, data), chosen_epoch(summary))
     figures = [("learning_curves.png", f"ELBO of {cfg.eval_digits} fixed random digits of each split during training "
                 "(seed problem 22): a lower bound on log p(x); the untrained model starts near -544 nats."),
                ("samples_through_training.png", "The decoder's mean image for the same 20 draws of z ~ N(0, I) before, "
@@ -254,7 +259,7 @@ def sbn_report(model, data, cfg, out, summary, download=True, log=print):
     estimates = "exact log-likelihood" if model.exact else "ELBO"
     plots.learning_curves(read_metrics(out), out / "learning_curves.png",
                           f"{model.summary()}, guide {cfg.guide}: {cfg.eval_digits} fixed random digits per split",
-                          steps_per_epoch(cfg, data))
+                          steps_per_epoch(cfg, data), chosen_epoch(summary))
     with torch.random.fork_rng():
         torch.manual_seed(cfg.seed)
         z, samples = model.sample(16)

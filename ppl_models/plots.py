@@ -1,5 +1,6 @@
 """Figures. Each function takes plain tensors or rows and a path, and writes one PNG."""
 
+import textwrap
 from collections import defaultdict
 
 import matplotlib
@@ -37,8 +38,9 @@ def image_grid(images, path, title, captions=None, ncols=10, row_labels=None):
     _save(fig, path)
 
 
-def learning_curves(rows, path, title, steps_per_epoch=None):
-    """metrics.csv rows -> one line per (split, estimator) against training steps."""
+def learning_curves(rows, path, title, steps_per_epoch=None, chosen_epoch=None):
+    """metrics.csv rows -> one line per (split, estimator) against training steps; with early
+    stopping, a vertical line at the chosen (best) epoch, whose model the run reports."""
     series = defaultdict(list)
     for row in rows:
         series[(row["split"], row["estimator"])].append((int(row["step"]), float(row["value"])))
@@ -46,20 +48,26 @@ def learning_curves(rows, path, title, steps_per_epoch=None):
     for (split, estimator), points in sorted(series.items()):
         steps, values = zip(*sorted(points))
         ax.plot(steps, values, SPLIT_STYLE.get(split, "-"), label=f"{split}: {estimator}")
+    if chosen_epoch and steps_per_epoch:
+        ax.axvline(chosen_epoch * steps_per_epoch, color="gray", linestyle=":",
+                   label=f"epoch {chosen_epoch}: best valid score, the model reported")
     ax.set_xlabel("SVI step" + (f" ({steps_per_epoch} per epoch)" if steps_per_epoch else ""))
     ax.set_ylabel("mean log-likelihood per digit (nats)")
-    focus_on_training(ax, [v for points in series.values() for _, v in points])
+    focus_on_training(ax, [point for points in series.values() for point in points])
     ax.grid(alpha=0.3)
     ax.legend()
-    ax.set_title(title, fontsize=10)
+    ax.set_title(textwrap.fill(title, 80), fontsize=9)
     _save(fig, path)
 
 
-def focus_on_training(ax, values):
-    """Clip the y-axis so the untrained model's point does not squash the rest of the curve."""
-    if values:
-        low, high = np.percentile(values, 5), max(values)
-        ax.set_ylim(low - 0.1 * (high - low), high + 0.05 * (high - low))
+def focus_on_training(ax, points):
+    """Clip the y-axis to the (x, y) points past the first tenth of the x range (steps or seconds),
+    so the untrained model's points do not squash the part of the curve worth reading."""
+    if points:
+        last = max(x for x, _ in points)
+        later = [y for x, y in points if x >= 0.1 * last] or [y for _, y in points]
+        low, high = min(later), max(later)
+        ax.set_ylim(low - 0.15 * (high - low) - 0.5, high + 0.1 * (high - low) + 0.5)
 
 
 def two_histograms(a, b, labels, path, title, xlabel):
@@ -81,7 +89,7 @@ def curves_against(panels, path, title):
     for ax, (xlabel, ylabel, lines) in zip(axes.flat, panels):
         for label, (xs, ys, style) in lines.items():
             ax.plot(xs, ys, style, label=label)
-        focus_on_training(ax, [y for _, ys, _ in lines.values() for y in ys])
+        focus_on_training(ax, [point for xs, ys, _ in lines.values() for point in zip(xs, ys)])
         ax.set_xlabel(xlabel)
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
