@@ -214,6 +214,13 @@ def test_resuming_an_early_stopped_run_trains_no_further(tiny_dataset, tmp_path)
     assert again["final"] == first["final"] and again["early_stopping"] == first["early_stopping"]
 
 
+def test_a_larger_patience_on_resume_trains_on_after_early_stopping(tiny_dataset, tmp_path):
+    data = with_inverted_valid(tiny_dataset)
+    train(BernoulliMixture(4), data, config(epochs=10, patience=2), tmp_path, **QUIET)
+    longer = train(BernoulliMixture(4), data, config(epochs=10, patience=5), tmp_path, resume=True, **QUIET)
+    assert longer["early_stopping"]["epochs_trained"] == 6 and longer["early_stopping"]["best_epoch"] == 1
+
+
 def test_early_stopping_needs_a_validation_split(tiny_dataset, tmp_path):
     with pytest.raises(ValueError, match="--patience stops on the validation split, and tiny has none"):
         train(BernoulliMixture(4), tiny_dataset, config(patience=3), tmp_path, **QUIET)
