@@ -125,8 +125,8 @@ def parse_args(argv=None):
     run.add_argument("--out", help="run directory (default: figures/<model>)")
     run.add_argument("--resume", metavar="RUN_DIR",
                      help="continue the run in RUN_DIR with its own settings (give --epochs to train a finished "
-                          "run for longer, --patience to go on after early stopping); it ends exactly where an "
-                          "uninterrupted run would")
+                          "run for longer, --patience to go on after early stopping, --lr to go on at another learning "
+                          "rate); it ends exactly where an uninterrupted run would")
     run.add_argument("--quiet", action="store_true", help="no progress bars (metrics files are unchanged)")
     return parser, parser.parse_args(argv)
 
@@ -152,7 +152,7 @@ def resolve_device(name):
 
 
 def config_from_args(args):
-    if args.resume:  # the run's own settings; only the device and (to extend it) --epochs and --patience may change
+    if args.resume:  # the run's own settings; only the device and (to extend it) --epochs, --patience, --lr may change
         saved = load_checkpoint(Path(args.resume) / "checkpoint.pt")["config"]
         if args.model and args.model != saved["model"]:
             raise ValueError(f"{args.resume} is a run of model {saved['model']!r}, not {args.model!r}; "
@@ -161,6 +161,7 @@ def config_from_args(args):
         cfg.device = resolve_device(args.device)
         cfg.epochs = cfg.epochs if args.epochs is None else args.epochs
         cfg.patience = cfg.patience if args.patience is None else args.patience
+        cfg.lr = cfg.lr if args.lr is None else args.lr
         return cfg
     args.model = args.model or "mixture"
     family = MODELS[args.model]

@@ -350,6 +350,8 @@ def _train(model, data, cfg, run_dir, resume, progress, log, after_epoch):
         check_resumable(checkpoint, cfg, checkpoint_path)
         restore_params(checkpoint["params"], device)
         svi.optimizer.load_state_dict(checkpoint["optimizer"])
+        for group in svi.optimizer.param_groups:  # the saved state holds the old rate: --resume --lr may change it
+            group["lr"] = cfg.lr
         set_rng_state(checkpoint["rng"])
         epoch, step_in_epoch, step, seconds = (checkpoint["progress"][k] for k in ("epoch", "step_in_epoch", "step", "seconds"))
         best_state = checkpoint.get("best")

@@ -221,6 +221,16 @@ def test_a_larger_patience_on_resume_trains_on_after_early_stopping(tiny_dataset
     assert longer["early_stopping"]["epochs_trained"] == 6 and longer["early_stopping"]["best_epoch"] == 1
 
 
+def test_resume_with_another_learning_rate_uses_it(tiny_dataset, tmp_path, monkeypatch):
+    train(BernoulliMixture(4), tiny_dataset, config(epochs=1), tmp_path, **QUIET)
+    seen = []
+    StepCounter.count, StepCounter.on_step = 0, lambda n: None
+    monkeypatch.setattr(StepCounter, "step", lambda self, *args: seen.append(self.optimizer.param_groups[0]["lr"]) or 0.0)
+    monkeypatch.setattr(train_module, "SVI", StepCounter)
+    train(BernoulliMixture(4), tiny_dataset, config(epochs=2, lr=0.001), tmp_path, resume=True, **QUIET)
+    assert seen and set(seen) == {0.001}
+
+
 def test_early_stopping_needs_a_validation_split(tiny_dataset, tmp_path):
     with pytest.raises(ValueError, match="--patience stops on the validation split, and tiny has none"):
         train(BernoulliMixture(4), tiny_dataset, config(patience=3), tmp_path, **QUIET)
