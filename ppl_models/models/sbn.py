@@ -146,7 +146,8 @@ class SigmoidBeliefNet:
         return self.params()[1]
 
     def summary(self):
-        return f"sigmoid belief net with {self.latents} binary latents ({2**self.latents:,} states)"
+        states = f"{2**self.latents:,}" if self.latents <= 40 else f"2^{self.latents} = {2**self.latents:.2g}"
+        return f"sigmoid belief net with {self.latents} binary latents ({states} states)"
 
 
 def check_enumerable(latents, batch_size=100, pixels=784):
