@@ -50,6 +50,9 @@ def write_report(run_dir, config, summary, figures):
         f"({html.escape(summary['binarize'])} binarization), {summary['seconds_per_epoch']:.1f} s of training per "
         "epoch. Files: <code>config.json</code>, <code>metrics.csv</code> (learning curves), "
         "<code>metrics.json</code>, <code>checkpoint.pt</code>.</p>",
+        *([f"<p>Early stopping: the numbers and figures below are those of epoch {chosen['best_epoch']}, the best "
+           f"score on the validation split ({html.escape(chosen['selected_by'])}), kept in <code>best.pt</code>.</p>"]
+          if (chosen := summary.get("early_stopping")) else []),
         "<h2>Final log-likelihood</h2>",
         "<p>Mean over every digit of each split, in nats per digit (higher is better). <code>exact</code>: log p(x) "
         "summed over every latent state; <code>elbo</code>: a one-sample evidence lower bound; "
