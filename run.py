@@ -98,10 +98,13 @@ def parse_args(argv=None):
     data.add_argument("--train-subset", type=int, help="train on the first N training digits only (quick runs)")
 
     opt = parser.add_argument_group("optimisation (defaults depend on the model: the seed template's)")
-    opt.add_argument("--optimizer", choices=sorted(OPTIMIZERS), help="mixture: rmsprop")
-    opt.add_argument("--lr", type=float, help="learning rate; mixture: 0.01")
-    opt.add_argument("--batch-size", type=int, help="digits per SVI step; mixture: 100")
-    opt.add_argument("--epochs", type=int, help="passes over the training digits; mixture: 20")
+    def defaults(setting):
+        return "; ".join(f"{name}: {family.training_defaults[setting]}" for name, family in MODELS.items())
+
+    opt.add_argument("--optimizer", choices=sorted(OPTIMIZERS), help=f"one PyTorch optimizer over every param ({defaults('optimizer')})")
+    opt.add_argument("--lr", type=float, help=f"learning rate ({defaults('lr')})")
+    opt.add_argument("--batch-size", type=int, help=f"digits per SVI step ({defaults('batch_size')})")
+    opt.add_argument("--epochs", type=int, help=f"passes over the training digits ({defaults('epochs')})")
     opt.add_argument("--seed", type=int, default=0, help="random seed; CPU runs are bit-reproducible (default: 0)")
     opt.add_argument("--patience", type=int,
                      help="early stopping: after each epoch score the --eval-digits fixed valid digits (exact "
