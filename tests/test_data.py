@@ -8,7 +8,6 @@ import hashlib
 import os
 import pathlib
 import struct
-import time
 import urllib.error
 import urllib.request
 import warnings
@@ -520,17 +519,15 @@ def test_check_binary():
 
 
 def test_real_data(tmp_path, monkeypatch):
-    """With $PPL_MODELS_DATA set, load the real files (fast, with known content); else generated ones."""
+    """With $PPL_MODELS_DATA set, load the real files (with known content); else generated ones."""
     if REAL_DATA:
         root, sizes = pathlib.Path(REAL_DATA), {"train": 50000, "valid": 10000, "test": 10000}
     else:
         root, sizes = tmp_path, {"train": 12, "valid": 5, "test": 7}
         np.savez_compressed(root / "binarized_mnist.npz", **binary_arrays(tuple(sizes.items())))
         make_mnist_root(root, sizes=(("test", 10000),))
-    start = time.perf_counter()
     dataset = load_dataset("binarized-mnist", data_dir=root, download=False)
     intensities, labels = load_mnist_test_intensities(root, download=False)
-    assert time.perf_counter() - start < 2
     assert {split: len(x) for split, x in dataset.images.items()} == sizes
     assert intensities.shape == (10000, 784) and labels.shape == (10000,)
     if REAL_DATA:  # the hard-coded download checksums describe exactly these arrays
