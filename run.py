@@ -76,6 +76,10 @@ def parse_args(argv=None):
     sbn = parser.add_argument_group("sigmoid belief net")
     sbn.add_argument("--latents", type=int, default=10,
                      help="M, the number of binary latents; --guide enum sums all 2^M states, so M <= 20 (default: 10)")
+    sbn.add_argument("--baseline", choices=("neural", "average", "both"), default="neural",
+                     help="baseline of --guide bernoulli's score-function gradient: neural (an input-dependent "
+                          "network, default), average (Pyro's decaying average of the learning signal), both (the "
+                          "network fits what is left after the average, as NVIL centres its signal; not with --jit)")
     sbn.add_argument("--temperature", type=float, default=0.5,
                      help="temperature of the Concrete relaxation of --guide relaxed (default: 0.5)")
 

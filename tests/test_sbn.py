@@ -107,12 +107,14 @@ def test_enumeration_over_a_huge_m_is_refused_with_an_estimate():
     assert not model.exact
 
 
-@pytest.mark.parametrize("guide, elbo, particles", [(guide, None, 1) for guide in SigmoidBeliefNet.guides] +
-                         [("bernoulli", "vimco", 4)])
-def test_training_raises_the_held_out_exact_log_likelihood(tiny_dataset, tmp_path, guide, elbo, particles):
-    model = SigmoidBeliefNet(latents=6)
+@pytest.mark.parametrize("guide, elbo, particles, baseline", [(guide, None, 1, "neural") for guide in SigmoidBeliefNet.guides] +
+                         [("bernoulli", None, 1, "average"), ("bernoulli", None, 1, "both"),
+                          ("bernoulli", "vimco", 4, "neural")])
+def test_training_raises_the_held_out_exact_log_likelihood(tiny_dataset, tmp_path, guide, elbo, particles, baseline):
+    model = SigmoidBeliefNet(latents=6, baseline=baseline)
     cfg = Config(model="sbn", guide=guide, elbo=elbo, particles=particles, optimizer="adam", lr=0.03, epochs=3,
-                 batch_size=50, eval_every=1000, eval_digits=100, eval_samples=0, model_args={"latents": 6})
+                 batch_size=50, eval_every=1000, eval_digits=100, eval_samples=0,
+                 model_args={"latents": 6, "baseline": baseline})
     summary = train(model, tiny_dataset, cfg, tmp_path, progress=False, log=lambda *a: None)
     rows = (tmp_path / "metrics.csv").read_text().splitlines()
     untrained = float(next(r for r in rows if r.startswith("0,0,0.0,test,exact")).split(",")[-1])
@@ -229,3 +231,10 @@ def test_vimco_is_refused_where_it_does_not_apply():
         model.elbo("bernoulli", "vimco", particles=1)
     with pytest.raises(ValueError, match="--jit is not available with --elbo vimco"):
         model.elbo("bernoulli", "vimco", jit=True, particles=4)
+
+
+def test_a_decaying_average_baseline_is_refused_under_jit():
+    with pytest.raises(ValueError, match=r"--jit cannot trace Pyro's decaying-average baseline \(--baseline both\)"):
+        SigmoidBeliefNet(latents=4, baseline="both").elbo("bernoulli", jit=True)
+    with pytest.raises(ValueError, match="--baseline must be one of neural, average, both"):
+        SigmoidBeliefNet(latents=4, baseline="median")

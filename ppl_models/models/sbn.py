@@ -8,7 +8,9 @@ Guides:
              likelihood as a chunked matrix product), so TraceEnum_ELBO is the exact
              log-likelihood. Cost O(N 2^M (M + D)) a step: the seed's problem 10.
   bernoulli  amortized q(z | x) = prod_m Bernoulli(sigm(f(x)_m)), score-function gradients
-             (TraceGraph_ELBO) with an input-dependent neural baseline (NVIL).
+             (TraceGraph_ELBO) with baselines (--baseline): an input-dependent neural baseline
+             (neural, the default), Pyro's decaying average of the learning signal (average), or
+             the network fitting what is left after the average (both, as NVIL centres its signal).
   relaxed    the same q, its discrete samples given gradients through a Concrete (relaxed
              Bernoulli) sample at --temperature: the straight-through estimator, with Trace_ELBO.
 
@@ -31,6 +33,7 @@ from ..distributions import (IndependentBits, LinearBernoulli, StraightThroughBe
                              table_log_likelihood)
 from ..objectives import VIMCO
 
+BASELINES = ("neural", "average", "both")
 MAX_EXACT_LATENTS = 20  # 2^20 = 1,048,576 states: exact test log-likelihood in minutes on 2 CPU cores
 FLOPS = 2e10  # a 2-core CPU's sustained float throughput, for the refusal message's estimate
 
@@ -40,15 +43,17 @@ class SigmoidBeliefNet:
     guides = ("enum", "bernoulli", "relaxed")
     default_guide = "enum"
     elbos = ("vimco",)  # otherwise the guide decides: TraceEnum_ELBO, TraceGraph_ELBO or Trace_ELBO
-    hyperparameters = ("latents", "temperature")
+    hyperparameters = ("latents", "temperature", "baseline")
     training_defaults = dict(optimizer="adam", lr=1e-3, batch_size=100, epochs=20, eval_samples=1000)
 
-    def __init__(self, latents=10, temperature=0.5, num_pixels=784, encoder_hidden=200):
+    def __init__(self, latents=10, temperature=0.5, baseline="neural", num_pixels=784, encoder_hidden=200):
         if latents < 1:
             raise ValueError(f"--latents must be a positive integer, got {latents}")
         if temperature <= 0:
             raise ValueError(f"--temperature must be positive, got {temperature}")
-        self.latents, self.temperature, self.num_pixels = latents, temperature, num_pixels
+        if baseline not in BASELINES:
+            raise ValueError(f"--baseline must be one of {', '.join(BASELINES)}, got {baseline!r}")
+        self.latents, self.temperature, self.baseline_kind, self.num_pixels = latents, temperature, baseline, num_pixels
         self.encoder = nn.Sequential(nn.Linear(num_pixels, encoder_hidden), nn.ReLU(), nn.Linear(encoder_hidden, latents))
         self.baseline = nn.Sequential(
             nn.Linear(num_pixels, encoder_hidden), nn.ReLU(), nn.Linear(encoder_hidden, 1), nn.Flatten(-2)
@@ -89,9 +94,13 @@ class SigmoidBeliefNet:
     def guide_bernoulli(self, x):
         logits = self._posterior_logits(x)
         pyro.module("baseline", self.baseline)
+        baseline = {}
+        if self.baseline_kind in ("neural", "both"):
+            baseline.update(nn_baseline=self.baseline, nn_baseline_input=x)
+        if self.baseline_kind in ("average", "both"):
+            baseline.update(use_decaying_avg_baseline=True)
         with pyro.plate("data", x.shape[0]):
-            pyro.sample("z", dist.Bernoulli(logits=logits).to_event(1),
-                        infer={"baseline": {"nn_baseline": self.baseline, "nn_baseline_input": x}})
+            pyro.sample("z", dist.Bernoulli(logits=logits).to_event(1), infer={"baseline": baseline})
 
     def guide_relaxed(self, x):
         logits = self._posterior_logits(x)
@@ -114,6 +123,9 @@ class SigmoidBeliefNet:
             return (JitTraceEnum_ELBO if jit else TraceEnum_ELBO)(max_plate_nesting=1)
         common = dict(num_particles=particles, vectorize_particles=particles > 1, max_plate_nesting=1)
         if guide_name == "bernoulli":
+            if jit and self.baseline_kind != "neural":
+                raise ValueError(f"--jit cannot trace Pyro's decaying-average baseline (--baseline {self.baseline_kind}); "
+                                 "use --baseline neural or drop --jit")
             return (JitTraceGraph_ELBO if jit else TraceGraph_ELBO)(**common)
         return (JitTrace_ELBO if jit else Trace_ELBO)(**common)
 
