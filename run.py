@@ -88,6 +88,10 @@ def parse_args(argv=None):
     vae.add_argument("--hidden", type=layer_sizes, default=(200, 200),
                      help="hidden layer sizes of encoder and decoder, comma-separated (default: 200,200)")
     vae.add_argument("--flows", type=int, default=2, help="inverse-autoregressive flow layers of --guide iaf (default: 2)")
+    vae.add_argument("--kl-warmup", type=float, default=0,
+                     help="KL warm-up: weight the KL term by a factor growing linearly from 0 to 1 over this many "
+                          "epochs (with --elbo trace or meanfield; reported numbers always use the full ELBO; "
+                          "default: 0, none)")
     vae.add_argument("--rank", type=int, default=2, help="rank of the covariance factor of --guide lowrank (default: 2)")
 
     data = parser.add_argument_group("data")

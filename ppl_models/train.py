@@ -404,7 +404,7 @@ def _train(model, data, cfg, run_dir, resume, progress, log, after_epoch):
                 batch = x_epoch[order[step_in_epoch * cfg.batch_size : (step_in_epoch + 1) * cfg.batch_size]]
                 started = time.perf_counter()
                 try:
-                    loss = svi.step(batch) / cfg.batch_size
+                    loss = svi.step(batch, *step_args(model, epoch + (step_in_epoch + 1) / steps, device)) / cfg.batch_size
                 except ValueError:  # Pyro's validation meeting a parameter that went non-finite
                     if all(torch.isfinite(p).all() for _, p in pyro.get_param_store().named_parameters()):
                         raise
@@ -453,6 +453,12 @@ def _train(model, data, cfg, run_dir, resume, progress, log, after_epoch):
             selected_by=f"{names[0]} on {len(curves['valid'])} fixed random valid digits", best_value=best.value)
     write_json(summary, run_dir / "metrics.json")
     return summary
+
+
+def step_args(model, epochs_done, device):
+    """Extra arguments of model and guide at this point of training (epochs_done, fractional), for
+    model families with a schedule (the VAE's KL warm-up); none for the others."""
+    return model.step_args(epochs_done, device) if hasattr(model, "step_args") else ()
 
 
 def steps_per_epoch(cfg, data):

@@ -60,12 +60,13 @@ def test_gradients_reach_the_encoder(guide):
         assert all(p.grad is not None for p in vae.flows.parameters())
 
 
-@pytest.mark.parametrize("elbo, particles", [("trace", 1), ("meanfield", 1), ("iwae", 5)])
-def test_every_elbo_raises_the_held_out_elbo(tiny_dataset, tmp_path, elbo, particles):
+@pytest.mark.parametrize("elbo, particles, kl_warmup", [("trace", 1, 0), ("meanfield", 1, 0), ("iwae", 5, 0),
+                                                       ("trace", 1, 1.5)])
+def test_every_elbo_raises_the_held_out_elbo(tiny_dataset, tmp_path, elbo, particles, kl_warmup):
     cfg = Config(model="vae", guide="normal", elbo=elbo, particles=particles, optimizer="adam", lr=3e-3,
                  epochs=2, batch_size=50, eval_every=1000, eval_digits=100, eval_samples=50,
-                 model_args={"z_dim": 4, "hidden": [64]})
-    summary = train(VAE(z_dim=4, hidden=(64,)), tiny_dataset, cfg, tmp_path, **QUIET)
+                 model_args={"z_dim": 4, "hidden": [64], "kl_warmup": kl_warmup})
+    summary = train(VAE(z_dim=4, hidden=(64,), kl_warmup=kl_warmup), tiny_dataset, cfg, tmp_path, **QUIET)
     rows = (tmp_path / "metrics.csv").read_text().splitlines()
     untrained = float(next(r for r in rows if r.startswith("0,0,0.0,test,elbo")).split(",")[-1])
     final = summary["final"]["test"]
@@ -97,12 +98,38 @@ def test_every_guide_trains_through_the_cli_and_draws_its_figures(offline, tiny_
     (["--model", "vae", "--guide", "enum"], "guide 'enum' does not belong to model 'vae'"),
     (["--model", "mixture", "--elbo", "iwae"], "--elbo does not apply to model 'mixture'"),
     (["--model", "vae", "--particles", "0"], "--particles must be a positive integer"),
+    (["--model", "vae", "--kl-warmup", "-1"], "--kl-warmup must be 0 (none) or a positive number of epochs"),
+    (["--model", "vae", "--elbo", "iwae", "--kl-warmup", "5"], "--kl-warmup weights the KL term of a one-sample ELBO"),
+    (["--model", "sbn", "--guide", "relaxed", "--elbo", "vimco", "--particles", "4"],
+     "--elbo vimco trains the score-function guide: use --guide bernoulli"),
 ])
 def test_bad_vae_input_exits_2_with_one_line(offline, tiny_binarized, tmp_path, capsys, args, message):
     assert run.main([*args, "--data-dir", str(tiny_binarized), "--dataset", "binarized-mnist", "--out",
                      str(tmp_path / "run"), "--quiet", "--no-download"]) == 2
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1, err
+
+
+def test_kl_warmup_weights_exactly_the_kl_term():
+    """Same z (same seed), closed-form KL: -ELBO_beta = -E log p(x | z) + beta KL, so the losses at
+    beta = 1 and beta = 0.25 differ by 0.75 KL(q || p)."""
+    vae, x = VAE(z_dim=3, hidden=(32,), kl_warmup=10), digits()
+    with torch.no_grad():
+        vae.encoder.heads[0].bias.fill_(1.0)  # q away from the prior: a KL of about 12 nats over the batch
+    pyro.module("encoder", vae.encoder)
+    losses = {}
+    for beta in (1.0, 0.25):
+        pyro.set_rng_seed(0)
+        losses[beta] = TraceMeanField_ELBO(max_plate_nesting=1).loss(vae.model, vae.guide_normal, x, torch.tensor(beta))
+    prior = dist.Normal(torch.zeros(3), torch.ones(3)).to_event(1)
+    kl = torch.distributions.kl_divergence(vae.posterior_normal(x), prior).sum().item()
+    assert losses[1.0] - losses[0.25] == pytest.approx(0.75 * kl, abs=2e-3)  # float32 sums of ~4400 nats
+
+
+def test_kl_weight_grows_linearly_over_the_warmup_then_stays_one():
+    schedule = VAE(z_dim=2, hidden=(8,), kl_warmup=4)
+    assert [schedule.step_args(epochs, "cpu")[0].item() for epochs in (0.5, 2, 4, 9)] == [0.125, 0.5, 1.0, 1.0]
+    assert VAE(z_dim=2, hidden=(8,)).step_args(0.5, "cpu") == ()
 
 
 def test_prior_vs_importance_experiment_writes_its_estimates(tiny_dataset, tmp_path):

@@ -13,11 +13,19 @@ ELBOs (`--elbo`):
   meanfield  TraceMeanField_ELBO: the KL(q || p) term in closed form (seed problems 14, 19) where
              one exists (normal, lowrank), a sampled KL otherwise
   iwae       RenyiELBO(alpha=0) with --particles k: the importance-weighted bound of Burda et al.
+
+KL warm-up (`--kl-warmup E`): during the first E epochs the z site of model and guide is scaled by
+a weight growing linearly from 0 to 1 (poutine.scale), so the objective is E_q[log p(x | z)] - beta
+KL(q || p) (Bowman et al. 2016, Sonderby et al. 2016). Evaluation always uses beta = 1.
 """
+
+from contextlib import nullcontext
+
 
 import pyro
 import pyro.distributions as dist
 import torch
+from pyro import poutine
 from pyro.distributions.transforms import AffineAutoregressive
 from pyro.infer import JitTrace_ELBO, JitTraceMeanField_ELBO, RenyiELBO, Trace_ELBO, TraceMeanField_ELBO
 from pyro.nn import AutoRegressiveNN
@@ -47,21 +55,29 @@ class Encoder(nn.Module):
         return [head(h) for head in self.heads]
 
 
+def kl_weighted(kl_weight):
+    """Scale the z site by the KL weight (the log p(z) and log q(z | x) terms); beta = 1 if None."""
+    return nullcontext() if kl_weight is None else poutine.scale(scale=kl_weight)
+
+
 class VAE:
     name = "vae"
     guides = ("normal", "iaf", "lowrank")
     default_guide = "normal"
     elbos = ("trace", "meanfield", "iwae")
     exact = False  # log p(x) is an integral: reported as ELBO and IWAE-k bounds
-    hyperparameters = ("z_dim", "hidden", "flows", "rank")
+    hyperparameters = ("z_dim", "hidden", "flows", "rank", "kl_warmup")
     training_defaults = dict(optimizer="adam", lr=1e-3, batch_size=100, epochs=5, eval_samples=1000)  # seed template's
 
-    def __init__(self, z_dim=2, hidden=(200, 200), flows=2, rank=2, num_pixels=784):
+    def __init__(self, z_dim=2, hidden=(200, 200), flows=2, rank=2, kl_warmup=0, num_pixels=784):
         for value, flag in ((z_dim, "--z-dim"), (flows, "--flows"), (rank, "--rank"), *((h, "--hidden") for h in hidden)):
             if value < 1:
                 raise ValueError(f"{flag} must be positive, got {value}")
         if not hidden:
             raise ValueError("--hidden needs at least one layer size, e.g. 200,200")
+        if kl_warmup < 0:
+            raise ValueError(f"--kl-warmup must be 0 (none) or a positive number of epochs, got {kl_warmup}")
+        self.kl_warmup = kl_warmup
         self.z_dim, self.hidden, self.num_pixels = z_dim, tuple(hidden), num_pixels
         self.decoder = mlp([z_dim, *self.hidden[::-1], num_pixels])  # z -> pixel logits
         self.encoder = Encoder(num_pixels, self.hidden, [z_dim, z_dim])  # -> mu, log sigma
@@ -72,11 +88,12 @@ class VAE:
         self.rank = rank
 
     # ---- model and guides -------------------------------------------------------------
-    def model(self, x):
+    def model(self, x, kl_weight=None):
         pyro.module("decoder", self.decoder)
         with pyro.plate("data", x.shape[0]):
             prior = dist.Normal(x.new_zeros(self.z_dim), x.new_ones(self.z_dim)).to_event(1)
-            z = pyro.sample("z", prior)
+            with kl_weighted(kl_weight):
+                z = pyro.sample("z", prior)
             pyro.sample("x", dist.Bernoulli(logits=self.decoder(z)).to_event(1), obs=x)
 
     def posterior_normal(self, x):
@@ -84,22 +101,22 @@ class VAE:
         loc, log_scale = self.encoder(x)
         return dist.Normal(loc, log_scale.clamp(*LOG_SCALE_RANGE).exp()).to_event(1)
 
-    def guide_normal(self, x):
+    def guide_normal(self, x, kl_weight=None):
         pyro.module("encoder", self.encoder)
-        with pyro.plate("data", x.shape[0]):
+        with pyro.plate("data", x.shape[0]), kl_weighted(kl_weight):
             pyro.sample("z", self.posterior_normal(x))
 
-    def guide_iaf(self, x):
+    def guide_iaf(self, x, kl_weight=None):
         pyro.module("encoder", self.encoder)
         pyro.module("flows", self.flows)
-        with pyro.plate("data", x.shape[0]):
+        with pyro.plate("data", x.shape[0]), kl_weighted(kl_weight):
             pyro.sample("z", dist.TransformedDistribution(self.posterior_normal(x), list(self.flows)))
 
-    def guide_lowrank(self, x):
+    def guide_lowrank(self, x, kl_weight=None):
         pyro.module("lowrank_encoder", self.lowrank_encoder)
         loc, factor, log_diag = self.lowrank_encoder(x)
         factor = factor.reshape(*factor.shape[:-1], self.z_dim, self.rank)
-        with pyro.plate("data", x.shape[0]):
+        with pyro.plate("data", x.shape[0]), kl_weighted(kl_weight):
             pyro.sample("z", dist.LowRankMultivariateNormal(loc, factor, log_diag.clamp(*LOG_SCALE_RANGE).exp()))
 
     def guide_prior(self, x):
@@ -111,7 +128,18 @@ class VAE:
     def guide(self, name):
         return getattr(self, f"guide_{name}")
 
+    def step_args(self, epochs_done, device):
+        """The extra arguments of model and guide at this point of training: (KL weight,) under
+        --kl-warmup, growing linearly to 1 over its epochs and 1 after (a tensor, so --jit traces
+        it as an input); () without warm-up."""
+        if not self.kl_warmup:
+            return ()
+        return (torch.tensor(min(1.0, epochs_done / self.kl_warmup), device=device),)
+
     def elbo(self, guide_name, elbo_name="trace", jit=False, particles=1):
+        if elbo_name == "iwae" and self.kl_warmup:
+            raise ValueError("--kl-warmup weights the KL term of a one-sample ELBO, which --elbo iwae does not have; "
+                             "use --elbo trace or meanfield, or drop --kl-warmup")
         if elbo_name == "iwae":
             if jit:
                 raise ValueError("--jit is not available with --elbo iwae (Pyro has no JIT RenyiELBO); drop --jit")
@@ -122,6 +150,8 @@ class VAE:
         return (JitTrace_ELBO if jit else Trace_ELBO)(**common)
 
     def loss_name(self, guide_name, elbo_name=None):
+        if self.kl_warmup:
+            return f"-ELBO (KL weight < 1 for the first {self.kl_warmup:g} epochs)"
         return "-IWAE bound" if elbo_name == "iwae" else "-ELBO"
 
     # ---- what a generative model is for -----------------------------------------------
