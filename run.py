@@ -116,7 +116,8 @@ def parse_args(argv=None):
     opt.add_argument("--seed", type=int, default=0, help="random seed; CPU runs are bit-reproducible (default: 0)")
     opt.add_argument("--patience", type=int,
                      help="early stopping: after each epoch score the --eval-digits fixed valid digits (exact "
-                          "log-likelihood where the model has one, else the ELBO), stop after this many epochs "
+                          "log-likelihood where the model has one, else iwae-k for a k-sample objective (--elbo iwae, "
+                          "vimco), else the ELBO), stop after this many epochs "
                           "without a better score, and report and plot the best epoch's model (needs a valid "
                           "split: binarized-mnist; default: train every epoch and keep the last)")
     opt.add_argument("--jit", action="store_true", help="use Pyro's JIT-compiled ELBOs (faster steps, slower start)")

@@ -387,9 +387,11 @@ def _train(model, data, cfg, run_dir, resume, progress, log, after_epoch):
     if step == 0:
         evaluate_curves()  # the untrained model, for the start of every curve
         after_epoch(0)
+    selected = selection_estimator(cfg, names)
+
     def validation_score():
         with evaluation_rng(cfg.seed, device):  # the same draws every epoch: scores differ by the params only
-            return mean_estimates(model, cfg.guide, curves["valid"], names[:1])[names[0]]
+            return mean_estimates(model, cfg.guide, curves["valid"], [selected])[selected]
 
     with interrupt_between_steps() as interrupt:
         while epoch < cfg.epochs and not (best and best.exhausted(epoch)):
@@ -437,22 +439,31 @@ def _train(model, data, cfg, run_dir, resume, progress, log, after_epoch):
             after_epoch(epoch)
             log(f"epoch {epoch}/{cfg.epochs}: {model.loss_name(cfg.guide, cfg.elbo)} {running:.2f} (moving average over train "
                 f"batches), {seconds / epoch:.1f} s/epoch" + (
-                    f"; best valid {names[0]} {best.value:.2f} at epoch {best.epoch}" if best else ""))
+                    f"; best valid {selected} {best.value:.2f} at epoch {best.epoch}" if best else ""))
 
     evaluate_curves()  # the end of training, if it fell between two --eval-every points
     metrics.flush()
     if best:
         stopped = best.exhausted(epoch)
         log(f"{'early stopping: ' if stopped else ''}{epoch} epochs trained; the final numbers and figures are those of "
-            f"epoch {best.epoch}, the best valid {names[0]} ({best.value:.2f} on {len(curves['valid'])} digits)")
+            f"epoch {best.epoch}, the best valid {selected} ({best.value:.2f} on {len(curves['valid'])} digits)")
         best.restore(device)
     summary = summarise(model, data, cfg, epoch, seconds / max(epoch, 1), device, progress)
     if best:
         summary["early_stopping"] = dict(
             patience=cfg.patience, epochs_trained=epoch, stopped_early=stopped, best_epoch=best.epoch,
-            selected_by=f"{names[0]} on {len(curves['valid'])} fixed random valid digits", best_value=best.value)
+            selected_by=f"{selected} on {len(curves['valid'])} fixed random valid digits", best_value=best.value)
     write_json(summary, run_dir / "metrics.json")
     return summary
+
+
+def selection_estimator(cfg, names):
+    """What early stopping maximises on the valid digits: the exact log-likelihood where the model
+    has one; else the training objective's own bound, iwae-k for a k-sample objective (--elbo iwae
+    or vimco: its one-sample ELBO can fall while the bound it trains rises); else the ELBO."""
+    if "exact" not in names and cfg.elbo in ("iwae", "vimco"):
+        return f"iwae-{cfg.particles}"
+    return names[0]
 
 
 def step_args(model, epochs_done, device):

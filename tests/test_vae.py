@@ -154,3 +154,16 @@ def test_scoring_non_binary_digits_is_refused():
 
     with pytest.raises(DataError, match="digits to score has values other than 0 and 1"):
         per_digit_estimate(VAE(z_dim=2, hidden=(8,)), "normal", torch.full((2, 784), 0.3), "iwae-10")
+
+
+def test_early_stopping_of_a_k_sample_objective_selects_on_its_bound(tiny_dataset, tmp_path):
+    import dataclasses
+
+    data = dataclasses.replace(tiny_dataset, images={**tiny_dataset.images, "valid": tiny_dataset.images["test"]},
+                               labels={**tiny_dataset.labels, "valid": None},
+                               sources={**tiny_dataset.sources, "valid": "test"})
+    cfg = Config(model="vae", guide="normal", elbo="iwae", particles=3, optimizer="adam", lr=3e-3, epochs=2,
+                 batch_size=50, eval_every=1000, eval_digits=100, eval_samples=0, patience=5,
+                 model_args={"z_dim": 4, "hidden": [64]})
+    summary = train(VAE(z_dim=4, hidden=(64,)), data, cfg, tmp_path, **QUIET)
+    assert summary["early_stopping"]["selected_by"] == "iwae-3 on 100 fixed random valid digits"
