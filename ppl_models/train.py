@@ -274,9 +274,12 @@ class BestEpoch:
     """Early stopping (--patience): the validation score after every epoch, the params of the best
     epoch so far kept in best.pt, and whether `patience` epochs have passed without a better one."""
 
-    def __init__(self, path, patience, state=None):
-        self.path, self.patience = Path(path), patience
-        self.epoch, self.value = (state["epoch"], state["value"]) if state else (0, -math.inf)
+    def __init__(self, path, patience, estimator, state=None, epoch=0):
+        self.path, self.patience, self.estimator = Path(path), patience, estimator
+        if state and state.get("estimator", estimator) == estimator:
+            self.epoch, self.value = state["epoch"], state["value"]
+        else:  # nothing scored with this estimator yet (or a saved best of another one): count from `epoch`
+            self.epoch, self.value = epoch, -math.inf
 
     def update(self, epoch, value):
         if value > self.value:
@@ -287,7 +290,7 @@ class BestEpoch:
         return epoch - self.epoch >= self.patience
 
     def state(self):
-        return dict(epoch=self.epoch, value=self.value)
+        return dict(epoch=self.epoch, value=self.value, estimator=self.estimator)
 
     def restore(self, device):
         restore_params(torch.load(self.path, map_location=device, weights_only=True), device)
@@ -358,7 +361,8 @@ def _train(model, data, cfg, run_dir, resume, progress, log, after_epoch):
         log(f"resuming {run_dir} at epoch {epoch + 1}, step {step}" if epoch < cfg.epochs else
             f"{run_dir} had finished its {cfg.epochs} epochs: evaluating it and drawing its figures again")
     metrics = MetricsLog(run_dir / "metrics.csv", up_to_step=step if resume else None)
-    best = BestEpoch(run_dir / "best.pt", cfg.patience, best_state) if cfg.patience else None
+    selected = selection_estimator(cfg, names)
+    best = BestEpoch(run_dir / "best.pt", cfg.patience, selected, best_state, epoch) if cfg.patience else None
     write_json(asdict(cfg), run_dir / "config.json")
 
     def save_checkpoint():
@@ -387,8 +391,6 @@ def _train(model, data, cfg, run_dir, resume, progress, log, after_epoch):
     if step == 0:
         evaluate_curves()  # the untrained model, for the start of every curve
         after_epoch(0)
-    selected = selection_estimator(cfg, names)
-
     def validation_score():
         with evaluation_rng(cfg.seed, device):  # the same draws every epoch: scores differ by the params only
             return mean_estimates(model, cfg.guide, curves["valid"], [selected])[selected]

@@ -231,6 +231,17 @@ def test_resume_with_another_learning_rate_uses_it(tiny_dataset, tmp_path, monke
     assert seen and set(seen) == {0.001}
 
 
+def test_a_saved_best_of_another_estimator_is_not_compared_with_this_ones(tiny_dataset, tmp_path):
+    data = with_inverted_valid(tiny_dataset)
+    train(BernoulliMixture(4), data, config(epochs=10, patience=2), tmp_path, **QUIET)  # best epoch 1, stopped at 3
+    checkpoint = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    assert checkpoint["best"]["estimator"] == "exact"
+    checkpoint["best"]["estimator"] = "elbo"  # as if scored by another criterion
+    torch.save(checkpoint, tmp_path / "checkpoint.pt")
+    resumed = train(BernoulliMixture(4), data, config(epochs=10, patience=2), tmp_path, resume=True, **QUIET)
+    assert resumed["early_stopping"]["best_epoch"] == 4 and resumed["early_stopping"]["epochs_trained"] == 6
+
+
 def test_early_stopping_needs_a_validation_split(tiny_dataset, tmp_path):
     with pytest.raises(ValueError, match="--patience stops on the validation split, and tiny has none"):
         train(BernoulliMixture(4), tiny_dataset, config(patience=3), tmp_path, **QUIET)
