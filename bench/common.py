@@ -31,8 +31,7 @@ def pyro_step(name, model_args, guide_name, optimizer, lr, first_batch, jit=Fals
     elbo = model.elbo(guide_name, elbo_name, jit=jit)
     if stock:
         return pyro.infer.SVI(model.model, guide, getattr(pyro.optim, optimizer)({"lr": lr}), elbo).step
-    elbo.loss(model.model, guide, first_batch)  # creates the params, as training does
-    return SVI(model.model, guide, elbo, getattr(torch.optim, optimizer), lr).step
+    return SVI(model.model, guide, elbo, getattr(torch.optim, optimizer), lr, (first_batch,)).step
 
 
 def epoch_seconds(step, batches, device, steps=None, repeats=3):

@@ -56,9 +56,10 @@ def describe(summary, out):
     return "\n".join(lines)
 
 
-def chosen_epoch(summary):
-    """The epoch whose model a run reports, where early stopping chose one."""
-    return summary.get("early_stopping", {}).get("best_epoch")
+def draw_learning_curves(out, cfg, data, summary, title):
+    """learning_curves.png of a run from its metrics.csv, marking the epoch early stopping chose."""
+    plots.learning_curves(read_metrics(out), out / "learning_curves.png", title, steps_per_epoch(cfg, data),
+                          summary.get("early_stopping", {}).get("best_epoch"))
 
 
 def read_metrics(run_dir):
@@ -93,9 +94,7 @@ def mixture_report(model, data, cfg, out, summary, download=True, log=print):
     plots.image_grid(samples, out / "samples.png", "16 samples x ~ p(x), each with the component z it came from",
                      captions=[f"z={k}" for k in z.tolist()], ncols=8)
 
-    plots.learning_curves(read_metrics(out), out / "learning_curves.png",
-                          f"{model.summary()}: {cfg.eval_digits} fixed random train / test digits",
-                          steps_per_epoch(cfg, data), chosen_epoch(summary))
+    draw_learning_curves(out, cfg, data, summary, f"{model.summary()}: {cfg.eval_digits} fixed random train / test digits")
 
     # Ten fixed random test digits to show (test files can be ordered by class).
     shown_digits = x_test[torch.randperm(x_test.shape[0], generator=generator)[:10].to(x_test.device)]
@@ -202,9 +201,8 @@ def vae_sample_recorder(model, out, cfg):
 def vae_report(model, data, cfg, out, summary, download=True, log=print):
     x_test = data.binary("test")
     generator = torch.Generator().manual_seed(cfg.seed)
-    plots.learning_curves(read_metrics(out), out / "learning_curves.png",
-                          f"{model.summary()}, guide {cfg.guide}: {cfg.eval_digits} fixed random digits per split",
-                          steps_per_epoch(cfg, data), chosen_epoch(summary))
+    draw_learning_curves(out, cfg, data, summary,
+                         f"{model.summary()}, guide {cfg.guide}: {cfg.eval_digits} fixed random digits per split")
     figures = [("learning_curves.png", f"ELBO of {cfg.eval_digits} fixed random digits of each split during training "
                 "(seed problem 22): a lower bound on log p(x); the untrained model starts near -544 nats."),
                ("samples_through_training.png", "The decoder's mean image for the same 20 draws of z ~ N(0, I) before, "
@@ -257,9 +255,8 @@ def latent_means(model, guide_name, x, num_samples=100):
 # ---- the sigmoid belief net's report --------------------------------------------------------
 def sbn_report(model, data, cfg, out, summary, download=True, log=print):
     estimates = "exact log-likelihood" if model.exact else "ELBO"
-    plots.learning_curves(read_metrics(out), out / "learning_curves.png",
-                          f"{model.summary()}, guide {cfg.guide}: {cfg.eval_digits} fixed random digits per split",
-                          steps_per_epoch(cfg, data), chosen_epoch(summary))
+    draw_learning_curves(out, cfg, data, summary,
+                         f"{model.summary()}, guide {cfg.guide}: {cfg.eval_digits} fixed random digits per split")
     with torch.random.fork_rng():
         torch.manual_seed(cfg.seed)
         z, samples = model.sample(16)
@@ -328,9 +325,7 @@ def cost_against_latents(cfg, data, out, progress, log=print, latents=(2, 4, 6, 
             model = build_model("sbn", {**cfg.model_args, "latents": M}, cfg.device)
             pyro.clear_param_store()
             pyro.set_rng_seed(cfg.seed)
-            guide_fn, elbo = model.guide(guide), model.elbo(guide)
-            elbo.loss(model.model, guide_fn, x)  # creates the params
-            svi = SVI(model.model, guide_fn, elbo, torch.optim.Adam, cfg.lr)
+            svi = SVI(model.model, model.guide(guide), model.elbo(guide), torch.optim.Adam, cfg.lr, (x,))
             svi.step(x)  # warm-up: lazy imports, first-call allocations
             started = time.perf_counter()
             for _ in range(steps):

@@ -15,7 +15,7 @@ import math
 
 import torch
 
-from .evaluate import log_weight_terms
+from .evaluate import iwae_bound, log_weight_terms
 
 
 def leave_one_out_bounds(log_weights):
@@ -41,8 +41,7 @@ class VIMCO:
 
     def bound_terms(self, model, guide, *args):
         log_weights, log_q_scored = log_weight_terms(model, guide, *args, num_samples=self.num_particles)
-        bound = torch.logsumexp(log_weights, 0) - math.log(self.num_particles)
-        return bound, log_weights, log_q_scored
+        return iwae_bound(log_weights), log_weights, log_q_scored
 
     def loss(self, model, guide, *args):
         """-L summed over the batch."""

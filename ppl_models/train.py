@@ -93,16 +93,16 @@ class SVI:
     The gradients are Pyro's: `elbo.loss_and_grads(model, guide, x)`, the call `pyro.infer.SVI.step`
     makes. Only the update differs. `pyro.optim` keeps one PyTorch optimizer per parameter (14
     optimizer steps per VAE step) and `pyro.infer.SVI` traces every step to find the params; here
-    the params are collected once, after the first loss has created them all, and updated by one
-    optimizer. bench/vae_speed.py measures the difference against pyro.infer.SVI and plain PyTorch
-    (BENCHMARKS.md). The optimizer is `optimizer_class(params, lr=lr)`.
+    the params are collected once, after a first loss on `first_args` has created them all (in a
+    fixed order, which checkpoints rely on), and updated by one optimizer. bench/vae_speed.py
+    measures the difference against pyro.infer.SVI and plain PyTorch (BENCHMARKS.md). The optimizer
+    is `optimizer_class(params, lr=lr)`.
     """
 
-    def __init__(self, model, guide, elbo, optimizer_class, lr):
+    def __init__(self, model, guide, elbo, optimizer_class, lr, first_args):
         self.model, self.guide, self.elbo = model, guide, elbo  # the same guide object every step: JIT caches on it
+        elbo.loss(model, guide, *first_args)
         self.params = [p for _, p in pyro.get_param_store().named_parameters()]
-        if not self.params:
-            raise RuntimeError("no params in Pyro's param store: evaluate the loss once before building SVI")
         self.optimizer = optimizer_class(self.params, lr=lr)
         self.checked = False
 
@@ -246,6 +246,11 @@ def plain(tensor):
     return tensor.detach().cpu().clone().as_subclass(torch.Tensor)
 
 
+def param_values():
+    """{name: plain CPU copy} of every unconstrained value in Pyro's param store."""
+    return {n: plain(p) for n, p in pyro.get_param_store().named_parameters()}
+
+
 def restore_params(saved, device):
     """Copy saved unconstrained values into the param store in place (so networks and optimizer
     keep the same tensors), and recreate entries Pyro makes lazily during a step, such as
@@ -284,7 +289,7 @@ class BestEpoch:
     def update(self, epoch, value):
         if value > self.value:
             self.epoch, self.value = epoch, value
-            atomic_torch_save({n: plain(p) for n, p in pyro.get_param_store().named_parameters()}, self.path)
+            atomic_torch_save(param_values(), self.path)
 
     def exhausted(self, epoch):
         return epoch - self.epoch >= self.patience
@@ -343,8 +348,8 @@ def _train(model, data, cfg, run_dir, resume, progress, log, after_epoch):
     reset_networks(model)
     guide = model.guide(cfg.guide)
     elbo = model.elbo(cfg.guide, cfg.elbo, jit=cfg.jit, particles=cfg.particles)
-    elbo.loss(model.model, guide, x_train_all[: cfg.batch_size])  # creates every param, in a fixed order
-    svi = SVI(model.model, guide, elbo, OPTIMIZERS[cfg.optimizer], cfg.lr)
+    svi = SVI(model.model, guide, elbo, OPTIMIZERS[cfg.optimizer], cfg.lr, (x_train_all[: cfg.batch_size],))
+    loss_name = model.loss_name(cfg.guide, cfg.elbo)
 
     epoch, step_in_epoch, step, seconds = 0, 0, 0, 0.0
     best_state = None
@@ -370,7 +375,7 @@ def _train(model, data, cfg, run_dir, resume, progress, log, after_epoch):
             {
                 "format": CHECKPOINT_FORMAT,
                 "config": asdict(cfg),
-                "params": {n: plain(p) for n, p in pyro.get_param_store().named_parameters()},
+                "params": param_values(),
                 "optimizer": svi.optimizer.state_dict(),
                 "rng": rng_state(),
                 "progress": dict(epoch=epoch, step_in_epoch=step_in_epoch, step=step, seconds=seconds),
@@ -391,6 +396,7 @@ def _train(model, data, cfg, run_dir, resume, progress, log, after_epoch):
     if step == 0:
         evaluate_curves()  # the untrained model, for the start of every curve
         after_epoch(0)
+
     def validation_score():
         with evaluation_rng(cfg.seed, device):  # the same draws every epoch: scores differ by the params only
             return mean_estimates(model, cfg.guide, curves["valid"], [selected])[selected]
@@ -423,7 +429,7 @@ def _train(model, data, cfg, run_dir, resume, progress, log, after_epoch):
                 step_in_epoch += 1
                 step += 1
                 running = loss if math.isnan(running) else 0.98 * running + 0.02 * loss
-                bar.set_postfix_str(f"{model.loss_name(cfg.guide, cfg.elbo)} {running:.2f}")
+                bar.set_postfix_str(f"{loss_name} {running:.2f}")
                 bar.update()
                 if step % cfg.eval_every == 0:
                     evaluate_curves()
@@ -439,7 +445,7 @@ def _train(model, data, cfg, run_dir, resume, progress, log, after_epoch):
                 best.update(epoch, validation_score())
             save_checkpoint()
             after_epoch(epoch)
-            log(f"epoch {epoch}/{cfg.epochs}: {model.loss_name(cfg.guide, cfg.elbo)} {running:.2f} (moving average over train "
+            log(f"epoch {epoch}/{cfg.epochs}: {loss_name} {running:.2f} (moving average over train "
                 f"batches), {seconds / epoch:.1f} s/epoch" + (
                     f"; best valid {selected} {best.value:.2f} at epoch {best.epoch}" if best else ""))
 

@@ -256,9 +256,11 @@ def test_one_optimizer_svi_takes_the_steps_pyros_svi_takes(tiny_dataset):
         pyro.set_rng_seed(0)
         model = BernoulliMixture(4)
         guide, elbo = model.guide("enum"), model.elbo("enum")
-        elbo.loss(model.model, guide, x)
-        svi = (pyro.infer.SVI(model.model, guide, pyro.optim.Adam({"lr": 0.05}), elbo) if stock else
-               train_module.SVI(model.model, guide, elbo, torch.optim.Adam, 0.05))
+        if stock:
+            elbo.loss(model.model, guide, x)  # the first loss ours takes to create the params
+            svi = pyro.infer.SVI(model.model, guide, pyro.optim.Adam({"lr": 0.05}), elbo)
+        else:
+            svi = train_module.SVI(model.model, guide, elbo, torch.optim.Adam, 0.05, (x,))
         losses = [svi.step(x) for _ in range(5)]
         results.append((losses, final_params()))
     (stock_losses, stock_params), (losses, params) = results
@@ -279,9 +281,7 @@ def test_a_param_created_after_the_first_loss_is_refused():
             loc = loc + pyro.param("late", torch.zeros(()))
         pyro.sample("z", pyro.distributions.Normal(loc, 1.0))
 
-    elbo = pyro.infer.Trace_ELBO()
-    elbo.loss(model, guide)
-    svi = train_module.SVI(model, guide, elbo, torch.optim.Adam, 0.1)
+    svi = train_module.SVI(model, guide, pyro.infer.Trace_ELBO(), torch.optim.Adam, 0.1, ())
     with pytest.raises(RuntimeError, match=r"params \['late'\] appeared after the first loss"):
         svi.step()
 
