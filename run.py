@@ -87,6 +87,9 @@ def parse_args(argv=None):
     vae.add_argument("--z-dim", type=int, default=2, help="latent dimensions (default: 2, the seed's; 2 gives the manifold plot)")
     vae.add_argument("--hidden", type=layer_sizes, default=(200, 200),
                      help="hidden layer sizes of encoder and decoder, comma-separated (default: 200,200)")
+    vae.add_argument("--activation", choices=("relu", "tanh", "gated"), default="relu",
+                     help="nonlinearity of the hidden layers: relu (default), tanh (the IWAE paper's), gated: "
+                          "(W x) * sigmoid(V x), twice the weights (the VampPrior paper's)")
     vae.add_argument("--flows", type=int, default=2, help="inverse-autoregressive flow layers of --guide iaf (default: 2)")
     vae.add_argument("--kl-warmup", type=float, default=0,
                      help="KL warm-up: weight the KL term by a factor growing linearly from 0 to 1 over this many "

@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 
 from .evaluate import estimators, mean_estimates, per_digit_estimate
 
-CHECKPOINT_FORMAT = 2  # 2: one PyTorch optimizer's state (1 held pyro.optim's per-param optimizers)
+CHECKPOINT_FORMAT = 3  # 2: one PyTorch optimizer's state (1: pyro.optim's per-param ones); 3: VAE layer names
 OPTIMIZERS = {
     "adam": torch.optim.Adam,
     "rmsprop": torch.optim.RMSprop,
@@ -513,7 +513,7 @@ def check_resumable(checkpoint, cfg, path):
         raise TrainingError(f"{path} was written by a newer ppl_models (format {checkpoint['format']}); upgrade to resume it")
     if checkpoint.get("format", 0) < CHECKPOINT_FORMAT:
         raise TrainingError(f"{path} was written by an older ppl_models (format {checkpoint.get('format', 0)}), whose "
-                            "optimizer state this one cannot read; start the run again")
+                            "optimizer state or parameter names this one cannot read; start the run again")
     saved = checkpoint["config"]
     for key in ("model", "guide", "elbo", "dataset", "model_args"):
         if saved.get(key) != getattr(cfg, key):

@@ -60,18 +60,42 @@ def test_gradients_reach_the_encoder(guide):
         assert all(p.grad is not None for p in vae.flows.parameters())
 
 
-@pytest.mark.parametrize("elbo, particles, kl_warmup", [("trace", 1, 0), ("meanfield", 1, 0), ("iwae", 5, 0),
-                                                       ("trace", 1, 1.5)])
-def test_every_elbo_raises_the_held_out_elbo(tiny_dataset, tmp_path, elbo, particles, kl_warmup):
+@pytest.mark.parametrize("elbo, particles, kl_warmup, activation", [
+    ("trace", 1, 0, "relu"), ("meanfield", 1, 0, "relu"), ("iwae", 5, 0, "relu"), ("trace", 1, 1.5, "relu"),
+    ("trace", 1, 0, "tanh"), ("iwae", 5, 0, "gated"),
+])
+def test_every_elbo_and_activation_raises_the_held_out_elbo(tiny_dataset, tmp_path, elbo, particles, kl_warmup,
+                                                            activation):
+    model_args = {"z_dim": 4, "hidden": [64], "activation": activation, "kl_warmup": kl_warmup}
     cfg = Config(model="vae", guide="normal", elbo=elbo, particles=particles, optimizer="adam", lr=3e-3,
-                 epochs=2, batch_size=50, eval_every=1000, eval_digits=100, eval_samples=50,
-                 model_args={"z_dim": 4, "hidden": [64], "kl_warmup": kl_warmup})
-    summary = train(VAE(z_dim=4, hidden=(64,), kl_warmup=kl_warmup), tiny_dataset, cfg, tmp_path, **QUIET)
+                 epochs=2, batch_size=50, eval_every=1000, eval_digits=100, eval_samples=50, model_args=model_args)
+    summary = train(VAE(**model_args), tiny_dataset, cfg, tmp_path, **QUIET)
     rows = (tmp_path / "metrics.csv").read_text().splitlines()
     untrained = float(next(r for r in rows if r.startswith("0,0,0.0,test,elbo")).split(",")[-1])
     final = summary["final"]["test"]
     assert final["elbo"] > untrained + 150, (untrained, final)
     assert final["iwae-50"] >= final["elbo"] - 0.5
+
+
+def test_gated_layer_multiplies_a_linear_map_by_a_sigmoid_gate():
+    vae, z = VAE(z_dim=3, hidden=(5, 4), activation="gated"), torch.randn(6, 3)
+    first, second, output = *vae.decoder[0], vae.decoder[1]
+    by_hand = z
+    for layer in (first, second):
+        by_hand = (by_hand @ layer.value.weight.T + layer.value.bias) * torch.sigmoid(
+            by_hand @ layer.gate.weight.T + layer.gate.bias)
+    assert torch.allclose(vae.decode(z), torch.sigmoid(output(by_hand)), atol=1e-6)
+    assert [layer.value.out_features for layer in vae.encoder.body] == [5, 4]  # encoder 784-5-4, decoder 3-4-5-784
+
+
+def test_a_gated_run_resumes_as_a_gated_network(offline, tiny_binarized, tmp_path):
+    common = ["--data-dir", str(tiny_binarized), "--dataset", "binarized-mnist", "--out", str(tmp_path / "run"),
+              "--quiet", "--no-download", "--eval-samples", "5"]
+    assert run.main(["--model", "vae", "--activation", "gated", "--z-dim", "2", "--hidden", "16", "--epochs", "1",
+                     *common]) == 0
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["model_args"]["activation"] == "gated"
+    assert run.main(["--resume", str(tmp_path / "run"), "--epochs", "2", "--quiet"]) == 0
+    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["epochs"] == 2
 
 
 @pytest.mark.parametrize("guide", VAE.guides)

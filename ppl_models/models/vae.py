@@ -14,6 +14,8 @@ ELBOs (`--elbo`):
              one exists (normal, lowrank), a sampled KL otherwise
   iwae       RenyiELBO(alpha=0) with --particles k: the importance-weighted bound of Burda et al.
 
+Encoder and decoder are MLPs with `--hidden` layers of `--activation` relu, tanh or gated units.
+
 KL warm-up (`--kl-warmup E`): during the first E epochs the z site of model and guide is scaled by
 a weight growing linearly from 0 to 1 (poutine.scale), so the objective is E_q[log p(x | z)] - beta
 KL(q || p) (Bowman et al. 2016, Sonderby et al. 2016). Evaluation always uses beta = 1.
@@ -34,20 +36,39 @@ from torch import nn
 LOG_SCALE_RANGE = (-12.0, 8.0)  # sigma = exp(.) within [6e-6, 3e3]: no overflow, no zero variance
 
 
-def mlp(sizes):
-    """Linear layers of the given sizes with ReLU between them (none after the last)."""
+class GatedLinear(nn.Module):
+    """A gated hidden layer, h = (W x + b) * sigmoid(V x + c) (Dauphin et al. 2017): the layer of the
+    VampPrior paper's VAEs (Tomczak & Welling 2018), whose published static-MNIST NLLs use it."""
+
+    def __init__(self, fan_in, fan_out):
+        super().__init__()
+        self.value = nn.Linear(fan_in, fan_out)
+        self.gate = nn.Linear(fan_in, fan_out)
+
+    def forward(self, x):
+        return self.value(x) * torch.sigmoid(self.gate(x))
+
+
+ACTIVATIONS = {"relu": nn.ReLU, "tanh": nn.Tanh, "gated": None}  # gated: the layer itself is nonlinear
+
+
+def hidden_layers(sizes, activation):
+    """Fully connected layers of the given sizes, each followed by the nonlinearity."""
     layers = []
     for fan_in, fan_out in zip(sizes[:-1], sizes[1:]):
-        layers += [nn.Linear(fan_in, fan_out), nn.ReLU()]
-    return nn.Sequential(*layers[:-1])
+        if activation == "gated":
+            layers.append(GatedLinear(fan_in, fan_out))
+        else:
+            layers += [nn.Linear(fan_in, fan_out), ACTIVATIONS[activation]()]
+    return nn.Sequential(*layers)
 
 
 class Encoder(nn.Module):
     """x -> hidden layers -> heads. `heads` gives each head's output size."""
 
-    def __init__(self, num_pixels, hidden, heads):
+    def __init__(self, num_pixels, hidden, heads, activation):
         super().__init__()
-        self.body = nn.Sequential(mlp([num_pixels, *hidden]), nn.ReLU())
+        self.body = hidden_layers([num_pixels, *hidden], activation)
         self.heads = nn.ModuleList(nn.Linear(hidden[-1], size) for size in heads)
 
     def forward(self, x):
@@ -66,25 +87,29 @@ class VAE:
     default_guide = "normal"
     elbos = ("trace", "meanfield", "iwae")
     exact = False  # log p(x) is an integral: reported as ELBO and IWAE-k bounds
-    hyperparameters = ("z_dim", "hidden", "flows", "rank", "kl_warmup")
+    hyperparameters = ("z_dim", "hidden", "activation", "flows", "rank", "kl_warmup")
     training_defaults = dict(optimizer="adam", lr=1e-3, batch_size=100, epochs=5, eval_samples=1000)  # seed template's
 
-    def __init__(self, z_dim=2, hidden=(200, 200), flows=2, rank=2, kl_warmup=0, num_pixels=784):
+    def __init__(self, z_dim=2, hidden=(200, 200), activation="relu", flows=2, rank=2, kl_warmup=0, num_pixels=784):
         for value, flag in ((z_dim, "--z-dim"), (flows, "--flows"), (rank, "--rank"), *((h, "--hidden") for h in hidden)):
             if value < 1:
                 raise ValueError(f"{flag} must be positive, got {value}")
         if not hidden:
             raise ValueError("--hidden needs at least one layer size, e.g. 200,200")
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"--activation must be one of {', '.join(ACTIVATIONS)}, got {activation!r}")
         if kl_warmup < 0:
             raise ValueError(f"--kl-warmup must be 0 (none) or a positive number of epochs, got {kl_warmup}")
         self.kl_warmup = kl_warmup
-        self.z_dim, self.hidden, self.num_pixels = z_dim, tuple(hidden), num_pixels
-        self.decoder = mlp([z_dim, *self.hidden[::-1], num_pixels])  # z -> pixel logits
-        self.encoder = Encoder(num_pixels, self.hidden, [z_dim, z_dim])  # -> mu, log sigma
+        self.z_dim, self.hidden, self.activation, self.num_pixels = z_dim, tuple(hidden), activation, num_pixels
+        self.decoder = nn.Sequential(  # z -> pixel logits
+            hidden_layers([z_dim, *self.hidden[::-1]], activation), nn.Linear(self.hidden[0], num_pixels)
+        )
+        self.encoder = Encoder(num_pixels, self.hidden, [z_dim, z_dim], activation)  # -> mu, log sigma
         self.flows = nn.ModuleList(
             AffineAutoregressive(AutoRegressiveNN(z_dim, [max(2 * z_dim, 40)])) for _ in range(flows)
         )
-        self.lowrank_encoder = Encoder(num_pixels, self.hidden, [z_dim, z_dim * rank, z_dim])
+        self.lowrank_encoder = Encoder(num_pixels, self.hidden, [z_dim, z_dim * rank, z_dim], activation)
         self.rank = rank
 
     # ---- model and guides -------------------------------------------------------------
@@ -168,4 +193,5 @@ class VAE:
 
     def summary(self):
         size = sum(p.numel() for p in self.decoder.parameters()) + sum(p.numel() for p in self.encoder.parameters())
-        return f"VAE, z-dim {self.z_dim}, MLP {'-'.join(map(str, self.hidden))} ({size:,} parameters in encoder and decoder)"
+        layers = f"{'-'.join(map(str, self.hidden))} {self.activation}"
+        return f"VAE, z-dim {self.z_dim}, MLP {layers} ({size:,} parameters in encoder and decoder)"
