@@ -176,7 +176,7 @@ class VAE:
 
     def loss_name(self, guide_name, elbo_name=None):
         if self.kl_warmup:
-            return f"-ELBO (KL weight < 1 for the first {self.kl_warmup:g} epochs)"
+            return f"-ELBO (KL warm-up: its weight rises to 1 over epochs 0-{self.kl_warmup:g})"
         return "-IWAE bound" if elbo_name == "iwae" else "-ELBO"
 
     # ---- what a generative model is for -----------------------------------------------
