@@ -25,6 +25,7 @@ from pathlib import Path
 from ppl_models.data import BINARIZATIONS, DATASETS, DataError
 from ppl_models.experiments import EXPERIMENTS, run
 from ppl_models.models import MODELS
+from ppl_models.models.vae import ACTIVATIONS
 from ppl_models.train import OPTIMIZERS, Config, TrainingError, load_checkpoint
 
 class OneLineErrors(argparse.ArgumentParser):
@@ -87,7 +88,7 @@ def parse_args(argv=None):
     vae.add_argument("--z-dim", type=int, default=2, help="latent dimensions (default: 2, the seed's; 2 gives the manifold plot)")
     vae.add_argument("--hidden", type=layer_sizes, default=(200, 200),
                      help="hidden layer sizes of encoder and decoder, comma-separated (default: 200,200)")
-    vae.add_argument("--activation", choices=("relu", "tanh", "gated"), default="relu",
+    vae.add_argument("--activation", choices=ACTIVATIONS, default="relu",
                      help="nonlinearity of the hidden layers: relu (default), tanh (the IWAE paper's), gated: "
                           "(W x) * sigmoid(V x), twice the weights (the VampPrior paper's)")
     vae.add_argument("--flows", type=int, default=2, help="inverse-autoregressive flow layers of --guide iaf (default: 2)")
