@@ -282,11 +282,12 @@ class BestEpoch:
     def __init__(self, path, patience, estimator, state=None, epoch=0):
         self.path, self.patience, self.estimator = Path(path), patience, estimator
         if state and state.get("estimator", estimator) == estimator:
-            self.epoch, self.value = state["epoch"], state["value"]
+            self.epoch, self.value, self.scores = state["epoch"], state["value"], state.get("scores", [])
         else:  # nothing scored with this estimator yet (or a saved best of another one): count from `epoch`
-            self.epoch, self.value = epoch, -math.inf
+            self.epoch, self.value, self.scores = epoch, -math.inf, []
 
     def update(self, epoch, value):
+        self.scores.append((epoch, value))  # every epoch's score, reported beside the best
         if value > self.value:
             self.epoch, self.value = epoch, value
             atomic_torch_save(param_values(), self.path)
@@ -295,7 +296,7 @@ class BestEpoch:
         return epoch - self.epoch >= self.patience
 
     def state(self):
-        return dict(epoch=self.epoch, value=self.value, estimator=self.estimator)
+        return dict(epoch=self.epoch, value=self.value, estimator=self.estimator, scores=self.scores)
 
     def restore(self, device):
         restore_params(torch.load(self.path, map_location=device, weights_only=True), device)
@@ -460,7 +461,8 @@ def _train(model, data, cfg, run_dir, resume, progress, log, after_epoch):
     if best:
         summary["early_stopping"] = dict(
             patience=cfg.patience, epochs_trained=epoch, stopped_early=stopped, best_epoch=best.epoch,
-            selected_by=f"{selected} on {len(curves['valid'])} fixed random valid digits", best_value=best.value)
+            selected_by=f"{selected} on {len(curves['valid'])} fixed random valid digits", best_value=best.value,
+            valid_scores=[[e, v] for e, v in best.scores])
     write_json(summary, run_dir / "metrics.json")
     return summary
 

@@ -197,6 +197,9 @@ def test_early_stopping_reports_the_best_epochs_model(tiny_dataset, tmp_path):
     data = with_inverted_valid(tiny_dataset)
     summary = train(BernoulliMixture(4), data, config(epochs=10, patience=2), tmp_path / "stopped", **QUIET)
     stopped_params = final_params()
+    scores = summary["early_stopping"].pop("valid_scores")
+    assert [epoch for epoch, _ in scores] == [1, 2, 3]
+    assert max(scores, key=lambda score: score[1]) == [1, summary["early_stopping"]["best_value"]]
     assert summary["early_stopping"] | {"best_value": 0} == dict(
         patience=2, epochs_trained=3, stopped_early=True, best_epoch=1, best_value=0,
         selected_by="exact on 100 fixed random valid digits")
@@ -219,6 +222,7 @@ def test_a_larger_patience_on_resume_trains_on_after_early_stopping(tiny_dataset
     train(BernoulliMixture(4), data, config(epochs=10, patience=2), tmp_path, **QUIET)
     longer = train(BernoulliMixture(4), data, config(epochs=10, patience=5), tmp_path, resume=True, **QUIET)
     assert longer["early_stopping"]["epochs_trained"] == 6 and longer["early_stopping"]["best_epoch"] == 1
+    assert [epoch for epoch, _ in longer["early_stopping"]["valid_scores"]] == [1, 2, 3, 4, 5, 6]  # kept across the resume
 
 
 def test_resume_with_another_learning_rate_uses_it(tiny_dataset, tmp_path, monkeypatch):
