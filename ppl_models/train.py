@@ -461,7 +461,8 @@ def _train(model, data, cfg, run_dir, resume, progress, log, after_epoch):
     if best:
         summary["early_stopping"] = dict(
             patience=cfg.patience, epochs_trained=epoch, stopped_early=stopped, best_epoch=best.epoch,
-            selected_by=f"{selected} on {len(curves['valid'])} fixed random valid digits", best_value=best.value,
+            estimator=selected, selected_by=f"{selected} on {len(curves['valid'])} fixed random valid digits",
+            best_value=best.value,
             valid_scores=[[e, v] for e, v in best.scores])
     write_json(summary, run_dir / "metrics.json")
     return summary

@@ -201,7 +201,7 @@ def test_early_stopping_reports_the_best_epochs_model(tiny_dataset, tmp_path):
     assert [epoch for epoch, _ in scores] == [1, 2, 3]
     assert max(scores, key=lambda score: score[1]) == [1, summary["early_stopping"]["best_value"]]
     assert summary["early_stopping"] | {"best_value": 0} == dict(
-        patience=2, epochs_trained=3, stopped_early=True, best_epoch=1, best_value=0,
+        patience=2, epochs_trained=3, stopped_early=True, best_epoch=1, best_value=0, estimator="exact",
         selected_by="exact on 100 fixed random valid digits")
     assert summary["epochs"] == 3
     one_epoch = train(BernoulliMixture(4), data, config(epochs=1), tmp_path / "one", **QUIET)

@@ -98,6 +98,20 @@ def test_a_gated_run_resumes_as_a_gated_network(offline, tiny_binarized, tmp_pat
     assert json.loads((tmp_path / "run" / "metrics.json").read_text())["epochs"] == 2
 
 
+def test_an_early_stopping_run_reports_every_epochs_score_and_its_choice(offline, tiny_binarized, tmp_path):
+    out = tmp_path / "run"
+    assert run.main(["--model", "vae", "--elbo", "iwae", "--particles", "2", "--patience", "2", "--epochs", "3",
+                     "--z-dim", "2", "--hidden", "16", "--eval-samples", "5", "--data-dir", str(tiny_binarized),
+                     "--dataset", "binarized-mnist", "--out", str(out), "--quiet", "--no-download"]) == 0
+    chosen = json.loads((out / "metrics.json").read_text())["early_stopping"]
+    epochs = [epoch for epoch, _ in chosen["valid_scores"]]
+    assert epochs == list(range(1, chosen["epochs_trained"] + 1)) and chosen["estimator"] == "iwae-2"
+    scores = dict(chosen["valid_scores"])
+    assert scores[chosen["best_epoch"]] == chosen["best_value"] == max(scores.values())
+    assert (out / "learning_curves.png").stat().st_size > 1000
+    assert "iwae-2 on 100 fixed random valid digits" in (out / "report.html").read_text()
+
+
 @pytest.mark.parametrize("guide", VAE.guides)
 def test_every_guide_trains_through_the_cli_and_draws_its_figures(offline, tiny_binarized, tmp_path, guide):
     out = tmp_path / guide
@@ -191,3 +205,4 @@ def test_early_stopping_of_a_k_sample_objective_selects_on_its_bound(tiny_datase
                  model_args={"z_dim": 4, "hidden": [64]})
     summary = train(VAE(z_dim=4, hidden=(64,)), data, cfg, tmp_path, **QUIET)
     assert summary["early_stopping"]["selected_by"] == "iwae-3 on 100 fixed random valid digits"
+    assert summary["early_stopping"]["estimator"] == "iwae-3" and len(summary["early_stopping"]["valid_scores"]) == 2
