@@ -25,6 +25,7 @@ from pathlib import Path
 from ppl_models.data import BINARIZATIONS, DATASETS, DataError
 from ppl_models.experiments import EXPERIMENTS, run
 from ppl_models.models import MODELS
+from ppl_models.models.sbn import BASELINES
 from ppl_models.models.vae import ACTIVATIONS
 from ppl_models.train import OPTIMIZERS, Config, TrainingError, load_checkpoint
 
@@ -77,7 +78,7 @@ def parse_args(argv=None):
     sbn = parser.add_argument_group("sigmoid belief net")
     sbn.add_argument("--latents", type=int, default=10,
                      help="M, the number of binary latents; --guide enum sums all 2^M states, so M <= 20 (default: 10)")
-    sbn.add_argument("--baseline", choices=("neural", "average", "both"), default="neural",
+    sbn.add_argument("--baseline", choices=BASELINES, default="neural",
                      help="baseline of --guide bernoulli's score-function gradient: neural (an input-dependent "
                           "network, default), average (Pyro's decaying average of the learning signal), both (the "
                           "network fits what is left after the average, as NVIL centres its signal; not with --jit)")
@@ -175,9 +176,9 @@ def config_from_args(args):
                              f"drop --model to resume it, or start a new run with another --out")
         cfg = Config(**{f.name: saved[f.name] for f in fields(Config) if f.name in saved})
         cfg.device = resolve_device(args.device)
-        cfg.epochs = cfg.epochs if args.epochs is None else args.epochs
-        cfg.patience = cfg.patience if args.patience is None else args.patience
-        cfg.lr = cfg.lr if args.lr is None else args.lr
+        for setting in ("epochs", "patience", "lr"):
+            if getattr(args, setting) is not None:
+                setattr(cfg, setting, getattr(args, setting))
         return cfg
     args.model = args.model or "mixture"
     family = MODELS[args.model]

@@ -59,9 +59,9 @@ def describe(summary, out):
 def draw_learning_curves(out, cfg, data, summary, title):
     """learning_curves.png of a run from its metrics.csv, with early stopping's validation scores
     and the epoch it chose."""
-    chosen = summary.get("early_stopping", {})
+    chosen = summary.get("early_stopping")
     plots.learning_curves(read_metrics(out), out / "learning_curves.png", title, steps_per_epoch(cfg, data),
-                          chosen.get("best_epoch"), chosen and (chosen["estimator"], chosen["valid_scores"]))
+                          chosen and (chosen["estimator"], chosen["valid_scores"], chosen["best_epoch"]))
 
 
 def read_metrics(run_dir):

@@ -38,10 +38,10 @@ def image_grid(images, path, title, captions=None, ncols=10, row_labels=None):
     _save(fig, path)
 
 
-def learning_curves(rows, path, title, steps_per_epoch=None, chosen_epoch=None, selection=None):
-    """metrics.csv rows -> one line per (split, estimator) against training steps; with early
-    stopping, `selection` = (estimator, [(epoch, valid score)]) drawn as dots, and a vertical line
-    at the chosen (best) epoch, whose model the run reports."""
+def learning_curves(rows, path, title, steps_per_epoch, early_stopping=None):
+    """metrics.csv rows -> one line per (split, estimator) against training steps; with
+    `early_stopping` = (estimator, [[epoch, valid score]], chosen epoch), the scores as dots and a
+    vertical line at the chosen (best) epoch, whose model the run reports."""
     series = defaultdict(list)
     for row in rows:
         series[(row["split"], row["estimator"])].append((int(row["step"]), float(row["value"])))
@@ -50,15 +50,16 @@ def learning_curves(rows, path, title, steps_per_epoch=None, chosen_epoch=None, 
         steps, values = zip(*sorted(points))
         ax.plot(steps, values, SPLIT_STYLE.get(split, "-"), label=f"{split}: {estimator}")
     shown = [point for points in series.values() for point in points]
-    if selection and selection[1] and steps_per_epoch:
-        estimator, scores = selection
+    if early_stopping:
+        estimator, scores, chosen_epoch = early_stopping
         dots = [(epoch * steps_per_epoch, value) for epoch, value in scores]
-        ax.plot(*zip(*dots), ".", color="gray", markersize=3, label=f"valid: {estimator} after each epoch (early stopping)")
-        shown += dots
-    if chosen_epoch and steps_per_epoch:
+        if dots:
+            ax.plot(*zip(*dots), ".", color="gray", markersize=3,
+                    label=f"valid: {estimator} after each epoch (early stopping)")
+            shown += dots
         ax.axvline(chosen_epoch * steps_per_epoch, color="gray", linestyle=":",
                    label=f"epoch {chosen_epoch}: best valid score, the model reported")
-    ax.set_xlabel("SVI step" + (f" ({steps_per_epoch} per epoch)" if steps_per_epoch else ""))
+    ax.set_xlabel(f"SVI step ({steps_per_epoch} per epoch)")
     ax.set_ylabel("mean log-likelihood per digit (nats)")
     focus_on_training(ax, shown)
     ax.grid(alpha=0.3)

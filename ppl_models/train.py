@@ -31,6 +31,7 @@ from pyro import poutine
 from tqdm.auto import tqdm
 
 from .evaluate import estimators, mean_estimates, per_digit_estimate
+from .models import networks
 
 CHECKPOINT_FORMAT = 3  # 2: one PyTorch optimizer's state (1: pyro.optim's per-param ones); 3: VAE layer names
 OPTIMIZERS = {
@@ -268,11 +269,10 @@ def restore_params(saved, device):
 def reset_networks(model):
     """Initialise the model's networks from the run's seed, so a run depends on nothing that
     happened before it (not even on when the model object was built)."""
-    for value in vars(model).values():
-        if isinstance(value, torch.nn.Module):
-            for module in value.modules():
-                if hasattr(module, "reset_parameters"):
-                    module.reset_parameters()
+    for network in networks(model):
+        for module in network.modules():
+            if hasattr(module, "reset_parameters"):
+                module.reset_parameters()
 
 
 class BestEpoch:
@@ -287,7 +287,7 @@ class BestEpoch:
             self.epoch, self.value, self.scores = epoch, -math.inf, []
 
     def update(self, epoch, value):
-        self.scores.append((epoch, value))  # every epoch's score, reported beside the best
+        self.scores.append([epoch, value])  # every epoch's score, reported beside the best
         if value > self.value:
             self.epoch, self.value = epoch, value
             atomic_torch_save(param_values(), self.path)
@@ -462,8 +462,7 @@ def _train(model, data, cfg, run_dir, resume, progress, log, after_epoch):
         summary["early_stopping"] = dict(
             patience=cfg.patience, epochs_trained=epoch, stopped_early=stopped, best_epoch=best.epoch,
             estimator=selected, selected_by=f"{selected} on {len(curves['valid'])} fixed random valid digits",
-            best_value=best.value,
-            valid_scores=[[e, v] for e, v in best.scores])
+            best_value=best.value, valid_scores=best.scores)
     write_json(summary, run_dir / "metrics.json")
     return summary
 

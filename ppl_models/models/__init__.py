@@ -18,10 +18,14 @@ def build_model(name, model_args, device="cpu"):
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r}; choose one of: {', '.join(MODELS)}")
     model = MODELS[name](**model_args)
-    for value in vars(model).values():
-        if isinstance(value, nn.Module):
-            value.to(device)
+    for network in networks(model):
+        network.to(device)
     return model
+
+
+def networks(model):
+    """The model's networks: its attributes that are torch modules."""
+    return [value for value in vars(model).values() if isinstance(value, nn.Module)]
 
 
 def check_guide(model, guide_name):

@@ -93,9 +93,9 @@ class SigmoidBeliefNet:
 
     def guide_bernoulli(self, x):
         logits = self._posterior_logits(x)
-        pyro.module("baseline", self.baseline)
         baseline = {}
         if self.baseline_kind in ("neural", "both"):
+            pyro.module("baseline", self.baseline)
             baseline.update(nn_baseline=self.baseline, nn_baseline_input=x)
         if self.baseline_kind in ("average", "both"):
             baseline.update(use_decaying_avg_baseline=True)

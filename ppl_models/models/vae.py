@@ -49,17 +49,18 @@ class GatedLinear(nn.Module):
         return self.value(x) * torch.sigmoid(self.gate(x))
 
 
-ACTIVATIONS = {"relu": nn.ReLU, "tanh": nn.Tanh, "gated": None}  # gated: the layer itself is nonlinear
+ACTIVATIONS = ("relu", "tanh", "gated")
 
 
 def hidden_layers(sizes, activation):
-    """Fully connected layers of the given sizes, each followed by the nonlinearity."""
+    """Fully connected layers of the given sizes, each followed by the nonlinearity (a gated layer
+    is its own nonlinearity)."""
     layers = []
     for fan_in, fan_out in zip(sizes[:-1], sizes[1:]):
         if activation == "gated":
             layers.append(GatedLinear(fan_in, fan_out))
         else:
-            layers += [nn.Linear(fan_in, fan_out), ACTIVATIONS[activation]()]
+            layers += [nn.Linear(fan_in, fan_out), {"relu": nn.ReLU, "tanh": nn.Tanh}[activation]()]
     return nn.Sequential(*layers)
 
 
