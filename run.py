@@ -22,12 +22,14 @@ import warnings
 from dataclasses import fields
 from pathlib import Path
 
+from ppl_models.config import OPTIMIZERS, Config, as_flags
 from ppl_models.data import BINARIZATIONS, DATASETS, DataError
-from ppl_models.experiments import EXPERIMENTS, run
-from ppl_models.models import MODELS
-from ppl_models.models.sbn import BASELINES
-from ppl_models.models.vae import ACTIVATIONS
-from ppl_models.train import OPTIMIZERS, Config, TrainingError, load_checkpoint
+from ppl_models.job import run
+from ppl_models.models import FAMILIES
+from ppl_models.rundir import TrainingError, load_checkpoint
+
+DEFAULT_MODEL = next(iter(FAMILIES))  # the first registered family
+
 
 class OneLineErrors(argparse.ArgumentParser):
     """Bad flags end like every other bad input: one line, exit status 2."""
@@ -36,69 +38,62 @@ class OneLineErrors(argparse.ArgumentParser):
         self.exit(2, f"error: {message} (see --help)\n")
 
 
+def flag(name):
+    return "--" + name.replace("_", "-")
+
+
 def parse_args(argv=None):
     parser = OneLineErrors(
         description=__doc__.split("\n\n")[0],
         epilog="\n\n".join(__doc__.split("\n\n")[1:]),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    add_model_arguments(parser)
+    for family in FAMILIES.values():
+        add_family_arguments(parser, family)
+    add_data_arguments(parser)
+    add_optimisation_arguments(parser)
+    add_running_arguments(parser)
+    return parser, parser.parse_args(argv)
+
+
+def add_model_arguments(parser):
+    """--model, --guide, --elbo, --experiment: their choices and help come from the families."""
     what = parser.add_argument_group("what to train")
-    what.add_argument("--model", choices=sorted(MODELS), help="model family (default: mixture)")
-    what.add_argument(
-        "--guide",
-        help="inference guide; mixture: enum (exact, default) or sampled (amortized q(z|x), score-function ELBO); "
-             "sbn: enum (all 2^M states summed, exact; default), bernoulli (amortized q(z|x), score-function "
-             "ELBO with a neural baseline), relaxed (Concrete relaxation, straight-through); "
-             "vae: normal (amortized diagonal Normal, default), iaf (Normal + inverse-autoregressive flows), "
-             "lowrank (Normal with a low-rank-plus-diagonal covariance)",
-    )
-    what.add_argument(
-        "--elbo", choices=("trace", "meanfield", "iwae", "vimco"),
-        help="vae: trace (Trace_ELBO, one reparameterized sample; default), meanfield (KL(q||p) in closed "
-             "form where one exists, TraceMeanField_ELBO), iwae (importance-weighted bound over --particles "
-             "samples, RenyiELBO with alpha=0); sbn with --guide bernoulli: vimco (the importance-weighted bound "
-             "over --particles >= 2 samples with VIMCO's leave-one-out score-function gradients; default: "
-             "TraceGraph_ELBO with a neural baseline)",
-    )
+    what.add_argument("--model", choices=sorted(FAMILIES), help=f"model family (default: {DEFAULT_MODEL}): " + "; ".join(
+        f"{name}: {family.title}" for name, family in FAMILIES.items()))
+    what.add_argument("--guide", help="inference guide; " + "; ".join(
+        f"{name}: " + ", ".join(f"{guide} ({text})" for guide, text in family.guides.items())
+        for name, family in FAMILIES.items()))
+    with_elbos = {name: family for name, family in FAMILIES.items() if family.elbos}
+    what.add_argument("--elbo", choices=sorted({elbo for family in with_elbos.values() for elbo in family.elbos}),
+                      help="training objective; " + "; ".join(
+                          f"{name}: " + ", ".join(f"{elbo} ({as_flags(text)})" for elbo, text in family.elbos.items())
+                          for name, family in with_elbos.items())
+                      + "; " + ", ".join(sorted(set(FAMILIES) - set(with_elbos))) + ": the guide decides")
     what.add_argument("--particles", type=int, default=1,
                       help="samples of z per digit in the training objective: the k of --elbo iwae (default: 1)")
-    what.add_argument(
-        "--experiment",
-        help="run an experiment instead of one training run; mixture and sbn: enum-vs-sampled (trains every guide "
-        "and plots the exact held-out log-likelihood against steps and wall time, with the sampled guides' ELBOs); "
-        "sbn: cost-vs-latents (seconds and memory per step against M, seed problem 10), gradient-variance (each "
-        "sampled guide's gradient variance at fixed parameters, against the exact gradient); vae: prior-vs-importance (seed "
-        "problem 13: log p(x) by Monte Carlo from the prior vs. importance sampling from q, M = 1..10^4 samples, "
-        "z-dim 2, 5, 20)",
-    )
+    experiments = {}
+    for name, family in FAMILIES.items():
+        for experiment, about in family.experiments.items():
+            experiments.setdefault((experiment, about.help), []).append(name)
+    what.add_argument("--experiment", help="run an experiment instead of one training run; " + "; ".join(
+        f"{' and '.join(models)}: {experiment} ({text})" for (experiment, text), models in experiments.items()))
 
-    mixture = parser.add_argument_group("mixture of Bernoullis")
-    mixture.add_argument("--components", type=int, default=20, help="K, the number of mixture components (default: 20)")
 
-    sbn = parser.add_argument_group("sigmoid belief net")
-    sbn.add_argument("--latents", type=int, default=10,
-                     help="M, the number of binary latents; --guide enum sums all 2^M states, so M <= 20 (default: 10)")
-    sbn.add_argument("--baseline", choices=BASELINES, default="neural",
-                     help="baseline of --guide bernoulli's score-function gradient: neural (an input-dependent "
-                          "network, default), average (Pyro's decaying average of the learning signal), both (the "
-                          "network fits what is left after the average, as NVIL centres its signal; not with --jit)")
-    sbn.add_argument("--temperature", type=float, default=0.5,
-                     help="temperature of the Concrete relaxation of --guide relaxed (default: 0.5)")
+def add_family_arguments(parser, family):
+    """The family's hyperparameters as flags. Their default is None here (the family's own default
+    applies), so that a flag given for another family can be refused."""
+    group = parser.add_argument_group(f"{family.title} (--model {family.name})")
+    defaults = family.hyperparameter_defaults()
+    for name, setting in family.hyperparameters.items():
+        default = defaults[name]
+        shown = ",".join(map(str, default)) if isinstance(default, tuple) else default
+        group.add_argument(flag(name), dest=name, type=setting.type, choices=setting.choices,
+                           help=f"{as_flags(setting.help)} (default: {shown})")
 
-    vae = parser.add_argument_group("VAE")
-    vae.add_argument("--z-dim", type=int, default=2, help="latent dimensions (default: 2, the seed's; 2 gives the manifold plot)")
-    vae.add_argument("--hidden", type=layer_sizes, default=(200, 200),
-                     help="hidden layer sizes of encoder and decoder, comma-separated (default: 200,200)")
-    vae.add_argument("--activation", choices=ACTIVATIONS, default="relu",
-                     help="nonlinearity of the hidden layers: relu (default), tanh (the IWAE paper's), gated: "
-                          "(W x) * sigmoid(V x), twice the weights (the VampPrior paper's)")
-    vae.add_argument("--flows", type=int, default=2, help="inverse-autoregressive flow layers of --guide iaf (default: 2)")
-    vae.add_argument("--kl-warmup", type=float, default=0,
-                     help="KL warm-up: weight the KL term by a factor growing linearly from 0 to 1 over this many "
-                          "epochs (with --elbo trace or meanfield; reported numbers always use the full ELBO; "
-                          "default: 0, none)")
-    vae.add_argument("--rank", type=int, default=2, help="rank of the covariance factor of --guide lowrank (default: 2)")
 
+def add_data_arguments(parser):
     data = parser.add_argument_group("data")
     data.add_argument("--dataset", choices=DATASETS, default="mnist",
                       help="mnist (60k/10k, labelled; default), binarized-mnist (the static binarization of "
@@ -110,9 +105,12 @@ def parse_args(argv=None):
     data.add_argument("--no-download", action="store_true", help="never touch the network; use local files only")
     data.add_argument("--train-subset", type=int, help="train on the first N training digits only (quick runs)")
 
+
+def add_optimisation_arguments(parser):
     opt = parser.add_argument_group("optimisation (defaults depend on the model: the seed template's)")
+
     def defaults(setting):
-        return "; ".join(f"{name}: {family.training_defaults[setting]}" for name, family in MODELS.items())
+        return "; ".join(f"{name}: {family.training_defaults[setting]}" for name, family in FAMILIES.items())
 
     opt.add_argument("--optimizer", choices=sorted(OPTIMIZERS), help=f"one PyTorch optimizer over every param ({defaults('optimizer')})")
     opt.add_argument("--lr", type=float, help=f"learning rate ({defaults('lr')})")
@@ -129,6 +127,8 @@ def parse_args(argv=None):
     opt.add_argument("--detect-anomaly", action="store_true",
                      help="PyTorch's autograd anomaly detection: names the operation that made a NaN (slow; debugging)")
 
+
+def add_running_arguments(parser):
     run = parser.add_argument_group("running")
     run.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
                      help="auto picks cuda when a GPU is visible (default: auto)")
@@ -138,24 +138,14 @@ def parse_args(argv=None):
     run.add_argument("--eval-digits", type=int, default=1000, help="digits per learning-curve point, per split (default: 1000, as the seed's problem 8)")
     run.add_argument("--eval-samples", type=int,
                      help="k of the final importance-sampled estimate of test log p(x), iwae-k, with q as proposal "
-                          "(vae: 1000; 0 skips it; mixture: its exact log-likelihood needs none)")
+                          "(" + "; ".join(f"{name}: {family.training_defaults['eval_samples']}" for name, family in
+                                          FAMILIES.items()) + "; 0 skips it; exact guides need none)")
     run.add_argument("--out", help="run directory (default: figures/<model>)")
     run.add_argument("--resume", metavar="RUN_DIR",
                      help="continue the run in RUN_DIR with its own settings (give --epochs to train a finished "
                           "run for longer, --patience to go on after early stopping, --lr to go on at another learning "
                           "rate); it ends exactly where an uninterrupted run would")
     run.add_argument("--quiet", action="store_true", help="no progress bars (metrics files are unchanged)")
-    return parser, parser.parse_args(argv)
-
-
-def layer_sizes(text):
-    try:
-        sizes = tuple(int(size) for size in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not comma-separated integers, e.g. 200,200") from None
-    if not sizes or min(sizes) < 1:
-        raise argparse.ArgumentTypeError(f"{text!r}: layer sizes must be positive, e.g. 200,200")
-    return sizes
 
 
 def resolve_device(name):
@@ -168,21 +158,38 @@ def resolve_device(name):
     return name
 
 
+def check_family_flags(args, model):
+    """Refuse a hyperparameter flag that is not the chosen family's, or any on --resume."""
+    for family in FAMILIES.values():
+        for name in family.hyperparameters:
+            if getattr(args, name) is None:
+                continue
+            if args.resume:
+                raise ValueError(f"{flag(name)} cannot change when resuming: a resumed run keeps its own settings")
+            if name not in FAMILIES[model].hyperparameters:
+                raise ValueError(f"{flag(name)} is a setting of model {family.name}, not of model {model}; drop it")
+
+
 def config_from_args(args):
     if args.resume:  # the run's own settings; only the device and (to extend it) --epochs, --patience, --lr may change
         saved = load_checkpoint(Path(args.resume) / "checkpoint.pt")["config"]
         if args.model and args.model != saved["model"]:
             raise ValueError(f"{args.resume} is a run of model {saved['model']!r}, not {args.model!r}; "
                              f"drop --model to resume it, or start a new run with another --out")
+        check_family_flags(args, saved["model"])
         cfg = Config(**{f.name: saved[f.name] for f in fields(Config) if f.name in saved})
         cfg.device = resolve_device(args.device)
         for setting in ("epochs", "patience", "lr"):
             if getattr(args, setting) is not None:
                 setattr(cfg, setting, getattr(args, setting))
         return cfg
-    args.model = args.model or "mixture"
-    family = MODELS[args.model]
-    defaults = family.training_defaults
+    args.model = args.model or DEFAULT_MODEL
+    check_family_flags(args, args.model)
+    family = FAMILIES[args.model]
+    training = {setting: value if (value := getattr(args, setting)) is not None else default
+                for setting, default in family.training_defaults.items()}
+    model_args = {name: default if (value := getattr(args, name)) is None else value
+                  for name, default in family.hyperparameter_defaults().items()}
     return Config(
         model=args.model,
         guide=args.guide or family.default_guide,
@@ -191,21 +198,16 @@ def config_from_args(args):
         dataset=args.dataset,
         binarize=args.binarize,
         data_dir=args.data_dir,
-        model_args={name: list(v) if isinstance(v := getattr(args, name), tuple) else v
-                    for name in family.hyperparameters},
-        optimizer=defaults["optimizer"] if args.optimizer is None else args.optimizer,
-        lr=defaults["lr"] if args.lr is None else args.lr,
-        batch_size=defaults["batch_size"] if args.batch_size is None else args.batch_size,
-        epochs=defaults["epochs"] if args.epochs is None else args.epochs,
+        model_args={name: list(value) if isinstance(value, tuple) else value for name, value in model_args.items()},
         seed=args.seed,
         device=resolve_device(args.device),
         jit=args.jit,
         detect_anomaly=args.detect_anomaly,
         eval_every=args.eval_every,
         eval_digits=args.eval_digits,
-        eval_samples=defaults["eval_samples"] if args.eval_samples is None else args.eval_samples,
         train_subset=args.train_subset,
         patience=args.patience,
+        **training,
     )
 
 
@@ -214,15 +216,11 @@ def main(argv=None):
     try:
         cfg = config_from_args(args)
         cfg.validate()
-        if args.experiment and cfg.model not in EXPERIMENTS.get(args.experiment, ((),))[0]:
-            choices = [name for name, (models, _) in EXPERIMENTS.items() if cfg.model in models]
-            raise ValueError(f"unknown experiment {args.experiment!r} for model {cfg.model}; "
-                             f"choose from: {', '.join(choices) or 'none'}")
         out = Path(args.resume or args.out or Path("figures") / cfg.model)
         run(cfg, out, experiment=args.experiment, resume=bool(args.resume), progress=not args.quiet,
             download=not args.no_download)
-    except (ValueError, DataError, TrainingError) as error:
-        print(f"error: {error}", file=sys.stderr)
+    except (ValueError, DataError, TrainingError) as error:  # library errors name settings; say them as flags
+        print(f"error: {as_flags(str(error))}", file=sys.stderr)
         return 2
     return 0
 

@@ -20,9 +20,9 @@ import pyro
 import pyro.distributions as dist
 import torch
 import torch.nn.functional as F
+from common import epoch_seconds, pyro_step, ratio_rows, training_batches
 from pyro.infer import config_enumerate
 
-from common import epoch_seconds, pyro_step, ratio_rows, training_batches
 from ppl_models.models.mixture import BernoulliMixture
 from ppl_models.train import reproducible
 

@@ -13,11 +13,10 @@ import datetime
 import platform
 from pathlib import Path
 
-import pyro
-import torch
-
 import mixture_speed
+import pyro
 import sbn_speed
+import torch
 import vae_speed
 
 

@@ -52,11 +52,13 @@ def iwae_bound(log_weights):
 
 
 def estimators(model, guide_name, iwae_samples=0, split="test"):
-    """The estimator names this model/guide pair reports, in a fixed order. Where the exact sum is
-    costly (an SBN with M > 16) and the guide gives an ELBO, it is reported on the test split only."""
-    costly = getattr(model, "exact_is_costly", False) and guide_name != "enum" and split != "test"
+    """The estimator names this model/guide pair reports, in a fixed order: `exact` where the model
+    has it, and for a guide that is not exact the ELBO (and iwae-k). Where the exact sum is costly
+    and the guide gives an ELBO, the exact value is reported on the test split only."""
+    exact_guide = guide_name in model.exact_guides
+    costly = model.exact_is_costly and not exact_guide and split != "test"
     names = ["exact"] if model.exact and not costly else []
-    if guide_name != "enum":
+    if not exact_guide:
         names.append("elbo")
         if iwae_samples:
             names.append(f"iwae-{iwae_samples}")

@@ -15,6 +15,7 @@ import math
 
 import torch
 
+from .config import SettingError
 from .evaluate import iwae_bound, log_weight_terms
 
 
@@ -35,7 +36,7 @@ class VIMCO:
 
     def __init__(self, num_particles):
         if num_particles < 2:
-            raise ValueError(f"--elbo vimco needs --particles of at least 2 (its baseline is the other samples), "
+            raise SettingError(f"`elbo='vimco'` needs `particles` of at least 2 (its baseline is the other samples), "
                              f"got {num_particles}")
         self.num_particles = num_particles
 

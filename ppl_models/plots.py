@@ -12,7 +12,7 @@ import numpy as np  # noqa: E402
 SPLIT_STYLE = {"train": "-", "valid": "-.", "test": "--"}
 
 
-def _save(fig, path):
+def save(fig, path):
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -35,7 +35,7 @@ def image_grid(images, path, title, captions=None, ncols=10, row_labels=None):
         if row_labels is not None and i % ncols == 0:
             ax.set_ylabel(row_labels[i // ncols], fontsize=8)
     fig.suptitle(title, fontsize=10)
-    _save(fig, path)
+    save(fig, path)
 
 
 def learning_curves(rows, path, title, steps_per_epoch, early_stopping=None):
@@ -65,7 +65,7 @@ def learning_curves(rows, path, title, steps_per_epoch, early_stopping=None):
     ax.grid(alpha=0.3)
     ax.legend()
     ax.set_title(textwrap.fill(title, 80), fontsize=9)
-    _save(fig, path)
+    save(fig, path)
 
 
 def focus_on_training(ax, points):
@@ -88,7 +88,7 @@ def two_histograms(a, b, labels, path, title, xlabel):
     ax.set_ylabel("density")
     ax.legend()
     ax.set_title(title, fontsize=10)
-    _save(fig, path)
+    save(fig, path)
 
 
 def curves_against(panels, path, title):
@@ -103,7 +103,7 @@ def curves_against(panels, path, title):
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.suptitle(title, fontsize=10)
-    _save(fig, path)
+    save(fig, path)
 
 
 def manifold(images, grid_values, path, title):
@@ -119,7 +119,7 @@ def manifold(images, grid_values, path, title):
     ax.set_xlabel("z_1")
     ax.set_ylabel("z_2")
     ax.set_title(title, fontsize=10)
-    _save(fig, path)
+    save(fig, path)
 
 
 def latent_scatter(points, labels, path, title):
@@ -135,7 +135,7 @@ def latent_scatter(points, labels, path, title):
     ax.set_xlabel("z_1")
     ax.set_ylabel("z_2")
     ax.set_title(title, fontsize=10)
-    _save(fig, path)
+    save(fig, path)
 
 
 def estimates_against_samples(panels, path, title):
@@ -153,26 +153,4 @@ def estimates_against_samples(panels, path, title):
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.suptitle(title, fontsize=10)
-    _save(fig, path)
-
-
-def cost_against_latents(results, path, title):
-    """Seconds per step and peak memory against M, log scale, one line per guide."""
-    fig, (time_ax, memory_ax) = plt.subplots(1, 2, figsize=(12, 4))
-    for guide, r in results.items():
-        time_ax.plot(r["latents"], r["seconds_per_step"], "o-", label=f"guide {guide}")
-        memory_ax.plot(r["latents"], r["peak_rss_mb"], "o-", label=f"guide {guide}")
-    enum = results.get("enum")
-    if enum:  # the O(2^M) reference through the last enumerated point
-        M = np.asarray(enum["latents"], dtype=float)
-        time_ax.plot(M, enum["seconds_per_step"][-1] * 2.0 ** (M - M[-1]), "k:", label="2^M (scaled)")
-    time_ax.set_yscale("log")
-    time_ax.set_ylabel("seconds per training step")
-    memory_ax.set_ylabel("peak resident memory of the process (MB)")
-    for ax in (time_ax, memory_ax):
-        ax.set_xticks(next(iter(results.values()))["latents"])
-        ax.set_xlabel("M, binary latents")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    fig.suptitle(title, fontsize=10)
-    _save(fig, path)
+    save(fig, path)

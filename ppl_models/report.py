@@ -6,6 +6,10 @@ import html
 import json
 from pathlib import Path
 
+from . import plots
+from .config import steps_per_epoch
+from .rundir import read_metrics
+
 STYLE = """
 body { font-family: system-ui, sans-serif; max-width: 1100px; margin: 2em auto; color: #222; }
 table { border-collapse: collapse; margin: 0.5em 0 1.5em; }
@@ -69,3 +73,25 @@ def write_report(run_dir, config, summary, figures):
     page = (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(summary['model'])} run</title>"
             f"<style>{STYLE}</style></head><body>{''.join(parts)}</body></html>\n")
     (run_dir / "report.html").write_text(page)
+
+
+def draw_learning_curves(run, title):
+    """learning_curves.png of a run (a family.RunContext) from its metrics.csv, with early stopping's
+    validation scores and the epoch it chose."""
+    chosen = run.summary.get("early_stopping")
+    plots.learning_curves(read_metrics(run.out), run.out / "learning_curves.png", title,
+                          steps_per_epoch(run.cfg, run.data),
+                          chosen and (chosen["estimator"], chosen["valid_scores"], chosen["best_epoch"]))
+
+
+def describe(summary, out):
+    """The final numbers of a run as the lines printed at its end."""
+    chosen = summary.get("early_stopping")
+    when = f"epoch {chosen['best_epoch']} of {chosen['epochs_trained']} (best valid score)" if chosen else \
+        f"after {summary['epochs']} epochs"
+    lines = [f"final mean log-likelihood per digit (nats), {summary['model']} / {summary['guide']}, {when}:"]
+    for split, values in summary["final"].items():
+        figures = ", ".join(f"{name} {value:.2f}" for name, value in values.items())
+        lines.append(f"  {split} ({summary['final_digits'][split]:,} digits): {figures}")
+    lines.append(f"  {summary['seconds_per_epoch']:.1f} s per epoch of training; figures and metrics in {out}/")
+    return "\n".join(lines)

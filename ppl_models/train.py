@@ -1,28 +1,18 @@
-"""The one SVI training loop every model and guide shares.
+"""The one SVI training loop every model family and guide shares, read top to bottom in `train`.
 
-A run directory holds:
-  config.json    the configuration, as given
-  metrics.csv    step, epoch, seconds (training time so far), split, estimator, value: the
-                 learning curves (nats per digit)
-  metrics.json   the final summary (see `summarise`)
-  checkpoint.pt  params, optimizer state, RNG state and progress, written atomically at the end
-                 of every epoch and on Ctrl-C; `--resume RUN_DIR` continues from it and ends
-                 where an uninterrupted run would.
-  best.pt        with --patience: the params of the epoch with the best validation score; the
-                 final numbers and figures are that epoch's (early stopping).
+A run writes its directory (see `rundir`): config.json, metrics.csv (learning curves),
+metrics.json (the final summary), checkpoint.pt at the end of every epoch and on Ctrl-C (resuming
+from it ends where an uninterrupted run would), and best.pt under early stopping.
 Runs on CPU are bit-reproducible: batches come from a per-epoch permutation that depends only on
 (seed, epoch), and evaluation draws from its own seeded RNG so it never shifts training's.
 """
 
-import csv
-import json
 import math
-import os
 import signal
 import threading
 import time
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import pyro
@@ -30,62 +20,21 @@ import torch
 from pyro import poutine
 from tqdm.auto import tqdm
 
+from .config import OPTIMIZERS, SettingError, steps_per_epoch
+from .data import random_digits
 from .evaluate import estimators, mean_estimates, per_digit_estimate
-from .models import networks
-
-CHECKPOINT_FORMAT = 3  # 2: one PyTorch optimizer's state (1: pyro.optim's per-param ones); 3: VAE layer names
-OPTIMIZERS = {
-    "adam": torch.optim.Adam,
-    "rmsprop": torch.optim.RMSprop,
-    "sgd": torch.optim.SGD,
-    "adagrad": torch.optim.Adagrad,
-}
-
-
-class TrainingError(RuntimeError):
-    """Training cannot go on; the message says why and what to do."""
-
-
-@dataclass
-class Config:
-    model: str = "mixture"
-    guide: str = "enum"
-    elbo: str | None = None  # None: the ELBO the guide calls for
-    particles: int = 1
-    dataset: str = "mnist"
-    binarize: str = "threshold"
-    data_dir: str | None = None
-    model_args: dict = field(default_factory=dict)  # the model family's own hyperparameters
-    optimizer: str = "rmsprop"
-    lr: float = 0.01
-    batch_size: int = 100
-    epochs: int = 20
-    seed: int = 0
-    device: str = "cpu"
-    jit: bool = False
-    detect_anomaly: bool = False
-    eval_every: int = 200
-    eval_digits: int = 1000
-    eval_samples: int = 0  # k of the final IWAE-k estimate of test log p(x); 0: none
-    train_subset: int | None = None
-    patience: int | None = None  # early stopping: epochs without a better validation score before stopping
-
-    def validate(self):
-        checks = [
-            (self.optimizer in OPTIMIZERS, f"--optimizer must be one of {', '.join(OPTIMIZERS)}"),
-            (self.lr > 0, "--lr must be positive"),
-            (self.batch_size > 0, "--batch-size must be a positive integer"),
-            (self.epochs > 0, "--epochs must be a positive integer"),
-            (self.eval_every > 0, "--eval-every must be a positive integer"),
-            (self.eval_digits > 0, "--eval-digits must be a positive integer"),
-            (self.particles > 0, "--particles must be a positive integer"),
-            (self.eval_samples >= 0, "--eval-samples must be 0 (none) or a positive integer"),
-            (self.train_subset is None or self.train_subset > 0, "--train-subset must be a positive integer"),
-            (self.patience is None or self.patience > 0, "--patience must be a positive integer"),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise ValueError(message)
+from .files import atomic_torch_save, write_json
+from .rundir import (
+    CHECKPOINT_FORMAT,
+    MetricsLog,
+    TrainingError,
+    check_resumable,
+    load_checkpoint,
+    param_values,
+    restore_params,
+    rng_state,
+    set_rng_state,
+)
 
 
 class SVI:
@@ -120,84 +69,259 @@ class SVI:
         return loss
 
 
-# ---- files ---------------------------------------------------------------------------------
-def atomic_torch_save(obj, path):
-    """Write to a temporary file beside `path`, then rename: a crash never leaves half a file."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+# ---- the loop --------------------------------------------------------------------------------
+def train(model, data, cfg, run_dir, resume=False, progress=True, log=print, after_epoch=None):
+    """Fit `model` (a Family) with `cfg.guide` by SVI; write the run directory; return the summary
+    dict. `after_epoch(epoch)`, if given, is called before training (epoch 0) and after each epoch."""
+    after_epoch = after_epoch or (lambda epoch: None)
+    with reproducible(torch.device(cfg.device), cfg.detect_anomaly):
+        cfg.validate()
+        run = Training(model, data, cfg, Path(run_dir), resume, log)
+        if run.at.step == 0:
+            run.evaluate_curves()  # the untrained model, for the start of every curve
+            after_epoch(0)
+        with interrupt_between_steps() as interrupt:
+            while run.at.epoch < cfg.epochs and not (run.best and run.best.exhausted(run.at.epoch)):
+                run.train_epoch(interrupt, progress)
+                if run.best:
+                    run.best.update(run.at.epoch, run.validation_score())
+                run.save_checkpoint()
+                after_epoch(run.at.epoch)
+                log(run.epoch_line())
+        run.evaluate_curves()  # the end of training, if it fell between two eval_every points
+        run.metrics.flush()
+        if run.best:
+            run.restore_best_epoch()
+        summary = summarise(model, data, cfg, run.at.epoch, run.at.seconds / max(run.at.epoch, 1), run.device, progress)
+        if run.best:
+            summary["early_stopping"] = run.early_stopping_summary()
+        write_json(summary, run.dir / "metrics.json")
+        return summary
 
 
-def load_checkpoint(path):
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise TrainingError(
-            f"no checkpoint at {path}: is this a run directory? Start a new run instead of --resume"
-        ) from None
-    except Exception as error:
-        raise TrainingError(
-            f"checkpoint {path} is corrupt or not a ppl_models checkpoint ({type(error).__name__}); "
-            "delete it and start the run again"
-        ) from None
+@dataclass
+class Progress:
+    """Where a run is: epochs done, steps into the current epoch, steps in all, training seconds."""
+
+    epoch: int = 0
+    step_in_epoch: int = 0
+    step: int = 0
+    seconds: float = 0.0
 
 
-def write_json(obj, path):
-    tmp = Path(str(path) + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    os.replace(tmp, path)
+class Training:
+    """A run in progress: the model and its SVI, the run directory's files, and where it is (`at`)."""
+
+    def __init__(self, model, data, cfg, run_dir, resume, log):
+        self.model, self.data, self.cfg, self.dir, self.log = model, data, cfg, run_dir, log
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.device = torch.device(cfg.device)
+        self.num_train, self.steps = check_training_data(data, cfg)
+        self.curves = {split: random_digits(data.binary(split), cfg.eval_digits) for split in data.splits}
+        self.curve_estimators = estimators(model, cfg.guide, split="curves")
+
+        pyro.clear_param_store()
+        pyro.set_rng_seed(cfg.seed)
+        model.reset_parameters()
+        self.guide = model.guide(cfg.guide)
+        elbo = model.elbo(cfg.guide, cfg.elbo, jit=cfg.jit, particles=cfg.particles)
+        self.svi = SVI(model.model, self.guide, elbo, OPTIMIZERS[cfg.optimizer], cfg.lr,
+                       (data.binary("train", 0)[: cfg.batch_size],))
+        self.loss_name = model.loss_name(cfg.guide, cfg.elbo)
+        self.selected = selection_estimator(model, cfg, self.curve_estimators)
+        self.at, best_state = self.resume() if resume else (Progress(), None)
+        self.metrics = MetricsLog(self.dir / "metrics.csv", up_to_step=self.at.step if resume else None)
+        self.best = BestEpoch(self.dir / "best.pt", cfg.patience, self.selected, best_state, self.at.epoch) \
+            if cfg.patience else None
+        self.running_loss = math.nan
+        write_json(asdict(cfg), self.dir / "config.json")
+
+    @property
+    def checkpoint_path(self):
+        return self.dir / "checkpoint.pt"
+
+    def resume(self):
+        """Restore params, optimizer, RNG and progress from the checkpoint: (progress, early stopping state)."""
+        checkpoint = load_checkpoint(self.checkpoint_path)
+        check_resumable(checkpoint, self.cfg, self.checkpoint_path)
+        restore_params(checkpoint["params"], self.device)
+        self.svi.optimizer.load_state_dict(checkpoint["optimizer"])
+        for group in self.svi.optimizer.param_groups:  # the saved state holds the old rate: a resume may change it
+            group["lr"] = self.cfg.lr
+        set_rng_state(checkpoint["rng"])
+        at = Progress(**checkpoint["progress"])
+        self.log(f"resuming {self.dir} at epoch {at.epoch + 1}, step {at.step}" if at.epoch < self.cfg.epochs else
+                 f"{self.dir} had finished its {self.cfg.epochs} epochs: evaluating it and drawing its figures again")
+        return at, checkpoint.get("best")
+
+    def save_checkpoint(self):
+        atomic_torch_save({
+            "format": CHECKPOINT_FORMAT,
+            "config": asdict(self.cfg),
+            "params": param_values(),
+            "optimizer": self.svi.optimizer.state_dict(),
+            "rng": rng_state(),
+            "progress": asdict(self.at),
+            "best": self.best.state() if self.best else None,
+        }, self.checkpoint_path)
+        self.metrics.flush()
+
+    def evaluate_curves(self):
+        """One point of every learning curve, unless this step has one (a resumed run that had finished)."""
+        if self.metrics.last_step() == self.at.step:
+            return
+        with evaluation_rng(self.cfg.seed, self.device):
+            for split, x in self.curves.items():
+                for name, value in mean_estimates(self.model, self.cfg.guide, x, self.curve_estimators).items():
+                    self.metrics.add(self.at.step, self.at.epoch, round(self.at.seconds, 3), split, name, value)
+
+    def validation_score(self):
+        with evaluation_rng(self.cfg.seed, self.device):  # the same draws every epoch: scores differ by the params only
+            return mean_estimates(self.model, self.cfg.guide, self.curves["valid"], [self.selected])[self.selected]
+
+    def train_epoch(self, interrupt, progress):
+        """The rest of the current epoch's steps, in the epoch's own batch order."""
+        cfg, at = self.cfg, self.at
+        x_epoch = self.data.binary("train", at.epoch)[: self.num_train]
+        order = torch.randperm(self.num_train, generator=epoch_generator(cfg.seed, at.epoch, self.device),
+                               device=self.device)
+        with tqdm(total=self.steps, initial=at.step_in_epoch, disable=not progress, desc=f"epoch {at.epoch + 1}/"
+                  f"{cfg.epochs}", unit="step", leave=False) as bar:
+            self.running_loss = math.nan
+            while at.step_in_epoch < self.steps:
+                batch = x_epoch[order[at.step_in_epoch * cfg.batch_size: (at.step_in_epoch + 1) * cfg.batch_size]]
+                self.step(batch)
+                bar.set_postfix_str(f"{self.loss_name} {self.running_loss:.2f}")
+                bar.update()
+                if at.step % cfg.eval_every == 0:
+                    self.evaluate_curves()
+                if interrupt["requested"]:
+                    self.save_checkpoint()
+                    raise TrainingError(f"interrupted at step {at.step}; checkpoint saved. Resume with: python run.py "
+                                        f"--resume {self.dir}")
+        at.epoch, at.step_in_epoch = at.epoch + 1, 0
+
+    def step(self, batch):
+        """One SVI step on `batch`; a non-finite loss stops the run with what went non-finite."""
+        at = self.at
+        started = time.perf_counter()
+        try:
+            args = self.model.step_args(at.epoch + (at.step_in_epoch + 1) / self.steps, self.device)
+            loss = self.svi.step(batch, *args) / self.cfg.batch_size
+        except ValueError:  # Pyro's validation meeting a parameter that went non-finite
+            if all(torch.isfinite(p).all() for _, p in pyro.get_param_store().named_parameters()):
+                raise
+            loss = math.nan
+        at.seconds += time.perf_counter() - started  # training time only: evaluation is not counted
+        if not math.isfinite(loss):
+            raise TrainingError(
+                f"the loss became {loss} at step {at.step + 1} (epoch {at.epoch + 1}); not finite: "
+                f"{diagnose_nonfinite(self.model.model, self.guide, batch)}. The last good checkpoint is kept in "
+                f"{self.checkpoint_path}; try a smaller `lr`, or `detect_anomaly=True` to find the operation"
+            )
+        at.step_in_epoch += 1
+        at.step += 1
+        self.running_loss = loss if math.isnan(self.running_loss) else 0.98 * self.running_loss + 0.02 * loss
+
+    def epoch_line(self):
+        at, best = self.at, self.best
+        return (f"epoch {at.epoch}/{self.cfg.epochs}: {self.loss_name} {self.running_loss:.2f} (moving average over "
+                f"train batches), {at.seconds / at.epoch:.1f} s/epoch"
+                + (f"; best valid {self.selected} {best.value:.2f} at epoch {best.epoch}" if best else ""))
+
+    def restore_best_epoch(self):
+        self.stopped_early = self.best.exhausted(self.at.epoch)
+        self.log(f"{'early stopping: ' if self.stopped_early else ''}{self.at.epoch} epochs trained; the final numbers "
+                 f"and figures are those of epoch {self.best.epoch}, the best valid {self.selected} "
+                 f"({self.best.value:.2f} on {len(self.curves['valid'])} digits)")
+        self.best.restore(self.device)
+
+    def early_stopping_summary(self):
+        best = self.best
+        return dict(patience=self.cfg.patience, epochs_trained=self.at.epoch, stopped_early=self.stopped_early,
+                    best_epoch=best.epoch, estimator=self.selected,
+                    selected_by=f"{self.selected} on {len(self.curves['valid'])} fixed random valid digits",
+                    best_value=best.value, valid_scores=best.scores)
 
 
-class MetricsLog:
-    """metrics.csv rows kept in memory and rewritten whole, so a resumed run drops the rows an
-    interrupted run wrote after its last checkpoint."""
-
-    columns = ("step", "epoch", "seconds", "split", "estimator", "value")
-
-    def __init__(self, path, up_to_step=None):
-        self.path = Path(path)
-        self.rows = []
-        if up_to_step is not None and self.path.exists():
-            with open(self.path) as f:
-                self.rows = [r for r in csv.DictReader(f) if int(r["step"]) <= up_to_step]
-
-    def add(self, step, epoch, seconds, split, estimator, value):
-        self.rows.append(dict(step=step, epoch=epoch, seconds=seconds, split=split, estimator=estimator, value=value))
-
-    def flush(self):
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        with open(tmp, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=self.columns)
-            writer.writeheader()
-            writer.writerows(self.rows)
-        os.replace(tmp, self.path)
+def check_training_data(data, cfg):
+    """Refuse settings the data cannot serve; return (training digits used, steps per epoch)."""
+    available = data.images["train"].shape[0]
+    num_train = cfg.train_subset or available
+    if num_train > available:
+        raise SettingError(f"`train_subset={num_train}` is more than the {available} training digits there are")
+    if cfg.batch_size > num_train:
+        raise SettingError(f"`batch_size={cfg.batch_size}` is larger than the {num_train} training digits")
+    if cfg.patience and "valid" not in data.splits:
+        raise SettingError(f"`patience` stops on the validation split, and {data.name} has none "
+                           f"(its splits: {', '.join(data.splits)}); use `dataset='binarized-mnist'`")
+    return num_train, steps_per_epoch(cfg, data)
 
 
-def curve_digits(x, count):
-    """The fixed digits every learning-curve point is measured on: `count` digits drawn at random
-    with a fixed seed, the same for every run. (Not the first `count`: binarized-mnist's files are
-    ordered, and its first 1000 test digits score 27 nats below the split's mean.)"""
-    return x[torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(0))[:count].to(x.device)]
+def selection_estimator(model, cfg, names):
+    """What early stopping maximises on the valid digits: the exact log-likelihood where the model
+    has one; else the training objective's own bound, iwae-k for a k-sample objective (its one-sample
+    ELBO can fall while the bound it trains rises); else the ELBO."""
+    if "exact" not in names and cfg.elbo in model.importance_weighted_elbos:
+        return f"iwae-{cfg.particles}"
+    return names[0]
 
 
-# ---- RNG -----------------------------------------------------------------------------------
+def summarise(model, data, cfg, epochs, seconds_per_epoch, device, progress=True):
+    """metrics.json: final -> split -> estimator -> mean log-likelihood per digit (nats), on every
+    digit of each split (`final_digits` says how many); iwae-k with `eval_samples=k` on test only."""
+    with evaluation_rng(cfg.seed, device):
+        final = {split: mean_estimates(model, cfg.guide, data.binary(split), estimators(model, cfg.guide, split=split))
+                 for split in data.splits}
+        if cfg.eval_samples and cfg.guide not in model.exact_guides:
+            name = f"iwae-{cfg.eval_samples}"
+            final["test"][name] = per_digit_estimate(model, cfg.guide, data.binary("test"), name, progress).mean().item()
+    return {
+        "model": cfg.model,
+        "guide": cfg.guide,
+        "dataset": cfg.dataset,
+        "binarize": data.binarize,
+        "epochs": epochs,
+        "train_digits": cfg.train_subset or len(data.images["train"]),
+        "seconds_per_epoch": seconds_per_epoch,
+        "units": "mean log-likelihood per digit, nats",
+        "final_digits": {split: len(data.images[split]) for split in data.splits},
+        "final": final,
+    }
+
+
+# ---- early stopping --------------------------------------------------------------------------
+class BestEpoch:
+    """Early stopping (`patience`): the validation score after every epoch, the params of the best
+    epoch so far kept in best.pt, and whether `patience` epochs have passed without a better one."""
+
+    def __init__(self, path, patience, estimator, state=None, epoch=0):
+        self.path, self.patience, self.estimator = Path(path), patience, estimator
+        if state and state.get("estimator", estimator) == estimator:
+            self.epoch, self.value, self.scores = state["epoch"], state["value"], state.get("scores", [])
+        else:  # nothing scored with this estimator yet (or a saved best of another one): count from `epoch`
+            self.epoch, self.value, self.scores = epoch, -math.inf, []
+
+    def update(self, epoch, value):
+        self.scores.append([epoch, value])  # every epoch's score, reported beside the best
+        if value > self.value:
+            self.epoch, self.value = epoch, value
+            atomic_torch_save(param_values(), self.path)
+
+    def exhausted(self, epoch):
+        return epoch - self.epoch >= self.patience
+
+    def state(self):
+        return dict(epoch=self.epoch, value=self.value, estimator=self.estimator, scores=self.scores)
+
+    def restore(self, device):
+        restore_params(torch.load(self.path, map_location=device, weights_only=True), device)
+
+
+# ---- RNG, signals, numerics ------------------------------------------------------------------
 def epoch_generator(seed, epoch, device):
     """The generator of one epoch's batch order: a function of (seed, epoch) only."""
     return torch.Generator(device=device).manual_seed(seed * 1_000_003 + epoch)
-
-
-def rng_state():
-    state = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state):
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 @contextmanager
@@ -227,82 +351,6 @@ def interrupt_between_steps():
         signal.signal(signal.SIGINT, previous)
 
 
-# ---- numerical guard -----------------------------------------------------------------------
-def diagnose_nonfinite(model, guide, x):
-    """Which parameters are not finite, and which sample sites have a non-finite log-probability
-    on this batch (checked with validation off, so the bad values can be looked at)."""
-    found = [f"param '{name}'" for name, p in pyro.get_param_store().named_parameters() if not torch.isfinite(p).all()]
-    with pyro.validation_enabled(False), torch.no_grad():
-        guide_trace = poutine.trace(guide).get_trace(x)
-        model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(x)
-    for where, trace in (("model", model_trace), ("guide", guide_trace)):
-        for name, site in trace.nodes.items():
-            if site["type"] == "sample" and not torch.isfinite(site["fn"].log_prob(site["value"])).all():
-                found.append(f"{where} site '{name}'")
-    return ", ".join(found) or "no single parameter or site (the gradient step itself)"
-
-
-def plain(tensor):
-    """A detached CPU copy as a plain Tensor (Pyro keeps some state in Tensor subclasses)."""
-    return tensor.detach().cpu().clone().as_subclass(torch.Tensor)
-
-
-def param_values():
-    """{name: plain CPU copy} of every unconstrained value in Pyro's param store."""
-    return {n: plain(p) for n, p in pyro.get_param_store().named_parameters()}
-
-
-def restore_params(saved, device):
-    """Copy saved unconstrained values into the param store in place (so networks and optimizer
-    keep the same tensors), and recreate entries Pyro makes lazily during a step, such as
-    TraceGraph_ELBO's decaying-average baselines."""
-    store = pyro.get_param_store()
-    with torch.no_grad():
-        for name, value in saved.items():
-            if name in store:
-                unconstrained = dict(store.named_parameters())[name]
-                unconstrained.copy_(value)
-            else:
-                store[name] = value.to(device)
-
-
-def reset_networks(model):
-    """Initialise the model's networks from the run's seed, so a run depends on nothing that
-    happened before it (not even on when the model object was built)."""
-    for network in networks(model):
-        for module in network.modules():
-            if hasattr(module, "reset_parameters"):
-                module.reset_parameters()
-
-
-class BestEpoch:
-    """Early stopping (--patience): the validation score after every epoch, the params of the best
-    epoch so far kept in best.pt, and whether `patience` epochs have passed without a better one."""
-
-    def __init__(self, path, patience, estimator, state=None, epoch=0):
-        self.path, self.patience, self.estimator = Path(path), patience, estimator
-        if state and state.get("estimator", estimator) == estimator:
-            self.epoch, self.value, self.scores = state["epoch"], state["value"], state.get("scores", [])
-        else:  # nothing scored with this estimator yet (or a saved best of another one): count from `epoch`
-            self.epoch, self.value, self.scores = epoch, -math.inf, []
-
-    def update(self, epoch, value):
-        self.scores.append([epoch, value])  # every epoch's score, reported beside the best
-        if value > self.value:
-            self.epoch, self.value = epoch, value
-            atomic_torch_save(param_values(), self.path)
-
-    def exhausted(self, epoch):
-        return epoch - self.epoch >= self.patience
-
-    def state(self):
-        return dict(epoch=self.epoch, value=self.value, estimator=self.estimator, scores=self.scores)
-
-    def restore(self, device):
-        restore_params(torch.load(self.path, map_location=device, weights_only=True), device)
-
-
-# ---- the loop ------------------------------------------------------------------------------
 @contextmanager
 def reproducible(device, detect_anomaly=False):
     """Deterministic kernels on CPU (scatter-adds in backward otherwise sum in thread order, and
@@ -317,209 +365,15 @@ def reproducible(device, detect_anomaly=False):
         torch.autograd.set_detect_anomaly(previous[1])
 
 
-def train(model, data, cfg: Config, run_dir, resume=False, progress=True, log=print, after_epoch=None):
-    """Fit `model` with `cfg.guide` by SVI; write the run directory; return the summary dict.
-    `after_epoch(epoch)`, if given, is called before training (epoch 0) and after each epoch."""
-    with reproducible(torch.device(cfg.device), cfg.detect_anomaly):
-        return _train(model, data, cfg, run_dir, resume, progress, log, after_epoch or (lambda epoch: None))
-
-
-def _train(model, data, cfg, run_dir, resume, progress, log, after_epoch):
-    cfg.validate()
-    run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    device = torch.device(cfg.device)
-    checkpoint_path = run_dir / "checkpoint.pt"
-
-    x_train_all = data.binary("train", 0)
-    num_train = cfg.train_subset or x_train_all.shape[0]
-    if num_train > x_train_all.shape[0]:
-        raise ValueError(f"--train-subset {num_train} is more than the {x_train_all.shape[0]} training digits there are")
-    if cfg.batch_size > num_train:
-        raise ValueError(f"--batch-size {cfg.batch_size} is larger than the {num_train} training digits")
-    steps = steps_per_epoch(cfg, data)
-    if cfg.patience and "valid" not in data.splits:
-        raise ValueError(f"--patience stops on the validation split, and {data.name} has none "
-                         f"(its splits: {', '.join(data.splits)}); use --dataset binarized-mnist")
-    curves = {split: curve_digits(data.binary(split), cfg.eval_digits) for split in data.splits}
-    names = estimators(model, cfg.guide, split="curves")
-
-    pyro.clear_param_store()
-    pyro.set_rng_seed(cfg.seed)
-    reset_networks(model)
-    guide = model.guide(cfg.guide)
-    elbo = model.elbo(cfg.guide, cfg.elbo, jit=cfg.jit, particles=cfg.particles)
-    svi = SVI(model.model, guide, elbo, OPTIMIZERS[cfg.optimizer], cfg.lr, (x_train_all[: cfg.batch_size],))
-    loss_name = model.loss_name(cfg.guide, cfg.elbo)
-
-    epoch, step_in_epoch, step, seconds = 0, 0, 0, 0.0
-    best_state = None
-    if resume:
-        checkpoint = load_checkpoint(checkpoint_path)
-        check_resumable(checkpoint, cfg, checkpoint_path)
-        restore_params(checkpoint["params"], device)
-        svi.optimizer.load_state_dict(checkpoint["optimizer"])
-        for group in svi.optimizer.param_groups:  # the saved state holds the old rate: --resume --lr may change it
-            group["lr"] = cfg.lr
-        set_rng_state(checkpoint["rng"])
-        epoch, step_in_epoch, step, seconds = (checkpoint["progress"][k] for k in ("epoch", "step_in_epoch", "step", "seconds"))
-        best_state = checkpoint.get("best")
-        log(f"resuming {run_dir} at epoch {epoch + 1}, step {step}" if epoch < cfg.epochs else
-            f"{run_dir} had finished its {cfg.epochs} epochs: evaluating it and drawing its figures again")
-    metrics = MetricsLog(run_dir / "metrics.csv", up_to_step=step if resume else None)
-    selected = selection_estimator(cfg, names)
-    best = BestEpoch(run_dir / "best.pt", cfg.patience, selected, best_state, epoch) if cfg.patience else None
-    write_json(asdict(cfg), run_dir / "config.json")
-
-    def save_checkpoint():
-        atomic_torch_save(
-            {
-                "format": CHECKPOINT_FORMAT,
-                "config": asdict(cfg),
-                "params": param_values(),
-                "optimizer": svi.optimizer.state_dict(),
-                "rng": rng_state(),
-                "progress": dict(epoch=epoch, step_in_epoch=step_in_epoch, step=step, seconds=seconds),
-                "best": best.state() if best else None,
-            },
-            checkpoint_path,
-        )
-        metrics.flush()
-
-    def evaluate_curves():
-        if metrics.rows and int(metrics.rows[-1]["step"]) == step:
-            return  # already measured (a resumed run that had finished)
-        with evaluation_rng(cfg.seed, device):
-            for split, x in curves.items():
-                for name, value in mean_estimates(model, cfg.guide, x, names).items():
-                    metrics.add(step, epoch, round(seconds, 3), split, name, value)
-
-    if step == 0:
-        evaluate_curves()  # the untrained model, for the start of every curve
-        after_epoch(0)
-
-    def validation_score():
-        with evaluation_rng(cfg.seed, device):  # the same draws every epoch: scores differ by the params only
-            return mean_estimates(model, cfg.guide, curves["valid"], [selected])[selected]
-
-    with interrupt_between_steps() as interrupt:
-        while epoch < cfg.epochs and not (best and best.exhausted(epoch)):
-            x_epoch = data.binary("train", epoch)[:num_train]
-            order = torch.randperm(num_train, generator=epoch_generator(cfg.seed, epoch, device), device=device)
-            bar = tqdm(
-                total=steps, initial=step_in_epoch, disable=not progress,
-                desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="step", leave=False,
-            )
-            running = math.nan
-            while step_in_epoch < steps:
-                batch = x_epoch[order[step_in_epoch * cfg.batch_size : (step_in_epoch + 1) * cfg.batch_size]]
-                started = time.perf_counter()
-                try:
-                    loss = svi.step(batch, *step_args(model, epoch + (step_in_epoch + 1) / steps, device)) / cfg.batch_size
-                except ValueError:  # Pyro's validation meeting a parameter that went non-finite
-                    if all(torch.isfinite(p).all() for _, p in pyro.get_param_store().named_parameters()):
-                        raise
-                    loss = math.nan
-                seconds += time.perf_counter() - started  # training time only: evaluation is not counted
-                if not math.isfinite(loss):
-                    raise TrainingError(
-                        f"the loss became {loss} at step {step + 1} (epoch {epoch + 1}); not finite: "
-                        f"{diagnose_nonfinite(model.model, guide, batch)}. The last good checkpoint is kept in "
-                        f"{checkpoint_path}; try a smaller --lr, or --detect-anomaly to find the operation"
-                    )
-                step_in_epoch += 1
-                step += 1
-                running = loss if math.isnan(running) else 0.98 * running + 0.02 * loss
-                bar.set_postfix_str(f"{loss_name} {running:.2f}")
-                bar.update()
-                if step % cfg.eval_every == 0:
-                    evaluate_curves()
-                if interrupt["requested"]:
-                    bar.close()
-                    save_checkpoint()
-                    raise TrainingError(
-                        f"interrupted at step {step}; checkpoint saved. Resume with: python run.py --resume {run_dir}"
-                    )
-            bar.close()
-            epoch, step_in_epoch = epoch + 1, 0
-            if best:
-                best.update(epoch, validation_score())
-            save_checkpoint()
-            after_epoch(epoch)
-            log(f"epoch {epoch}/{cfg.epochs}: {loss_name} {running:.2f} (moving average over train "
-                f"batches), {seconds / epoch:.1f} s/epoch" + (
-                    f"; best valid {selected} {best.value:.2f} at epoch {best.epoch}" if best else ""))
-
-    evaluate_curves()  # the end of training, if it fell between two --eval-every points
-    metrics.flush()
-    if best:
-        stopped = best.exhausted(epoch)
-        log(f"{'early stopping: ' if stopped else ''}{epoch} epochs trained; the final numbers and figures are those of "
-            f"epoch {best.epoch}, the best valid {selected} ({best.value:.2f} on {len(curves['valid'])} digits)")
-        best.restore(device)
-    summary = summarise(model, data, cfg, epoch, seconds / max(epoch, 1), device, progress)
-    if best:
-        summary["early_stopping"] = dict(
-            patience=cfg.patience, epochs_trained=epoch, stopped_early=stopped, best_epoch=best.epoch,
-            estimator=selected, selected_by=f"{selected} on {len(curves['valid'])} fixed random valid digits",
-            best_value=best.value, valid_scores=best.scores)
-    write_json(summary, run_dir / "metrics.json")
-    return summary
-
-
-def selection_estimator(cfg, names):
-    """What early stopping maximises on the valid digits: the exact log-likelihood where the model
-    has one; else the training objective's own bound, iwae-k for a k-sample objective (--elbo iwae
-    or vimco: its one-sample ELBO can fall while the bound it trains rises); else the ELBO."""
-    if "exact" not in names and cfg.elbo in ("iwae", "vimco"):
-        return f"iwae-{cfg.particles}"
-    return names[0]
-
-
-def step_args(model, epochs_done, device):
-    """Extra arguments of model and guide at this point of training (epochs_done, fractional), for
-    model families with a schedule (the VAE's KL warm-up); none for the others."""
-    return model.step_args(epochs_done, device) if hasattr(model, "step_args") else ()
-
-
-def steps_per_epoch(cfg, data):
-    """SVI steps in an epoch: the last partial batch is dropped (fixed shapes for --jit)."""
-    return (cfg.train_subset or len(data.images["train"])) // cfg.batch_size
-
-
-def summarise(model, data, cfg, epochs, seconds_per_epoch, device, progress=True):
-    """metrics.json: final -> split -> estimator -> mean log-likelihood per digit (nats), on every
-    digit of each split (`final_digits` says how many); IWAE-k with --eval-samples k on test only."""
-    with evaluation_rng(cfg.seed, device):
-        final = {split: mean_estimates(model, cfg.guide, data.binary(split), estimators(model, cfg.guide, split=split))
-                 for split in data.splits}
-        if cfg.eval_samples and cfg.guide != "enum":
-            name = f"iwae-{cfg.eval_samples}"
-            final["test"][name] = per_digit_estimate(model, cfg.guide, data.binary("test"), name, progress).mean().item()
-    return {
-        "model": cfg.model,
-        "guide": cfg.guide,
-        "dataset": cfg.dataset,
-        "binarize": data.binarize,
-        "epochs": epochs,
-        "train_digits": cfg.train_subset or len(data.images["train"]),
-        "seconds_per_epoch": seconds_per_epoch,
-        "units": "mean log-likelihood per digit, nats",
-        "final_digits": {split: len(data.images[split]) for split in data.splits},
-        "final": final,
-    }
-
-
-def check_resumable(checkpoint, cfg, path):
-    if checkpoint.get("format", 0) > CHECKPOINT_FORMAT:
-        raise TrainingError(f"{path} was written by a newer ppl_models (format {checkpoint['format']}); upgrade to resume it")
-    if checkpoint.get("format", 0) < CHECKPOINT_FORMAT:
-        raise TrainingError(f"{path} was written by an older ppl_models (format {checkpoint.get('format', 0)}), whose "
-                            "optimizer state or parameter names this one cannot read; start the run again")
-    saved = checkpoint["config"]
-    for key in ("model", "guide", "elbo", "dataset", "model_args"):
-        if saved.get(key) != getattr(cfg, key):
-            raise TrainingError(
-                f"{path} is a run of {key} {saved.get(key)!r}, not {getattr(cfg, key)!r}; resume it without "
-                f"overriding --{key.replace('_', '-')}, or start a new run with another --out"
-            )
+def diagnose_nonfinite(model, guide, x):
+    """Which parameters are not finite, and which sample sites have a non-finite log-probability
+    on this batch (checked with validation off, so the bad values can be looked at)."""
+    found = [f"param '{name}'" for name, p in pyro.get_param_store().named_parameters() if not torch.isfinite(p).all()]
+    with pyro.validation_enabled(False), torch.no_grad():
+        guide_trace = poutine.trace(guide).get_trace(x)
+        model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(x)
+    for where, trace in (("model", model_trace), ("guide", guide_trace)):
+        for name, site in trace.nodes.items():
+            if site["type"] == "sample" and not torch.isfinite(site["fn"].log_prob(site["value"])).all():
+                found.append(f"{where} site '{name}'")
+    return ", ".join(found) or "no single parameter or site (the gradient step itself)"

@@ -77,8 +77,8 @@ def test_main_job_runs_offline_with_no_data_at_all(offline, tmp_path, capsys):
         (["--lr", "-1"], "--lr must be positive"),
         (["--epochs", "0"], "--epochs must be a positive integer"),
         (["--batch-size", "0"], "--batch-size must be a positive integer"),
-        (["--experiment", "bogus"], "unknown experiment 'bogus'"),
-        (["--data-dir", "/no/such/folder"], "does not exist"),
+        (["--experiment", "bogus"], "unknown --experiment bogus for model mixture"),
+        (["--data-dir", "/no/such/folder"], "--data-dir /no/such/folder does not exist"),
         (["--resume", "/no/such/run"], "no checkpoint at"),
     ],
 )

@@ -415,7 +415,7 @@ def test_data_roots_order(tmp_path, monkeypatch):
 
 
 def test_missing_data_dir_or_env_folder_is_an_error(tmp_path, monkeypatch):
-    with pytest.raises(DataError, match=f"data_dir {tmp_path / 'nowhere'} does not exist"):
+    with pytest.raises(DataError, match=f"`data_dir` {tmp_path / 'nowhere'} does not exist"):
         data_roots(tmp_path / "nowhere")
     monkeypatch.setenv("PPL_MODELS_DATA", str(tmp_path / "nowhere"))
     with pytest.raises(DataError, match=r"\$PPL_MODELS_DATA .*nowhere does not exist"):
@@ -507,7 +507,7 @@ def test_to_moves_every_tensor(tmp_path):
 def test_check_binary():
     check_binary(torch.randint(0, 2, (3, 784)).float())
     with pytest.raises(DataError, match="my digits has values other than 0 and 1; binarize it first "
-                                        r"\(e.g. --binarize threshold\)"):
+                                        r"\(e.g. `binarize='threshold'`\)"):
         check_binary(torch.full((3, 784), 0.5), "my digits")
     with pytest.raises(DataError, match=r"my digits has shape \(3, 28, 28\)"):
         check_binary(torch.zeros(3, 28, 28), "my digits")

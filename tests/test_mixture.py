@@ -6,11 +6,12 @@ import pytest
 import torch
 from pyro.infer import TraceEnum_ELBO
 
+from ppl_models.config import Config
 from ppl_models.data import DataError
 from ppl_models.distributions import IndexedBernoulli
 from ppl_models.evaluate import importance_log_weights
 from ppl_models.models.mixture import BernoulliMixture
-from ppl_models.train import Config, train
+from ppl_models.train import train
 
 
 def tiny_model(K=3, D=5, scale=1.5):
@@ -145,7 +146,8 @@ def test_masked_log_likelihood_is_the_marginal_of_the_observed_pixels():
 
 def test_samples_are_binary_digits_from_valid_components():
     model = BernoulliMixture(components=5)
-    z, x = model.sample(32)
+    latents, x = model.sample(32)
+    z = latents["z"]
     assert x.shape == (32, 784) and set(x.unique().tolist()) <= {0.0, 1.0}
     assert z.shape == (32,) and z.min() >= 0 and z.max() < 5
 
@@ -164,7 +166,7 @@ def test_sampled_guide_elbo_never_exceeds_exact_log_likelihood():
 @pytest.mark.parametrize("guide", ["enum", "sampled"])
 def test_training_raises_the_held_out_exact_log_likelihood(tiny_dataset, tmp_path, guide):
     model = BernoulliMixture(components=4)
-    cfg = Config(guide=guide, epochs=3, batch_size=50, eval_every=1000, eval_digits=200, lr=0.05)
+    cfg = Config(model="mixture", guide=guide, epochs=3, batch_size=50, eval_every=1000, eval_digits=200, lr=0.05)
     pyro.set_rng_seed(0)
     model.params(torch.device("cpu"))
     before = model.log_likelihood(tiny_dataset.binary("test")).mean().item()
@@ -176,7 +178,7 @@ def test_training_raises_the_held_out_exact_log_likelihood(tiny_dataset, tmp_pat
 
 
 def test_bad_component_count_is_refused():
-    with pytest.raises(ValueError, match="--components must be a positive integer"):
+    with pytest.raises(ValueError, match="`components` must be a positive integer"):
         BernoulliMixture(components=0)
 
 

@@ -11,11 +11,12 @@ from pyro.infer import TraceEnum_ELBO
 
 import ppl_models.distributions as distributions
 import run
+from ppl_models.config import Config
 from ppl_models.distributions import IndependentBits, all_codes, chunked_table_log_likelihood, table_log_likelihood
 from ppl_models.evaluate import importance_log_weights
 from ppl_models.models.sbn import SigmoidBeliefNet
 from ppl_models.objectives import VIMCO, leave_one_out_bounds
-from ppl_models.train import Config, train
+from ppl_models.train import train
 
 
 def tiny_sbn(M=4, D=6):
@@ -102,7 +103,7 @@ def test_a_sampled_guides_elbo_never_exceeds_the_exact_log_likelihood(guide):
 
 def test_enumeration_over_a_huge_m_is_refused_with_an_estimate():
     model = SigmoidBeliefNet(latents=30)
-    with pytest.raises(ValueError, match=r"2\^30 = 1,073,741,824 states: about 429 GB .* hours per step .*--guide bernoulli"):
+    with pytest.raises(ValueError, match=r"2\^30 = 1,073,741,824 states: about 429 GB .* hours per step .*`guide='bernoulli'`"):
         model.elbo("enum")
     assert not model.exact
 
@@ -134,7 +135,7 @@ def test_enum_vs_sampled_trains_every_guide_and_compares_them(tiny_dataset, tmp_
 
     cfg = Config(model="sbn", guide="enum", optimizer="adam", lr=0.03, epochs=1, batch_size=50, eval_every=4,
                  eval_digits=50, model_args={"latents": 4, "temperature": 0.5})
-    comparison = enum_vs_sampled(cfg, tiny_dataset, tmp_path, progress=False, log=lambda *a: None)
+    comparison = enum_vs_sampled(SigmoidBeliefNet, cfg, tiny_dataset, tmp_path, progress=False, log=lambda *a: None)
     assert set(comparison) == {"enum", "bernoulli", "relaxed"}
     for guide in ("bernoulli", "relaxed"):  # every model is scored exactly; a sampled ELBO sits below
         final = comparison[guide]["final"]["test"]
@@ -143,10 +144,10 @@ def test_enum_vs_sampled_trains_every_guide_and_compares_them(tiny_dataset, tmp_
 
 
 def test_cost_against_latents_measures_every_guide(tiny_dataset, tmp_path):
-    from ppl_models.experiments import cost_against_latents
+    from ppl_models.models.sbn_report import cost_against_latents
 
-    cfg = Config(model="sbn", lr=1e-3, batch_size=50, model_args={"latents": 2, "temperature": 0.5})
-    results = cost_against_latents(cfg, tiny_dataset, tmp_path, progress=False, log=lambda *a: None,
+    cfg = Config(model="sbn", guide="enum", lr=1e-3, batch_size=50, model_args={"latents": 2, "temperature": 0.5})
+    results = cost_against_latents(SigmoidBeliefNet, cfg, tiny_dataset, tmp_path, progress=False, log=lambda *a: None,
                                    latents=(2, 6), steps=1)
     assert set(results) == {"bernoulli", "relaxed", "enum"}
     assert all(r["latents"] == [2, 6] and min(r["seconds_per_step"]) > 0 for r in results.values())
@@ -164,10 +165,10 @@ def test_a_costly_exact_sum_is_reported_on_the_test_split_only():
 
 
 def test_gradient_variance_compares_each_estimator_with_the_exact_gradient(tiny_dataset, tmp_path):
-    from ppl_models.experiments import gradient_variance
+    from ppl_models.models.sbn_report import gradient_variance
 
-    cfg = Config(model="sbn", batch_size=50, model_args={"latents": 5, "temperature": 0.5})
-    results = gradient_variance(cfg, tiny_dataset, tmp_path, progress=False, log=lambda *a: None, draws=30)
+    cfg = Config(model="sbn", guide="enum", batch_size=50, model_args={"latents": 5, "temperature": 0.5})
+    results = gradient_variance(SigmoidBeliefNet, cfg, tiny_dataset, tmp_path, progress=False, log=lambda *a: None, draws=30)
     assert set(results) == {"bernoulli", "relaxed"}
     for r in results.values():
         assert r["w_variance_per_coordinate"] > 0 and r["encoder_variance_per_coordinate"] > 0
@@ -225,16 +226,16 @@ def test_vimco_gradient_averages_to_the_gradient_of_the_exact_expected_bound():
 
 def test_vimco_is_refused_where_it_does_not_apply():
     model = SigmoidBeliefNet(latents=4)
-    with pytest.raises(ValueError, match="--elbo vimco trains the score-function guide: use --guide bernoulli"):
+    with pytest.raises(ValueError, match="`elbo='vimco'` trains the score-function guide: use `guide='bernoulli'`"):
         model.elbo("relaxed", "vimco", particles=4)
-    with pytest.raises(ValueError, match="--elbo vimco needs --particles of at least 2"):
+    with pytest.raises(ValueError, match="`elbo='vimco'` needs `particles` of at least 2"):
         model.elbo("bernoulli", "vimco", particles=1)
-    with pytest.raises(ValueError, match="--jit is not available with --elbo vimco"):
+    with pytest.raises(ValueError, match="`jit=True` is not available with `elbo='vimco'`"):
         model.elbo("bernoulli", "vimco", jit=True, particles=4)
 
 
 def test_a_decaying_average_baseline_is_refused_under_jit():
-    with pytest.raises(ValueError, match=r"--jit cannot trace Pyro's decaying-average baseline \(--baseline both\)"):
+    with pytest.raises(ValueError, match=r"`jit=True` cannot trace Pyro's decaying-average baseline \(`baseline='both'`\)"):
         SigmoidBeliefNet(latents=4, baseline="both").elbo("bernoulli", jit=True)
-    with pytest.raises(ValueError, match="--baseline must be one of neural, average, both"):
+    with pytest.raises(ValueError, match="`baseline` must be one of neural, average, both"):
         SigmoidBeliefNet(latents=4, baseline="median")

@@ -10,15 +10,18 @@ import pyro
 import pytest
 import torch
 
+import ppl_models.rundir as rundir
 import ppl_models.train as train_module
+from ppl_models.config import Config
 from ppl_models.models.mixture import BernoulliMixture
-from ppl_models.train import Config, TrainingError, load_checkpoint, train
+from ppl_models.rundir import TrainingError, load_checkpoint
+from ppl_models.train import train
 
 QUIET = dict(progress=False, log=lambda *args: None)
 
 
 def config(**overrides):
-    settings = dict(epochs=3, batch_size=50, eval_every=5, eval_digits=100, lr=0.05)
+    settings = dict(model="mixture", guide="enum", epochs=3, batch_size=50, eval_every=5, eval_digits=100, lr=0.05)
     settings.update(overrides)
     return Config(**settings)
 
@@ -129,7 +132,7 @@ def test_resume_of_another_models_run_is_refused(tiny_dataset, tmp_path):
 def test_checkpoint_from_a_newer_format_is_refused(tiny_dataset, tmp_path):
     train(BernoulliMixture(4), tiny_dataset, config(epochs=1), tmp_path, **QUIET)
     checkpoint = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
-    checkpoint["format"] = train_module.CHECKPOINT_FORMAT + 1
+    checkpoint["format"] = rundir.CHECKPOINT_FORMAT + 1
     torch.save(checkpoint, tmp_path / "checkpoint.pt")
     with pytest.raises(TrainingError, match="written by a newer ppl_models"):
         train(BernoulliMixture(4), tiny_dataset, config(epochs=2), tmp_path, resume=True, **QUIET)
@@ -151,8 +154,9 @@ def test_non_finite_loss_stops_with_the_site_named_and_the_last_checkpoint_kept(
 
 @pytest.mark.parametrize(
     "field, value, message",
-    [("lr", -1.0, "--lr must be positive"), ("batch_size", 0, "--batch-size must be a positive integer"),
-     ("epochs", 0, "--epochs must be a positive integer"), ("optimizer", "lbfgs", "--optimizer must be one of"),
+    [("lr", -1.0, "`lr` must be positive"), ("lr", float("nan"), "`lr` must be positive"),
+     ("batch_size", 0, "`batch_size` must be a positive integer"),
+     ("epochs", 0, "`epochs` must be a positive integer"), ("optimizer", "lbfgs", "`optimizer` must be one of"),
      ("batch_size", 10_000, "larger than the 600 training digits")],
 )
 def test_bad_settings_are_refused_with_the_flag_named(tiny_dataset, tmp_path, field, value, message):
@@ -162,7 +166,7 @@ def test_bad_settings_are_refused_with_the_flag_named(tiny_dataset, tmp_path, fi
 
 def test_restore_recreates_state_that_pyro_makes_lazily_during_a_step():
     pyro.param("w", torch.zeros(2))
-    train_module.restore_params({"w": torch.ones(2), "__baseline_avg_downstream_cost_z": torch.full((3,), 7.0)},
+    rundir.restore_params({"w": torch.ones(2), "__baseline_avg_downstream_cost_z": torch.full((3,), 7.0)},
                                 torch.device("cpu"))
     assert torch.equal(pyro.param("w"), torch.ones(2))
     assert torch.equal(pyro.param("__baseline_avg_downstream_cost_z"), torch.full((3,), 7.0))
@@ -247,7 +251,7 @@ def test_a_saved_best_of_another_estimator_is_not_compared_with_this_ones(tiny_d
 
 
 def test_early_stopping_needs_a_validation_split(tiny_dataset, tmp_path):
-    with pytest.raises(ValueError, match="--patience stops on the validation split, and tiny has none"):
+    with pytest.raises(ValueError, match="`patience` stops on the validation split, and tiny has none"):
         train(BernoulliMixture(4), tiny_dataset, config(patience=3), tmp_path, **QUIET)
 
 

@@ -10,9 +10,10 @@ import torch
 from pyro.infer import Trace_ELBO, TraceMeanField_ELBO
 
 import run
+from ppl_models.config import Config
 from ppl_models.evaluate import importance_log_weights, iwae_bound
 from ppl_models.models.vae import VAE
-from ppl_models.train import Config, train
+from ppl_models.train import train
 
 QUIET = dict(progress=False, log=lambda *args: None)
 
@@ -171,11 +172,11 @@ def test_kl_weight_grows_linearly_over_the_warmup_then_stays_one():
 
 
 def test_prior_vs_importance_experiment_writes_its_estimates(tiny_dataset, tmp_path):
-    from ppl_models.experiments import prior_vs_importance
+    from ppl_models.models.vae_report import prior_vs_importance
 
     cfg = Config(model="vae", guide="normal", optimizer="adam", lr=3e-3, epochs=1, batch_size=50, eval_every=1000,
                  eval_digits=50, model_args={"z_dim": 2, "hidden": [32]})
-    results = prior_vs_importance(cfg, tiny_dataset, tmp_path, progress=False, log=lambda *a: None, z_dims=(2, 8),
+    results = prior_vs_importance(VAE, cfg, tiny_dataset, tmp_path, progress=False, log=lambda *a: None, z_dims=(2, 8),
                                   sample_counts=(1, 100), digits=4, repeats=3)
     assert (tmp_path / "prior_vs_importance.png").stat().st_size > 1000
     saved = json.loads((tmp_path / "prior_vs_importance.json").read_text())["estimates"]

@@ -14,28 +14,36 @@ Guides:
 import pyro
 import pyro.distributions as dist
 import torch
-from pyro import poutine
-from pyro.infer import JitTraceEnum_ELBO, JitTraceGraph_ELBO, TraceEnum_ELBO, TraceGraph_ELBO, config_enumerate
+from pyro.infer import TraceEnum_ELBO, config_enumerate
 from torch import nn
 
+from ..config import SettingError
 from ..data import check_binary
 from ..distributions import IndexedBernoulli, table_log_likelihood
+from ..experiments import ENUM_VS_SAMPLED
+from ..family import Family, Hyperparameter, pyro_elbo
+from . import mixture_report
 
 
-class BernoulliMixture:
+class BernoulliMixture(Family):
     name = "mixture"
-    guides = ("enum", "sampled")
+    title = "mixture of Bernoullis"
+    guides = {
+        "enum": "z enumerated in the model, TraceEnum_ELBO is the exact log-likelihood (default)",
+        "sampled": "amortized q(z|x), score-function TraceGraph_ELBO with a neural baseline",
+    }
     default_guide = "enum"
-    elbos = ()  # the guide decides: TraceEnum_ELBO (exact) or TraceGraph_ELBO (score function)
+    exact_guides = ("enum",)
     exact = True  # log p(x) is tractable: a sum over K components
-    hyperparameters = ("components",)
+    hyperparameters = {"components": Hyperparameter("K, the number of mixture components")}
     training_defaults = dict(optimizer="rmsprop", lr=0.01, batch_size=100, epochs=20, eval_samples=0)  # the seed's
+    experiments = {"enum-vs-sampled": ENUM_VS_SAMPLED}
 
     def __init__(self, components=20, num_pixels=784, init_scale=0.01, encoder_hidden=200):
         if components < 1:
-            raise ValueError(f"--components must be a positive integer, got {components}")
+            raise SettingError(f"`components` must be a positive integer, got {components}")
+        super().__init__(num_pixels)
         self.components = components
-        self.num_pixels = num_pixels
         self.init_scale = init_scale
         # q(z | x) for the sampled guide; created here so its weights follow pyro.set_rng_seed.
         self.encoder = nn.Sequential(
@@ -83,19 +91,9 @@ class BernoulliMixture:
                 infer={"baseline": {"nn_baseline": self.baseline, "nn_baseline_input": x}},
             )
 
-    def guide(self, name):
-        return getattr(self, f"guide_{name}")
-
-    def loss_name(self, guide_name, elbo_name=None):
-        return "-log p(x)" if guide_name == "enum" else "-ELBO"
-
-    def elbo(self, guide_name, elbo_name=None, jit=False, particles=1):
+    def elbo(self, guide, elbo=None, jit=False, particles=1):
         """The ELBO this guide calls for: exact enumeration, or the score-function ELBO."""
-        if guide_name == "enum":
-            return (JitTraceEnum_ELBO if jit else TraceEnum_ELBO)(max_plate_nesting=1)
-        return (JitTraceGraph_ELBO if jit else TraceGraph_ELBO)(
-            num_particles=particles, vectorize_particles=particles > 1, max_plate_nesting=1
-        )
+        return pyro_elbo("TraceEnum_ELBO" if guide == "enum" else "TraceGraph_ELBO", jit, particles)
 
     # ---- what a generative model is for -----------------------------------------------
     @torch.no_grad()
@@ -122,14 +120,6 @@ class BernoulliMixture:
         return torch.sigmoid(self.logits_table())
 
     @torch.no_grad()
-    def sample(self, num_samples):
-        """Ancestral samples: returns (z, x) with x of shape (num_samples, D)."""
-        b, _, _ = self.params()
-        blank = torch.zeros(num_samples, self.num_pixels, device=b.device)
-        trace = poutine.trace(poutine.uncondition(self.model)).get_trace(blank)
-        return trace.nodes["z"]["value"], trace.nodes["x"]["value"]
-
-    @torch.no_grad()
     def fill_in(self, x, pixel_mask):
         """Predictive mean of every pixel given the observed ones (mask = 1):
         E[x_d | x_obs] = sum_k p(z = k | x_obs) sigm(theta_kd). Observed pixels are kept; missing
@@ -137,6 +127,9 @@ class BernoulliMixture:
         observed = pixel_mask.bool()
         predicted = self.posterior(torch.where(observed, x, 0.0), pixel_mask) @ self.component_means()
         return torch.where(observed, x, predicted)
+
+    def report(self, run):
+        return mixture_report.report(self, run)
 
     def summary(self):
         return f"mixture of {self.components} Bernoulli components ({self.components * (self.num_pixels + 1) + self.num_pixels:,} parameters)"

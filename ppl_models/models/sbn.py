@@ -23,37 +23,61 @@ import math
 import pyro
 import pyro.distributions as dist
 import torch
-from pyro.infer import (JitTrace_ELBO, JitTraceEnum_ELBO, JitTraceGraph_ELBO, Trace_ELBO, TraceEnum_ELBO,
-                        TraceGraph_ELBO, config_enumerate)
+from pyro.infer import config_enumerate
 from torch import nn
 
 from .. import distributions
+from ..config import SettingError
 from ..data import check_binary
-from ..distributions import (IndependentBits, LinearBernoulli, StraightThroughBernoulli, all_codes,
-                             table_log_likelihood)
+from ..distributions import IndependentBits, LinearBernoulli, StraightThroughBernoulli, all_codes, table_log_likelihood
+from ..experiments import ENUM_VS_SAMPLED
+from ..family import Family, Hyperparameter, pyro_elbo
 from ..objectives import VIMCO
+from . import sbn_report
 
 BASELINES = ("neural", "average", "both")
 MAX_EXACT_LATENTS = 20  # 2^20 = 1,048,576 states: exact test log-likelihood in minutes on 2 CPU cores
 FLOPS = 2e10  # a 2-core CPU's sustained float throughput, for the refusal message's estimate
 
 
-class SigmoidBeliefNet:
+class SigmoidBeliefNet(Family):
     name = "sbn"
-    guides = ("enum", "bernoulli", "relaxed")
+    title = "sigmoid belief net"
+    guides = {
+        "enum": f"all 2^M states of z summed, exact, for latents M <= {MAX_EXACT_LATENTS} (default)",
+        "bernoulli": "amortized q(z|x), score-function TraceGraph_ELBO with baselines (or VIMCO)",
+        "relaxed": "the same q, straight-through Concrete gradients at the given temperature, Trace_ELBO",
+    }
     default_guide = "enum"
-    elbos = ("vimco",)  # otherwise the guide decides: TraceEnum_ELBO, TraceGraph_ELBO or Trace_ELBO
-    hyperparameters = ("latents", "temperature", "baseline")
+    exact_guides = ("enum",)
+    elbos = {"vimco": "with guide bernoulli: the importance-weighted bound over particles >= 2 samples with VIMCO's "
+                      "leave-one-out score-function gradients (default: TraceGraph_ELBO with the baseline)"}
+    importance_weighted_elbos = ("vimco",)
+    hyperparameters = {
+        "latents": Hyperparameter(f"M, the number of binary latents; guide enum sums all 2^M states, so M <= "
+                                  f"{MAX_EXACT_LATENTS}"),
+        "temperature": Hyperparameter("temperature of the Concrete relaxation of guide relaxed", float),
+        "baseline": Hyperparameter("baseline of guide bernoulli's score-function gradient: neural (an input-dependent "
+                                   "network), average (Pyro's decaying average of the learning signal), both (the "
+                                   "network fits what is left after the average, as NVIL centres its signal; not with "
+                                   "JIT)", str, BASELINES),
+    }
     training_defaults = dict(optimizer="adam", lr=1e-3, batch_size=100, epochs=20, eval_samples=1000)
+    experiments = {
+        "enum-vs-sampled": ENUM_VS_SAMPLED,
+        "cost-vs-latents": sbn_report.COST_AGAINST_LATENTS,
+        "gradient-variance": sbn_report.GRADIENT_VARIANCE,
+    }
 
     def __init__(self, latents=10, temperature=0.5, baseline="neural", num_pixels=784, encoder_hidden=200):
         if latents < 1:
-            raise ValueError(f"--latents must be a positive integer, got {latents}")
-        if temperature <= 0:
-            raise ValueError(f"--temperature must be positive, got {temperature}")
+            raise SettingError(f"`latents` must be a positive integer, got {latents}")
+        if not temperature > 0 or temperature == math.inf:
+            raise SettingError(f"`temperature` must be positive and finite, got {temperature}")
         if baseline not in BASELINES:
-            raise ValueError(f"--baseline must be one of {', '.join(BASELINES)}, got {baseline!r}")
-        self.latents, self.temperature, self.baseline_kind, self.num_pixels = latents, temperature, baseline, num_pixels
+            raise SettingError(f"`baseline` must be one of {', '.join(BASELINES)}, got {baseline!r}")
+        super().__init__(num_pixels)
+        self.latents, self.temperature, self.baseline_kind = latents, temperature, baseline
         self.encoder = nn.Sequential(nn.Linear(num_pixels, encoder_hidden), nn.ReLU(), nn.Linear(encoder_hidden, latents))
         self.baseline = nn.Sequential(
             nn.Linear(num_pixels, encoder_hidden), nn.ReLU(), nn.Linear(encoder_hidden, 1), nn.Flatten(-2)
@@ -108,29 +132,24 @@ class SigmoidBeliefNet:
         with pyro.plate("data", x.shape[0]):
             pyro.sample("z", StraightThroughBernoulli(temperature, logits=logits).to_event(1))
 
-    def guide(self, name):
-        return getattr(self, f"guide_{name}")
-
-    def elbo(self, guide_name, elbo_name=None, jit=False, particles=1):
-        if elbo_name == "vimco":
-            if guide_name != "bernoulli":
-                raise ValueError(f"--elbo vimco trains the score-function guide: use --guide bernoulli, not {guide_name}")
+    def elbo(self, guide, elbo=None, jit=False, particles=1):
+        if elbo == "vimco":
+            if guide != "bernoulli":
+                raise SettingError(f"`elbo='vimco'` trains the score-function guide: use `guide='bernoulli'`, not {guide}")
             if jit:
-                raise ValueError("--jit is not available with --elbo vimco (its loss is not a Pyro ELBO); drop --jit")
+                raise SettingError("`jit=True` is not available with `elbo='vimco'` (its loss is not a Pyro ELBO); "
+                                   "drop `jit`")
             return VIMCO(particles)
-        if guide_name == "enum":
+        if guide == "enum":
             check_enumerable(self.latents)
-            return (JitTraceEnum_ELBO if jit else TraceEnum_ELBO)(max_plate_nesting=1)
-        common = dict(num_particles=particles, vectorize_particles=particles > 1, max_plate_nesting=1)
-        if guide_name == "bernoulli":
-            if jit and self.baseline_kind != "neural":
-                raise ValueError(f"--jit cannot trace Pyro's decaying-average baseline (--baseline {self.baseline_kind}); "
-                                 "use --baseline neural or drop --jit")
-            return (JitTraceGraph_ELBO if jit else TraceGraph_ELBO)(**common)
-        return (JitTrace_ELBO if jit else Trace_ELBO)(**common)
+            return pyro_elbo("TraceEnum_ELBO", jit, particles)
+        if guide == "bernoulli" and jit and self.baseline_kind != "neural":
+            raise SettingError(f"`jit=True` cannot trace Pyro's decaying-average baseline "
+                               f"(`baseline='{self.baseline_kind}'`); use `baseline='neural'` or drop `jit`")
+        return pyro_elbo("TraceGraph_ELBO" if guide == "bernoulli" else "Trace_ELBO", jit, particles)
 
-    def loss_name(self, guide_name, elbo_name=None):
-        return "-log p(x)" if guide_name == "enum" else "-VIMCO bound" if elbo_name == "vimco" else "-ELBO"
+    def loss_name(self, guide, elbo=None):
+        return "-VIMCO bound" if elbo == "vimco" else super().loss_name(guide, elbo)
 
     # ---- what a generative model is for -----------------------------------------------
     @torch.no_grad()
@@ -147,15 +166,12 @@ class SigmoidBeliefNet:
         return total
 
     @torch.no_grad()
-    def sample(self, num_samples):
-        b, w, c = self.params()
-        z = torch.bernoulli(torch.sigmoid(b).expand(num_samples, self.latents))
-        return z, torch.bernoulli(torch.sigmoid(z @ w + c))
-
-    @torch.no_grad()
     def cause_images(self):
         """What each binary cause adds to the pixel logits: the rows of w, (M, D)."""
         return self.params()[1]
+
+    def report(self, run):
+        return sbn_report.report(self, run)
 
     def summary(self):
         states = f"{2**self.latents:,}" if self.latents <= 40 else f"2^{self.latents} = {2**self.latents:.2g}"
@@ -169,9 +185,9 @@ def check_enumerable(latents, batch_size=100, pixels=784):
     states = 2**latents
     table_gb = batch_size * states * 4 / 1e9
     seconds = 3 * 2 * states * (latents + batch_size) * pixels / FLOPS  # forward, backward, recomputation
-    raise ValueError(
+    raise SettingError(
         f"exact enumeration over M = {latents} binary latents sums 2^{latents} = {states:,} states: about "
         f"{table_gb:,.0f} GB for one batch's log-likelihood table and {seconds / 3600:,.1f} hours per step on this "
-        f"machine; use --latents {MAX_EXACT_LATENTS} or fewer, or a sampled guide (--guide bernoulli or relaxed)"
+        f"machine; use `latents={MAX_EXACT_LATENTS}` or fewer, or a sampled guide (`guide='bernoulli'` or relaxed)"
     )
 

@@ -21,17 +21,20 @@ a weight growing linearly from 0 to 1 (poutine.scale), so the objective is E_q[l
 KL(q || p) (Bowman et al. 2016, Sonderby et al. 2016). Evaluation always uses beta = 1.
 """
 
+import argparse
 from contextlib import nullcontext
-
 
 import pyro
 import pyro.distributions as dist
 import torch
 from pyro import poutine
 from pyro.distributions.transforms import AffineAutoregressive
-from pyro.infer import JitTrace_ELBO, JitTraceMeanField_ELBO, RenyiELBO, Trace_ELBO, TraceMeanField_ELBO
 from pyro.nn import AutoRegressiveNN
 from torch import nn
+
+from ..config import SettingError, positive
+from ..family import Family, Hyperparameter, pyro_elbo
+from . import vae_report
 
 LOG_SCALE_RANGE = (-12.0, 8.0)  # sigma = exp(.) within [6e-6, 3e3]: no overflow, no zero variance
 
@@ -50,6 +53,17 @@ class GatedLinear(nn.Module):
 
 
 ACTIVATIONS = ("relu", "tanh", "gated")
+
+
+def layer_sizes(text):
+    """'300,300' -> (300, 300): the hidden layer sizes as written on the command line."""
+    try:
+        sizes = tuple(int(size) for size in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not comma-separated integers, e.g. 200,200") from None
+    if not sizes or min(sizes) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: layer sizes must be positive, e.g. 200,200")
+    return sizes
 
 
 def hidden_layers(sizes, activation):
@@ -82,27 +96,48 @@ def kl_weighted(kl_weight):
     return nullcontext() if kl_weight is None else poutine.scale(scale=kl_weight)
 
 
-class VAE:
+class VAE(Family):
     name = "vae"
-    guides = ("normal", "iaf", "lowrank")
+    title = "variational autoencoder"
+    guides = {
+        "normal": "amortized diagonal Normal, sigma = exp(last layer) (default)",
+        "iaf": "the Normal followed by inverse-autoregressive flows",
+        "lowrank": "Normal with a low-rank-plus-diagonal covariance",
+    }
     default_guide = "normal"
-    elbos = ("trace", "meanfield", "iwae")
-    exact = False  # log p(x) is an integral: reported as ELBO and IWAE-k bounds
-    hyperparameters = ("z_dim", "hidden", "activation", "flows", "rank", "kl_warmup")
+    elbos = {
+        "trace": "Trace_ELBO, one reparameterized sample (default)",
+        "meanfield": "TraceMeanField_ELBO: KL(q||p) in closed form where one exists",
+        "iwae": "the importance-weighted bound over `particles` samples, RenyiELBO with alpha=0",
+    }
+    importance_weighted_elbos = ("iwae",)
+    hyperparameters = {
+        "z_dim": Hyperparameter("latent dimensions (2, the seed's, gives the manifold plot)"),
+        "hidden": Hyperparameter("hidden layer sizes of encoder and decoder, comma-separated", layer_sizes),
+        "activation": Hyperparameter("nonlinearity of the hidden layers: relu, tanh (the IWAE paper's), gated: "
+                                     "(W x) * sigmoid(V x), twice the weights (the VampPrior paper's)", str, ACTIVATIONS),
+        "flows": Hyperparameter("inverse-autoregressive flow layers of guide iaf"),
+        "rank": Hyperparameter("rank of the covariance factor of guide lowrank"),
+        "kl_warmup": Hyperparameter("KL warm-up: weight the KL term by a factor growing linearly from 0 to 1 over this "
+                                    "many epochs (with elbo trace or meanfield; reported numbers always use the full "
+                                    "ELBO; 0: none)", float),
+    }
     training_defaults = dict(optimizer="adam", lr=1e-3, batch_size=100, epochs=5, eval_samples=1000)  # seed template's
+    experiments = {"prior-vs-importance": vae_report.PRIOR_VS_IMPORTANCE}
 
     def __init__(self, z_dim=2, hidden=(200, 200), activation="relu", flows=2, rank=2, kl_warmup=0, num_pixels=784):
-        for value, flag in ((z_dim, "--z-dim"), (flows, "--flows"), (rank, "--rank"), *((h, "--hidden") for h in hidden)):
+        for value, setting in ((z_dim, "z_dim"), (flows, "flows"), (rank, "rank"), *((h, "hidden") for h in hidden)):
             if value < 1:
-                raise ValueError(f"{flag} must be positive, got {value}")
+                raise SettingError(f"`{setting}` must be positive, got {value}")
         if not hidden:
-            raise ValueError("--hidden needs at least one layer size, e.g. 200,200")
+            raise SettingError("`hidden` needs at least one layer size, e.g. (200, 200)")
         if activation not in ACTIVATIONS:
-            raise ValueError(f"--activation must be one of {', '.join(ACTIVATIONS)}, got {activation!r}")
-        if kl_warmup < 0:
-            raise ValueError(f"--kl-warmup must be 0 (none) or a positive number of epochs, got {kl_warmup}")
+            raise SettingError(f"`activation` must be one of {', '.join(ACTIVATIONS)}, got {activation!r}")
+        if not (kl_warmup == 0 or positive(kl_warmup)):
+            raise SettingError(f"`kl_warmup` must be 0 (none) or a positive number of epochs, got {kl_warmup}")
+        super().__init__(num_pixels)
         self.kl_warmup = kl_warmup
-        self.z_dim, self.hidden, self.activation, self.num_pixels = z_dim, tuple(hidden), activation, num_pixels
+        self.z_dim, self.hidden, self.activation = z_dim, tuple(hidden), activation
         self.decoder = nn.Sequential(  # z -> pixel logits
             hidden_layers([z_dim, *self.hidden[::-1]], activation), nn.Linear(self.hidden[0], num_pixels)
         )
@@ -151,9 +186,6 @@ class VAE:
         with pyro.plate("data", x.shape[0]):
             pyro.sample("z", dist.Normal(x.new_zeros(self.z_dim), x.new_ones(self.z_dim)).to_event(1))
 
-    def guide(self, name):
-        return getattr(self, f"guide_{name}")
-
     def step_args(self, epochs_done, device):
         """The extra arguments of model and guide at this point of training: (KL weight,) under
         --kl-warmup, growing linearly to 1 over its epochs and 1 after (a tensor, so --jit traces
@@ -162,23 +194,21 @@ class VAE:
             return ()
         return (torch.tensor(min(1.0, epochs_done / self.kl_warmup), device=device),)
 
-    def elbo(self, guide_name, elbo_name="trace", jit=False, particles=1):
-        if elbo_name == "iwae" and self.kl_warmup:
-            raise ValueError("--kl-warmup weights the KL term of a one-sample ELBO, which --elbo iwae does not have; "
-                             "use --elbo trace or meanfield, or drop --kl-warmup")
-        if elbo_name == "iwae":
+    def elbo(self, guide, elbo=None, jit=False, particles=1):
+        if elbo == "iwae":
+            if self.kl_warmup:
+                raise SettingError("`kl_warmup` weights the KL term of a one-sample ELBO, which `elbo='iwae'` does not "
+                                   "have; use `elbo='trace'` or meanfield, or drop `kl_warmup`")
             if jit:
-                raise ValueError("--jit is not available with --elbo iwae (Pyro has no JIT RenyiELBO); drop --jit")
-            return RenyiELBO(alpha=0, num_particles=particles, vectorize_particles=True, max_plate_nesting=1)
-        common = dict(num_particles=particles, vectorize_particles=particles > 1, max_plate_nesting=1)
-        if elbo_name == "meanfield":
-            return (JitTraceMeanField_ELBO if jit else TraceMeanField_ELBO)(**common)
-        return (JitTrace_ELBO if jit else Trace_ELBO)(**common)
+                raise SettingError("`jit=True` is not available with `elbo='iwae'` (Pyro has no JIT RenyiELBO); "
+                                   "drop `jit`")
+            return pyro_elbo("RenyiELBO", particles=particles, alpha=0)
+        return pyro_elbo("TraceMeanField_ELBO" if elbo == "meanfield" else "Trace_ELBO", jit, particles)
 
-    def loss_name(self, guide_name, elbo_name=None):
+    def loss_name(self, guide, elbo=None):
         if self.kl_warmup:
             return f"-ELBO (KL warm-up: its weight rises to 1 over epochs 0-{self.kl_warmup:g})"
-        return "-IWAE bound" if elbo_name == "iwae" else "-ELBO"
+        return "-IWAE bound" if elbo == "iwae" else "-ELBO"
 
     # ---- what a generative model is for -----------------------------------------------
     @torch.no_grad()
@@ -186,11 +216,11 @@ class VAE:
         """The decoder's mean image p(x_d = 1 | z) for each z: (..., 784)."""
         return torch.sigmoid(self.decoder(z))
 
-    @torch.no_grad()
-    def sample(self, num_samples, device="cpu"):
-        """z ~ N(0, I), x ~ p(x | z): returns (z, x)."""
-        z = torch.randn(num_samples, self.z_dim, device=device)
-        return z, torch.bernoulli(self.decode(z))
+    def epoch_hook(self, out, cfg):
+        return vae_report.sample_recorder(self, out, cfg)
+
+    def report(self, run):
+        return vae_report.report(self, run)
 
     def summary(self):
         size = sum(p.numel() for p in self.decoder.parameters()) + sum(p.numel() for p in self.encoder.parameters())

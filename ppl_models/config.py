@@ -1,0 +1,86 @@
+"""A run's settings (`Config`) and how a bad one is refused (`SettingError`).
+
+Library errors name settings as Python does, in backquotes: `lr`, `guide='bernoulli'`, `jit=True`.
+The command line says the same with its flags (`as_flags`): --lr, --guide bernoulli, --jit.
+"""
+
+import math
+import re
+from dataclasses import dataclass, field
+
+import torch
+
+OPTIMIZERS = {
+    "adam": torch.optim.Adam,
+    "rmsprop": torch.optim.RMSprop,
+    "sgd": torch.optim.SGD,
+    "adagrad": torch.optim.Adagrad,
+}
+
+
+class SettingError(ValueError):
+    """A setting that cannot work, named as a parameter (`name` or `name=value` in backquotes)."""
+
+
+def as_flags(message: str) -> str:
+    """A library message in command-line words: `batch_size` -> --batch-size, `guide='enum'` -> --guide enum,
+    `jit=True` -> --jit. Text outside backquotes is left as it is."""
+    def flag(match):
+        name, value = match["name"].replace("_", "-"), match["value"]
+        if value is None or value == "True":
+            return f"--{name}"
+        return f"--{name} {value.strip(chr(39))}"
+
+    return re.sub(r"`(?P<name>[a-z][a-z0-9_]*)(?:=(?P<value>[^`]*))?`", flag, message)
+
+
+def positive(value) -> bool:
+    """True for a positive finite number (NaN and infinity are not)."""
+    return isinstance(value, (int, float)) and math.isfinite(value) and value > 0
+
+
+@dataclass
+class Config:
+    model: str  # a registered family's name
+    guide: str  # one of its guides
+    elbo: str | None = None  # None: the ELBO the guide calls for
+    particles: int = 1
+    dataset: str = "mnist"
+    binarize: str = "threshold"
+    data_dir: str | None = None
+    model_args: dict = field(default_factory=dict)  # the model family's own hyperparameters
+    optimizer: str = "rmsprop"
+    lr: float = 0.01
+    batch_size: int = 100
+    epochs: int = 20
+    seed: int = 0
+    device: str = "cpu"
+    jit: bool = False
+    detect_anomaly: bool = False
+    eval_every: int = 200
+    eval_digits: int = 1000
+    eval_samples: int = 0  # k of the final IWAE-k estimate of test log p(x); 0: none
+    train_subset: int | None = None
+    patience: int | None = None  # early stopping: epochs without a better validation score before stopping
+
+    def validate(self):
+        checks = [
+            (self.optimizer in OPTIMIZERS, f"`optimizer` must be one of {', '.join(OPTIMIZERS)}"),
+            (positive(self.lr), "`lr` must be positive"),
+            (self.batch_size > 0, "`batch_size` must be a positive integer"),
+            (self.epochs > 0, "`epochs` must be a positive integer"),
+            (self.eval_every > 0, "`eval_every` must be a positive integer"),
+            (self.eval_digits > 0, "`eval_digits` must be a positive integer"),
+            (self.particles > 0, "`particles` must be a positive integer"),
+            (self.eval_samples >= 0, "`eval_samples` must be 0 (none) or a positive integer"),
+            (self.train_subset is None or self.train_subset > 0, "`train_subset` must be a positive integer"),
+            (self.patience is None or self.patience > 0, "`patience` must be a positive integer"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise SettingError(message)
+
+
+def steps_per_epoch(cfg, data):
+    """SVI steps in an epoch: the last partial batch is dropped (fixed shapes for `jit`)."""
+    return (cfg.train_subset or len(data.images["train"])) // cfg.batch_size

@@ -1,0 +1,224 @@
+"""What a model family is: the one contract between a family and the shared code.
+
+A family is a subclass of `Family` in its own module (or two: the model, and its report), plus one
+line in `models.FAMILIES`. Shared code (the training loop, evaluation, the CLI, the report) asks a
+family only what this class declares; it never probes for attributes or names a family or a guide.
+"""
+
+import inspect
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, ClassVar
+
+import torch
+from pyro import poutine
+from pyro.infer import (
+    JitTrace_ELBO,
+    JitTraceEnum_ELBO,
+    JitTraceGraph_ELBO,
+    JitTraceMeanField_ELBO,
+    RenyiELBO,
+    Trace_ELBO,
+    TraceEnum_ELBO,
+    TraceGraph_ELBO,
+    TraceMeanField_ELBO,
+)
+from pyro.poutine.util import site_is_subsample
+from torch import nn
+
+from .config import SettingError
+from .report import draw_learning_curves
+
+
+@dataclass(frozen=True)
+class Hyperparameter:
+    """A constructor argument of a family that users set (the CLI's --<name> flag). Its default is
+    the constructor's."""
+
+    help: str
+    type: Callable = int
+    choices: tuple | None = None
+
+
+@dataclass(frozen=True)
+class Experiment:
+    """An experiment run instead of one training run: `run(family, cfg, data, out, progress, log)`
+    (family: the Family subclass) writes its files into `out` and returns its results."""
+
+    help: str
+    run: Callable
+
+
+@dataclass
+class RunContext:
+    """What a family's report reads: the data, the settings, the run directory, the final summary
+    (metrics.json, not to be changed: findings are returned), and whether data may be downloaded."""
+
+    data: object
+    cfg: object
+    out: Path
+    summary: dict
+    download: bool = True
+    log: Callable = print
+
+
+@dataclass
+class Report:
+    """A family's report: figures [(file in the run directory, one sentence on what it shows)] and
+    findings {name: JSON-able value}, added to metrics.json and shown in report.html."""
+
+    figures: list = field(default_factory=list)
+    findings: dict = field(default_factory=dict)
+
+
+# (eager, JIT) classes of each Pyro ELBO the families use; None where Pyro has no JIT version.
+PYRO_ELBOS = {eager.__name__: (eager, compiled) for eager, compiled in (
+    (Trace_ELBO, JitTrace_ELBO),
+    (TraceMeanField_ELBO, JitTraceMeanField_ELBO),
+    (TraceGraph_ELBO, JitTraceGraph_ELBO),
+    (TraceEnum_ELBO, JitTraceEnum_ELBO),
+    (RenyiELBO, None),
+)}
+
+
+def pyro_elbo(kind, jit=False, particles=1, **options):
+    """The one place a Pyro ELBO is built: `kind` names its class ("Trace_ELBO", ...), eager or JIT, over `particles`
+    samples of the latents per digit (vectorized: a particle plate at dim -2, the data plate at -1)."""
+    eager, compiled = PYRO_ELBOS[kind]
+    if jit and compiled is None:
+        raise SettingError(f"`jit=True` is not available with {eager.__name__} (Pyro has no JIT version); drop `jit`")
+    return (compiled if jit else eager)(num_particles=particles, vectorize_particles=particles > 1,
+                                        max_plate_nesting=1, **options)
+
+
+class Family(nn.Module):
+    """A latent-variable model of binary digits x in {0, 1}^num_pixels, written as a Pyro program,
+    with the guides that train it. An `nn.Module`: its networks are its submodules, so `.to(device)`
+    moves them and `reset_parameters()` re-draws them.
+
+    A subclass declares (class attributes):
+      name                 its --model value
+      title                a few words saying what it is, for --help and reports
+      guides               {guide name: one line saying what it is}; guide `g` is the method `guide_g`
+      default_guide        the guide used when none is given
+      exact_guides         guides whose objective is the exact log-likelihood (z enumerated): no ELBO
+                           is reported for them, nor an importance-sampled estimate
+      elbos                {name: one line}: the objectives users may choose (`elbo=`); empty when
+                           the guide decides the objective
+      importance_weighted_elbos  which of those train the k-particle bound: early stopping then
+                           selects on iwae-k, not on the one-sample ELBO
+      hyperparameters      {constructor argument: Hyperparameter}: what users set (CLI flags)
+      training_defaults    optimizer, lr, batch_size, epochs and eval_samples when none are given
+      experiments          {name: Experiment} it offers besides a training run
+    and implements `model(x, *step_args)` (observed site "x" in a plate "data" at dim -1, latents
+    at other sites), the guides, `elbo(...)`, and where it has one the exact `log_likelihood(x)`.
+    Everything else has a default here that a family may override.
+    """
+
+    name: ClassVar[str]
+    title: ClassVar[str]
+    guides: ClassVar[dict]
+    default_guide: ClassVar[str]
+    exact_guides: ClassVar[tuple] = ()
+    elbos: ClassVar[dict] = {}
+    importance_weighted_elbos: ClassVar[tuple] = ()
+    hyperparameters: ClassVar[dict] = {}
+    training_defaults: ClassVar[dict] = dict(optimizer="adam", lr=1e-3, batch_size=100, epochs=10, eval_samples=1000)
+    experiments: ClassVar[dict] = {}
+
+    #: whether `log_likelihood` gives the exact log p(x) (may depend on the instance's size)
+    exact = False
+    #: whether an exact pass over a split takes minutes: then learning curves skip it where an ELBO exists
+    exact_is_costly = False
+
+    def __init__(self, num_pixels=784):
+        super().__init__()
+        self.num_pixels = num_pixels
+        self.register_buffer("device_marker", torch.empty(0), persistent=False)  # follows .to(device)
+
+    @property
+    def device(self):
+        return self.device_marker.device
+
+    # ---- settings ----------------------------------------------------------------------------
+    @classmethod
+    def hyperparameter_defaults(cls):
+        """{hyperparameter: its default}, read from the constructor's signature."""
+        signature = inspect.signature(cls.__init__).parameters
+        return {name: signature[name].default for name in cls.hyperparameters}
+
+    @classmethod
+    def check_choices(cls, guide, elbo=None):
+        """Refuse a guide or an ELBO this family does not have, naming the ones it has."""
+        if guide not in cls.guides:
+            raise SettingError(f"guide {guide!r} does not belong to model {cls.name!r}; its guides are: "
+                               f"{', '.join(cls.guides)}")
+        if elbo is None:
+            return
+        if not cls.elbos:
+            raise SettingError(f"`elbo` does not apply to model {cls.name!r}: its guide decides its objective; "
+                               "drop `elbo`")
+        if elbo not in cls.elbos:
+            raise SettingError(f"unknown `elbo={elbo}` for model {cls.name!r}; choose one of: {', '.join(cls.elbos)}")
+
+    # ---- training ----------------------------------------------------------------------------
+    def model(self, x, *step_args):
+        raise NotImplementedError
+
+    def guide(self, name):
+        """The guide method of that name (the same bound method every call: JIT caches on it)."""
+        return getattr(self, f"guide_{name}")
+
+    def elbo(self, guide, elbo=None, jit=False, particles=1):
+        """The training objective of this guide (and chosen `elbo`): a Pyro ELBO, or any object with
+        `loss` and `loss_and_grads(model, guide, *args)`."""
+        raise NotImplementedError
+
+    def step_args(self, epochs_done, device):
+        """Extra arguments of model and guide at this point of training (`epochs_done`, fractional),
+        for a family with a schedule; none by default."""
+        return ()
+
+    def loss_name(self, guide, elbo=None):
+        """What the training loss is, for progress bars and logs."""
+        return "-log p(x)" if guide in self.exact_guides else "-ELBO"
+
+    def reset_parameters(self):
+        """Draw every network's initial weights afresh (from the global RNG, seeded by the run), so a
+        run depends on nothing that happened before it, not even on when the family was built."""
+        for module in self.modules():
+            if module is not self and hasattr(module, "reset_parameters"):
+                module.reset_parameters()
+
+    # ---- what a generative model is for ------------------------------------------------------
+    def log_likelihood(self, x):
+        """Exact log p(x) per digit (nats), for a family (instance) whose `exact` is true."""
+        raise NotImplementedError(f"model {self.name!r} has no exact log-likelihood")
+
+    @torch.no_grad()
+    def sample(self, num_samples):
+        """Ancestral samples from the Pyro model itself (`poutine.uncondition`), so they cannot drift
+        from `model()`: returns ({latent site: value}, digits (num_samples, num_pixels))."""
+        blank = torch.zeros(num_samples, self.num_pixels, device=self.device)
+        trace = poutine.trace(poutine.uncondition(self.model)).get_trace(blank)
+        latents = {name: site["value"] for name, site in trace.nodes.items()
+                   if site["type"] == "sample" and name != "x" and not site_is_subsample(site)}
+        return latents, trace.nodes["x"]["value"]
+
+    def summary(self):
+        """One line saying what this model is, with its size."""
+        return f"model {self.name}"
+
+    # ---- after training ----------------------------------------------------------------------
+    def epoch_hook(self, out, cfg):
+        """A callable `hook(epoch)` run before training (epoch 0) and after each epoch, or None."""
+        return None
+
+    def report(self, run: RunContext) -> Report:
+        """The figures and findings of a trained run (seed-problem figures and more). By default the
+        learning curves alone."""
+        draw_learning_curves(run, f"{self.summary()}, guide {run.cfg.guide}: {run.cfg.eval_digits} fixed random "
+                                  "digits per split")
+        return Report([("learning_curves.png", f"Log-likelihood figures of {run.cfg.eval_digits} fixed random digits "
+                        "of each split during training.")])
+

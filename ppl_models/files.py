@@ -1,0 +1,37 @@
+"""Writing files so that a crash or a kill never leaves half of one: every file the project writes
+(checkpoints, metrics, JSON, downloads, caches) goes through `atomic_write`."""
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+
+def atomic_write(path, write: Callable) -> None:
+    """Call write(file) on a binary temporary file beside `path`, then rename it over `path`: the
+    rename is atomic, so readers see the old file or the new one, never a part. The temporary file
+    has a unique name (two writers never share one) and is removed if writing fails."""
+    path = Path(path)
+    with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f"{path.name}.", suffix=".part", delete=False) as tmp:
+        try:
+            write(tmp)
+        except BaseException:
+            tmp.close()
+            os.unlink(tmp.name)
+            raise
+    os.replace(tmp.name, path)
+
+
+def atomic_torch_save(obj, path) -> None:
+    atomic_write(path, lambda file: torch.save(obj, file))
+
+
+def write_json(obj, path) -> None:
+    atomic_write(path, lambda file: file.write((json.dumps(obj, indent=2) + "\n").encode()))
+
+
+def write_text(text: str, path) -> None:
+    atomic_write(path, lambda file: file.write(text.encode()))

@@ -1,0 +1,141 @@
+"""The VAE's report (seed problems 22-24: learning curves, samples through training, the latent
+manifold, reconstructions, where digits sit in latent space) and its own experiment: log p(x) by
+Monte Carlo from the prior against importance sampling from q (seed problem 13)."""
+
+from dataclasses import replace
+
+import pyro
+import torch
+from pyro import poutine
+
+from .. import plots
+from ..data import random_digits
+from ..evaluate import per_digit_estimate
+from ..family import Experiment, Report
+from ..files import atomic_torch_save, write_json
+from ..report import draw_learning_curves
+from ..train import train
+
+
+def sample_recorder(model, out, cfg):
+    """Epoch hook: the decoder's mean image at 20 fixed z ~ N(0, I), kept per epoch in
+    samples_through_training.pt (atomically rewritten, so a resumed run keeps its history)."""
+    z = torch.randn(20, model.z_dim, generator=torch.Generator().manual_seed(cfg.seed)).to(cfg.device)
+    path = out / "samples_through_training.pt"
+
+    def record(epoch):
+        history = torch.load(path, weights_only=True) if epoch > 0 and path.exists() else {}
+        history[epoch] = model.decode(z).cpu()
+        atomic_torch_save(history, path)
+
+    return record
+
+
+def report(model, run):
+    cfg = run.cfg
+    draw_learning_curves(run, f"{model.summary()}, guide {cfg.guide}: {cfg.eval_digits} fixed random digits per split")
+    draw_samples_through_training(run.out)
+    draw_manifold(model, run.out, cfg.device)
+    draw_reconstructions_and_latents(model, run)
+    return Report([
+        ("learning_curves.png", f"ELBO of {cfg.eval_digits} fixed random digits of each split during training "
+         "(seed problem 22): a lower bound on log p(x); the untrained model starts near -544 nats."),
+        ("samples_through_training.png", "The decoder's mean image for the same 20 draws of z ~ N(0, I) before, "
+         "part way through and after training (seed problem 24)."),
+        ("manifold.png", "The learned manifold: the decoder's mean over a grid of the latent plane, placed "
+         "through the inverse Normal CDF so each cell holds equal prior mass."),
+        ("reconstructions.png", "Test digits and the decoder's mean at a z drawn from q(z | x): what the "
+         "latent keeps of a digit."),
+        ("latent_means.png", "Where test digits sit in latent space: the mean of q(z | x), coloured by class "
+         "where labels exist.")])
+
+
+def draw_samples_through_training(out):
+    history = torch.load(out / "samples_through_training.pt", weights_only=True)
+    epochs = sorted(history)
+    shown_epochs = sorted({epochs[0], epochs[len(epochs) // 2], epochs[-1]})
+    plots.image_grid(torch.cat([history[e] for e in shown_epochs]), out / "samples_through_training.png",
+                     "Mean of p(x | z) for 20 fixed z ~ N(0, I), through training", ncols=20,
+                     row_labels=[f"epoch {e}" if e else "untrained" for e in shown_epochs])
+
+
+def draw_manifold(model, out, device):
+    """A grid over (z_1, z_2) through the inverse Normal CDF, the rest of z at 0."""
+    grid = torch.distributions.Normal(0.0, 1.0).icdf(torch.linspace(0.05, 0.95, 20))
+    z = torch.zeros(20, 20, model.z_dim)
+    z[..., 0], z[..., 1] = grid[None, :], grid.flip(0)[:, None]  # z_2 grows upwards
+    plots.manifold(model.decode(z.reshape(-1, model.z_dim).to(device)), grid, out / "manifold.png",
+                   "Decoder mean over the latent plane" + ("" if model.z_dim == 2 else
+                                                            f" (z_1, z_2; the other {model.z_dim - 2} at 0)"))
+
+
+def draw_reconstructions_and_latents(model, run):
+    x_test, guide = run.data.binary("test"), run.cfg.guide
+    with torch.random.fork_rng():
+        torch.manual_seed(run.cfg.seed)
+        digits = random_digits(x_test, 10, seed=run.cfg.seed)
+        z_digits = poutine.trace(model.guide(guide)).get_trace(digits).nodes["z"]["value"]
+        z_all = latent_means(model, guide, x_test[:5000])
+    plots.image_grid(torch.cat([digits, model.decode(z_digits)]), run.out / "reconstructions.png",
+                     "Test digits and the decoder mean at one z ~ q(z | x)", ncols=10,
+                     row_labels=["digit", "reconstruction"])
+    labels = run.data.labels["test"]
+    plots.latent_scatter(z_all[:, :2], None if labels is None else labels[:5000], run.out / "latent_means.png",
+                         f"Mean of q(z | x) for 5000 test digits (guide {guide}; 100 samples each)"
+                         + ("" if model.z_dim == 2 else ", first two coordinates"))
+
+
+@torch.no_grad()
+def latent_means(model, guide_name, x, num_samples=100):
+    """E_q[z | x] by averaging guide samples: the same for every guide, flows included."""
+    with pyro.plate("particles", num_samples, dim=-2):
+        z = poutine.trace(model.guide(guide_name)).get_trace(x).nodes["z"]["value"]
+    return z.mean(0)
+
+
+def prior_vs_importance(family, cfg, data, out, progress, log=print, z_dims=(2, 5, 20),
+                        sample_counts=(1, 10, 100, 1000, 10000), digits=20, repeats=10):
+    """Seed problem 13, measured: log p(x) by plain Monte Carlo from the prior, log mean p(x | z_m)
+    with z_m ~ p(z), against importance sampling from q, for growing M and several latent sizes.
+    Each estimate is repeated `repeats` times on the same `digits` fixed random test digits; the
+    plot shows the mean over digits of the mean estimate, and of its spread (sd over repeats)."""
+    x = random_digits(data.binary("test"), digits)
+    panels, results = {}, {}
+    for z_dim in z_dims:
+        run_cfg = replace(cfg, model_args={**cfg.model_args, "z_dim": z_dim}, eval_samples=0)
+        model = family(**run_cfg.model_args).to(cfg.device)
+        log(f"training the VAE with z-dim {z_dim}")
+        train(model, data, run_cfg, out / f"z{z_dim}", progress=progress, log=log)
+        panels[f"z-dim {z_dim}"], results[f"z-dim {z_dim}"] = estimate_by_proposal(model, x, cfg, sample_counts, repeats)
+    plots.estimates_against_samples(panels, out / "prior_vs_importance.png",
+                                    f"Estimating log p(x) of {digits} test digits: mean over digits of {repeats} "
+                                    "repeated estimates, band = their sd")
+    write_json({"digits": digits, "repeats": repeats, "estimates": results}, out / "prior_vs_importance.json")
+    for z_dim, by_proposal in results.items():
+        log(f"{z_dim}: M={sample_counts[-1]}: prior {by_proposal['prior']['mean'][-1]:.2f} "
+            f"(sd {by_proposal['prior']['sd_over_repeats'][-1]:.2f}), q {by_proposal[cfg.guide]['mean'][-1]:.2f} "
+            f"(sd {by_proposal[cfg.guide]['sd_over_repeats'][-1]:.2f}) nats")
+    return results
+
+
+def estimate_by_proposal(model, x, cfg, sample_counts, repeats):
+    """Repeated iwae-M estimates of log p(x) with the prior and with q as proposals: the plot's lines
+    {label: (counts, means, spreads)} and the results {proposal: {samples, mean, sd_over_repeats}}."""
+    lines, results = {}, {}
+    for proposal, label in (("prior", "Monte Carlo from the prior p(z)"),
+                            (cfg.guide, f"importance sampling from q ({cfg.guide})")):
+        means, spreads = [], []
+        with torch.random.fork_rng():
+            torch.manual_seed(cfg.seed)
+            for M in sample_counts:
+                runs = torch.stack([per_digit_estimate(model, proposal, x, f"iwae-{M}") for _ in range(repeats)])
+                means.append(runs.mean().item())
+                spreads.append(runs.std(0).mean().item())
+        lines[label] = (list(sample_counts), means, spreads)
+        results[proposal] = {"samples": list(sample_counts), "mean": means, "sd_over_repeats": spreads}
+    return lines, results
+
+
+PRIOR_VS_IMPORTANCE = Experiment(
+    "seed problem 13: log p(x) by Monte Carlo from the prior vs. importance sampling from q, M = 1..10^4 samples, "
+    "z-dim 2, 5, 20", prior_vs_importance)

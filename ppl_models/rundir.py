@@ -1,0 +1,130 @@
+"""The files of a run directory, read and written here and nowhere else:
+
+  config.json    the configuration, as given
+  metrics.csv    step, epoch, seconds (training time so far), split, estimator, value: the
+                 learning curves (nats per digit)
+  metrics.json   the final summary
+  checkpoint.pt  params, optimizer state, RNG state and progress, written atomically at the end
+                 of every epoch and on Ctrl-C; resuming from it ends where an uninterrupted run would
+  best.pt        with early stopping: the params of the epoch with the best validation score
+
+Every write is atomic (`files.atomic_write`).
+"""
+
+import csv
+import io
+from pathlib import Path
+
+import pyro
+import torch
+
+from .files import atomic_write
+
+CHECKPOINT_FORMAT = 3  # 2: one PyTorch optimizer's state (1: pyro.optim's per-param ones); 3: VAE layer names
+RESUMED_SETTINGS = ("model", "guide", "elbo", "dataset", "model_args")  # a resumed run cannot change these
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on; the message says why and what to do."""
+
+
+# ---- checkpoints ---------------------------------------------------------------------------
+def load_checkpoint(path):
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise TrainingError(
+            f"no checkpoint at {path}: is this a run directory? Start a new run instead of resuming"
+        ) from None
+    except Exception as error:
+        raise TrainingError(
+            f"checkpoint {path} is corrupt or not a ppl_models checkpoint ({type(error).__name__}); "
+            "delete it and start the run again"
+        ) from None
+
+
+def check_resumable(checkpoint, cfg, path):
+    """Refuse a checkpoint of another format, or of a run with other settings than `cfg`'s."""
+    if checkpoint.get("format", 0) > CHECKPOINT_FORMAT:
+        raise TrainingError(f"{path} was written by a newer ppl_models (format {checkpoint['format']}); upgrade to resume it")
+    if checkpoint.get("format", 0) < CHECKPOINT_FORMAT:
+        raise TrainingError(f"{path} was written by an older ppl_models (format {checkpoint.get('format', 0)}), whose "
+                            "optimizer state or parameter names this one cannot read; start the run again")
+    saved = checkpoint["config"]
+    for key in RESUMED_SETTINGS:
+        if saved.get(key) != getattr(cfg, key):
+            raise TrainingError(
+                f"{path} is a run of {key} {saved.get(key)!r}, not {getattr(cfg, key)!r}; resume it without "
+                f"overriding `{key}`, or start a new run in another directory"
+            )
+
+
+# ---- the param store -----------------------------------------------------------------------
+def plain(tensor):
+    """A detached CPU copy as a plain Tensor (Pyro keeps some state in Tensor subclasses)."""
+    return tensor.detach().cpu().clone().as_subclass(torch.Tensor)
+
+
+def param_values():
+    """{name: plain CPU copy} of every unconstrained value in Pyro's param store."""
+    return {n: plain(p) for n, p in pyro.get_param_store().named_parameters()}
+
+
+def restore_params(saved, device):
+    """Copy saved unconstrained values into the param store in place (so networks and optimizer
+    keep the same tensors), and recreate entries Pyro makes lazily during a step, such as
+    TraceGraph_ELBO's decaying-average baselines."""
+    store = pyro.get_param_store()
+    with torch.no_grad():
+        for name, value in saved.items():
+            if name in store:
+                unconstrained = dict(store.named_parameters())[name]
+                unconstrained.copy_(value)
+            else:
+                store[name] = value.to(device)
+
+
+# ---- RNG -----------------------------------------------------------------------------------
+def rng_state():
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state):
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# ---- learning curves -----------------------------------------------------------------------
+class MetricsLog:
+    """metrics.csv rows kept in memory and rewritten whole, so a resumed run drops the rows an
+    interrupted run wrote after its last checkpoint."""
+
+    columns = ("step", "epoch", "seconds", "split", "estimator", "value")
+
+    def __init__(self, path, up_to_step=None):
+        self.path = Path(path)
+        self.rows = []
+        if up_to_step is not None and self.path.exists():
+            self.rows = [r for r in read_metrics(self.path.parent) if int(r["step"]) <= up_to_step]
+
+    def add(self, step, epoch, seconds, split, estimator, value):
+        self.rows.append(dict(step=step, epoch=epoch, seconds=seconds, split=split, estimator=estimator, value=value))
+
+    def last_step(self):
+        return int(self.rows[-1]["step"]) if self.rows else None
+
+    def flush(self):
+        text = io.StringIO(newline="")
+        writer = csv.DictWriter(text, fieldnames=self.columns)
+        writer.writeheader()
+        writer.writerows(self.rows)
+        atomic_write(self.path, lambda file: file.write(text.getvalue().encode()))
+
+
+def read_metrics(run_dir):
+    with open(Path(run_dir) / "metrics.csv", newline="") as f:
+        return list(csv.DictReader(f))
