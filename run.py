@@ -60,8 +60,8 @@ def parse_args(argv=None):
 def add_model_arguments(parser):
     """--model, --guide, --elbo, --experiment: their choices and help come from the families."""
     what = parser.add_argument_group("what to train")
-    what.add_argument("--model", choices=sorted(FAMILIES), help=f"model family (default: {DEFAULT_MODEL}): " + "; ".join(
-        f"{name}: {family.title}" for name, family in FAMILIES.items()))
+    what.add_argument("--model", choices=sorted(FAMILIES), help=f"model family (default: {DEFAULT_MODEL}): "
+                      + "; ".join(f"{name}: {family.title}" for name, family in FAMILIES.items()))
     what.add_argument("--guide", help="inference guide; " + "; ".join(
         f"{name}: " + ", ".join(f"{guide} ({text})" for guide, text in family.guides.items())
         for name, family in FAMILIES.items()))
@@ -112,7 +112,8 @@ def add_optimisation_arguments(parser):
     def defaults(setting):
         return "; ".join(f"{name}: {family.training_defaults[setting]}" for name, family in FAMILIES.items())
 
-    opt.add_argument("--optimizer", choices=sorted(OPTIMIZERS), help=f"one PyTorch optimizer over every param ({defaults('optimizer')})")
+    opt.add_argument("--optimizer", choices=sorted(OPTIMIZERS),
+                     help=f"one PyTorch optimizer over every param ({defaults('optimizer')})")
     opt.add_argument("--lr", type=float, help=f"learning rate ({defaults('lr')})")
     opt.add_argument("--batch-size", type=int, help=f"digits per SVI step ({defaults('batch_size')})")
     opt.add_argument("--epochs", type=int, help=f"passes over the training digits ({defaults('epochs')})")
@@ -135,7 +136,8 @@ def add_running_arguments(parser):
     run.add_argument("--eval-every", type=int, default=200,
                      help="evaluate the learning curves every N steps on --eval-digits digits of every split, the "
                           "same fixed random digits in every run (default: 200)")
-    run.add_argument("--eval-digits", type=int, default=1000, help="digits per learning-curve point, per split (default: 1000, as the seed's problem 8)")
+    run.add_argument("--eval-digits", type=int, default=1000,
+                     help="digits per learning-curve point, per split (default: 1000, as seed problem 8)")
     run.add_argument("--eval-samples", type=int,
                      help="k of the final importance-sampled estimate of test log p(x), iwae-k, with q as proposal "
                           "(" + "; ".join(f"{name}: {family.training_defaults['eval_samples']}" for name, family in

@@ -69,7 +69,8 @@ def measure(components=(20, 500), device="cpu", probe_steps=25, generic=True, lo
             timings = [("plain PyTorch", epoch_seconds(torch_step(K, device), batches, device)),
                        ("Pyro", epoch_seconds(mixture_step(), batches, device)),
                        ("Pyro --jit", epoch_seconds(mixture_step(jit=True), batches, device)),
-                       ("Pyro, stock pyro.infer.SVI + pyro.optim", epoch_seconds(mixture_step(stock=True), batches, device))]
+                       ("Pyro, stock pyro.infer.SVI + pyro.optim",
+                        epoch_seconds(mixture_step(stock=True), batches, device))]
             if generic:
                 timings.append((f"Pyro, generic Bernoulli(logits=theta[z]) (extrapolated from {probe_steps} steps)",
                                 epoch_seconds(mixture_step(model=GenericMixture(K)), batches, device, probe_steps, 1)))
@@ -84,7 +85,8 @@ def main():
     parser.add_argument("--probe-steps", type=int, default=25, help="steps timed for the slow generic path")
     parser.add_argument("--skip-generic", action="store_true", help="do not time Pyro's generic path")
     args = parser.parse_args()
-    print(f"torch {torch.__version__}, pyro {pyro.__version__}, {platform.machine()}, {torch.get_num_threads()} threads; "
+    print(f"torch {torch.__version__}, pyro {pyro.__version__}, {platform.machine()}, "
+          f"{torch.get_num_threads()} threads; "
           "binarized-mnist train, batch 100, RMSprop 0.01, deterministic CPU kernels as in training")
     measure(args.components, args.device, args.probe_steps, not args.skip_generic)
 

@@ -57,7 +57,8 @@ def measure(z_dim=2, hidden=(200, 200), device="cpu", log=print):
         timings = [("plain PyTorch", epoch_seconds(torch_step(z_dim, hidden, device), batches, device)),
                    ("Pyro Trace_ELBO", epoch_seconds(vae_step(), batches, device)),
                    ("Pyro JitTrace_ELBO", epoch_seconds(vae_step(jit=True), batches, device)),
-                   ("Pyro Trace_ELBO, stock pyro.infer.SVI + pyro.optim", epoch_seconds(vae_step(stock=True), batches, device)),
+                   ("Pyro Trace_ELBO, stock pyro.infer.SVI + pyro.optim",
+                    epoch_seconds(vae_step(stock=True), batches, device)),
                    ("Pyro JitTrace_ELBO, stock pyro.infer.SVI + pyro.optim",
                     epoch_seconds(vae_step(jit=True, stock=True), batches, device))]
     return ratio_rows(f"VAE z-dim {z_dim}, MLP {'-'.join(map(str, hidden))}, epoch of 50,000", timings, log)
@@ -69,7 +70,8 @@ def main():
     parser.add_argument("--hidden", type=int, nargs="+", default=[200, 200])
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
-    print(f"torch {torch.__version__}, pyro {pyro.__version__}, {platform.machine()}, {torch.get_num_threads()} threads; "
+    print(f"torch {torch.__version__}, pyro {pyro.__version__}, {platform.machine()}, "
+          f"{torch.get_num_threads()} threads; "
           "binarized-mnist train, batch 100, Adam 1e-3")
     measure(args.z_dim, args.hidden, args.device)
 

@@ -23,7 +23,8 @@ def enum_vs_sampled(family, cfg, data, out, progress, log=print):
         write_json(results[guide], out / guide / "metrics.json")
 
     plot_enum_vs_sampled(out, family.guides, cfg.eval_digits)
-    comparison = {guide: {"final": r["final"], "seconds_per_epoch": r["seconds_per_epoch"]} for guide, r in results.items()}
+    comparison = {guide: {"final": r["final"], "seconds_per_epoch": r["seconds_per_epoch"]}
+                  for guide, r in results.items()}
     write_json(comparison, out / "comparison.json")
     for guide, r in results.items():
         log(describe(r, out / guide))

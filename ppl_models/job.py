@@ -24,8 +24,8 @@ def run(cfg, out, experiment=None, resume=False, progress=True, download=True, l
     model = family(**cfg.model_args).to(cfg.device)
     data = load_dataset(cfg.dataset, binarize=cfg.binarize, data_dir=cfg.data_dir, device=cfg.device,
                         seed=cfg.seed, download=download, progress=progress)
-    log(f"{model.summary()}, guide '{cfg.guide}'; {cfg.dataset} ({data.binarize} binarization): "
-        + ", ".join(f"{split} {data.images[split].shape[0]:,} digits from {data.sources[split]}" for split in data.splits))
+    splits = [f"{split} {data.images[split].shape[0]:,} digits from {data.sources[split]}" for split in data.splits]
+    log(f"{model.summary()}, guide '{cfg.guide}'; {cfg.dataset} ({data.binarize} binarization): " + ", ".join(splits))
     if experiment:
         out.mkdir(parents=True, exist_ok=True)
         return family.experiments[experiment].run(family, cfg, data, out, progress, log)

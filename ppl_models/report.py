@@ -69,7 +69,8 @@ def write_report(run_dir, config, summary, figures):
     for name, caption in figures:
         parts.append(f'<figure><img src="{html.escape(name)}" alt="{html.escape(caption)}">'
                      f"<figcaption>{html.escape(caption)}</figcaption></figure>")
-    parts += ["<h2>Configuration</h2>", _table(sorted((k, json.dumps(v)) for k, v in config.items()), ["setting", "value"])]
+    settings = sorted((k, json.dumps(v)) for k, v in config.items())
+    parts += ["<h2>Configuration</h2>", _table(settings, ["setting", "value"])]
     page = (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(summary['model'])} run</title>"
             f"<style>{STYLE}</style></head><body>{''.join(parts)}</body></html>\n")
     (run_dir / "report.html").write_text(page)

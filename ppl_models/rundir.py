@@ -46,7 +46,8 @@ def load_checkpoint(path):
 def check_resumable(checkpoint, cfg, path):
     """Refuse a checkpoint of another format, or of a run with other settings than `cfg`'s."""
     if checkpoint.get("format", 0) > CHECKPOINT_FORMAT:
-        raise TrainingError(f"{path} was written by a newer ppl_models (format {checkpoint['format']}); upgrade to resume it")
+        raise TrainingError(f"{path} was written by a newer ppl_models (format {checkpoint['format']}); "
+                            "upgrade to resume it")
     if checkpoint.get("format", 0) < CHECKPOINT_FORMAT:
         raise TrainingError(f"{path} was written by an older ppl_models (format {checkpoint.get('format', 0)}), whose "
                             "optimizer state or parameter names this one cannot read; start the run again")

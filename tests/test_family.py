@@ -11,6 +11,7 @@ import pyro
 import pyro.distributions as dist
 import pytest
 import torch
+from conftest import mixture_report_offline
 
 import run
 from ppl_models.family import Family, Hyperparameter, pyro_elbo
@@ -63,7 +64,8 @@ def run_cli(*args):
 def test_a_family_defined_outside_the_package_trains_resumes_scores_and_reports(registered, offline, tiny_binarized,
                                                                                  tmp_path, capsys):
     data = ["--dataset", "binarized-mnist", "--data-dir", str(tiny_binarized)]
-    assert run_cli("--model", "pixels", "--init-logit", "-1", *data, "--epochs", "2", "--out", str(tmp_path / "two")) == 0
+    assert run_cli("--model", "pixels", "--init-logit", "-1", *data, "--epochs", "2",
+                   "--out", str(tmp_path / "two")) == 0
     straight = json.loads((tmp_path / "two" / "metrics.json").read_text())
 
     assert run_cli("--model", "pixels", "--init-logit", "-1", *data, "--out", str(tmp_path / "one")) == 0
@@ -115,8 +117,9 @@ def test_a_flag_of_another_family_exits_2_with_one_line(registered, offline, tmp
 
 def test_a_resumed_run_refuses_a_hyperparameter_flag(offline, tiny_binarized, tmp_path, capsys):
     out = tmp_path / "run"
-    assert run_cli("--components", "3", "--dataset", "binarized-mnist", "--data-dir", str(tiny_binarized),
-                   "--out", str(out)) == 0
+    with mixture_report_offline():
+        assert run_cli("--components", "3", "--dataset", "binarized-mnist", "--data-dir", str(tiny_binarized),
+                       "--out", str(out)) == 0
     capsys.readouterr()
     assert run_cli("--resume", str(out), "--components", "5") == 2
     assert "--components cannot change when resuming" in capsys.readouterr().err

@@ -103,12 +103,14 @@ def test_a_sampled_guides_elbo_never_exceeds_the_exact_log_likelihood(guide):
 
 def test_enumeration_over_a_huge_m_is_refused_with_an_estimate():
     model = SigmoidBeliefNet(latents=30)
-    with pytest.raises(ValueError, match=r"2\^30 = 1,073,741,824 states: about 429 GB .* hours per step .*`guide='bernoulli'`"):
+    with pytest.raises(ValueError,
+                       match=r"2\^30 = 1,073,741,824 states: about 429 GB .* hours per step .*`guide='bernoulli'`"):
         model.elbo("enum")
     assert not model.exact
 
 
-@pytest.mark.parametrize("guide, elbo, particles, baseline", [(guide, None, 1, "neural") for guide in SigmoidBeliefNet.guides] +
+@pytest.mark.parametrize("guide, elbo, particles, baseline",
+                         [(guide, None, 1, "neural") for guide in SigmoidBeliefNet.guides] +
                          [("bernoulli", None, 1, "average"), ("bernoulli", None, 1, "both"),
                           ("bernoulli", "vimco", 4, "neural")])
 def test_training_raises_the_held_out_exact_log_likelihood(tiny_dataset, tmp_path, guide, elbo, particles, baseline):
@@ -168,7 +170,8 @@ def test_gradient_variance_compares_each_estimator_with_the_exact_gradient(tiny_
     from ppl_models.models.sbn_report import gradient_variance
 
     cfg = Config(model="sbn", guide="enum", batch_size=50, model_args={"latents": 5, "temperature": 0.5})
-    results = gradient_variance(SigmoidBeliefNet, cfg, tiny_dataset, tmp_path, progress=False, log=lambda *a: None, draws=30)
+    results = gradient_variance(SigmoidBeliefNet, cfg, tiny_dataset, tmp_path, progress=False, log=lambda *a: None,
+                                draws=30)
     assert set(results) == {"bernoulli", "relaxed"}
     for r in results.values():
         assert r["w_variance_per_coordinate"] > 0 and r["encoder_variance_per_coordinate"] > 0
@@ -235,7 +238,8 @@ def test_vimco_is_refused_where_it_does_not_apply():
 
 
 def test_a_decaying_average_baseline_is_refused_under_jit():
-    with pytest.raises(ValueError, match=r"`jit=True` cannot trace Pyro's decaying-average baseline \(`baseline='both'`\)"):
+    with pytest.raises(ValueError,
+                       match=r"`jit=True` cannot trace Pyro's decaying-average baseline \(`baseline='both'`\)"):
         SigmoidBeliefNet(latents=4, baseline="both").elbo("bernoulli", jit=True)
     with pytest.raises(ValueError, match="`baseline` must be one of neural, average, both"):
         SigmoidBeliefNet(latents=4, baseline="median")

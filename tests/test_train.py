@@ -78,7 +78,9 @@ def test_ctrl_c_mid_epoch_checkpoints_and_resume_matches_uninterrupted(tiny_data
     StepCounter.on_step = lambda n: n == 17 and os.kill(os.getpid(), signal.SIGINT)  # 12 steps an epoch
     monkeypatch.setattr(train_module, "SVI", StepCounter)
     run_dir = tmp_path / "interrupted"
-    with pytest.raises(TrainingError, match=f"interrupted at step 17; checkpoint saved. Resume with: python run.py --resume {run_dir}"):
+    with pytest.raises(TrainingError,
+                       match=f"interrupted at step 17; checkpoint saved. "
+                             f"Resume with: python run.py --resume {run_dir}"):
         train(BernoulliMixture(4), tiny_dataset, config(guide="sampled"), run_dir, **QUIET)
     assert load_checkpoint(run_dir / "checkpoint.pt")["progress"]["step"] == 17
 
@@ -113,7 +115,8 @@ def test_run_directory_files_have_the_documented_keys(tiny_dataset, tmp_path):
     assert json.loads((tmp_path / "config.json").read_text())["model_args"] == {}
     checkpoint = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
     assert set(checkpoint["params"]) == {"b", "w", "c"}
-    assert checkpoint["progress"] == {"epoch": 1, "step_in_epoch": 0, "step": 12, "seconds": checkpoint["progress"]["seconds"]}
+    assert checkpoint["progress"] == {"epoch": 1, "step_in_epoch": 0, "step": 12,
+                                      "seconds": checkpoint["progress"]["seconds"]}
 
 
 def test_corrupt_checkpoint_is_reported_as_such(tiny_dataset, tmp_path):
@@ -146,7 +149,9 @@ def test_non_finite_loss_stops_with_the_site_named_and_the_last_checkpoint_kept(
 
     StepCounter.count, StepCounter.on_step = 0, poison
     monkeypatch.setattr(train_module, "SVI", StepCounter)
-    with pytest.raises(TrainingError, match=r"the loss became nan at step 15 .*not finite: param 'c', model site 'x'.*last good checkpoint"):
+    with pytest.raises(TrainingError,
+                       match=r"the loss became nan at step 15 .*not finite: "
+                             r"param 'c', model site 'x'.*last good checkpoint"):
         train(BernoulliMixture(4), tiny_dataset, config(), tmp_path, **QUIET)
     checkpoint = load_checkpoint(tmp_path / "checkpoint.pt")
     assert checkpoint["progress"]["step"] == 12 and torch.isfinite(checkpoint["params"]["c"]).all()
@@ -194,7 +199,8 @@ def with_inverted_valid(dataset):
     """The tiny dataset plus a 'valid' split of its test digits with every pixel flipped: training on
     natural digits makes them less likely every epoch, so the first epoch scores best."""
     return dataclasses.replace(dataset, images={**dataset.images, "valid": 1 - dataset.images["test"]},
-                               labels={**dataset.labels, "valid": None}, sources={**dataset.sources, "valid": "flipped"})
+                               labels={**dataset.labels, "valid": None},
+                               sources={**dataset.sources, "valid": "flipped"})
 
 
 def test_early_stopping_reports_the_best_epochs_model(tiny_dataset, tmp_path):
@@ -211,7 +217,8 @@ def test_early_stopping_reports_the_best_epochs_model(tiny_dataset, tmp_path):
     one_epoch = train(BernoulliMixture(4), data, config(epochs=1), tmp_path / "one", **QUIET)
     assert summary["final"] == one_epoch["final"]  # the reported model is epoch 1's, bit for bit
     assert all(torch.equal(stopped_params[n], p) for n, p in final_params().items())
-    assert load_checkpoint(tmp_path / "stopped" / "checkpoint.pt")["progress"]["epoch"] == 3  # resumable state: the last
+    assert load_checkpoint(
+        tmp_path / "stopped" / "checkpoint.pt")["progress"]["epoch"] == 3  # resumable state: the last
 
 
 def test_resuming_an_early_stopped_run_trains_no_further(tiny_dataset, tmp_path):
@@ -226,14 +233,16 @@ def test_a_larger_patience_on_resume_trains_on_after_early_stopping(tiny_dataset
     train(BernoulliMixture(4), data, config(epochs=10, patience=2), tmp_path, **QUIET)
     longer = train(BernoulliMixture(4), data, config(epochs=10, patience=5), tmp_path, resume=True, **QUIET)
     assert longer["early_stopping"]["epochs_trained"] == 6 and longer["early_stopping"]["best_epoch"] == 1
-    assert [epoch for epoch, _ in longer["early_stopping"]["valid_scores"]] == [1, 2, 3, 4, 5, 6]  # kept across the resume
+    assert [epoch for epoch, _ in longer["early_stopping"][
+        "valid_scores"]] == [1, 2, 3, 4, 5, 6]  # kept across the resume
 
 
 def test_resume_with_another_learning_rate_uses_it(tiny_dataset, tmp_path, monkeypatch):
     train(BernoulliMixture(4), tiny_dataset, config(epochs=1), tmp_path, **QUIET)
     seen = []
     StepCounter.count, StepCounter.on_step = 0, lambda n: None
-    monkeypatch.setattr(StepCounter, "step", lambda self, *args: seen.append(self.optimizer.param_groups[0]["lr"]) or 0.0)
+    monkeypatch.setattr(StepCounter, "step",
+                        lambda self, *args: seen.append(self.optimizer.param_groups[0]["lr"]) or 0.0)
     monkeypatch.setattr(train_module, "SVI", StepCounter)
     train(BernoulliMixture(4), tiny_dataset, config(epochs=2, lr=0.001), tmp_path, resume=True, **QUIET)
     assert seen and set(seen) == {0.001}

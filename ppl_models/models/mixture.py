@@ -132,5 +132,6 @@ class BernoulliMixture(Family):
         return mixture_report.report(self, run)
 
     def summary(self):
-        return f"mixture of {self.components} Bernoulli components ({self.components * (self.num_pixels + 1) + self.num_pixels:,} parameters)"
+        size = self.components * (self.num_pixels + 1) + self.num_pixels  # b, w and c
+        return f"mixture of {self.components} Bernoulli components ({size:,} parameters)"
 

@@ -110,7 +110,8 @@ def frankenstein_report(model, run, generator):
     log_p = {"calibration": score(intensities[calibrate]), "natural": score(intensities[natural]),
              "frankenstein": score(frankenstein)}
     plots.image_grid(torch.cat([binarize(intensities[natural][:10]), binarize(frankenstein[:10])]),
-                     run.out / "frankenstein.png", "Natural (top) and Frankenstein (bottom) test digits, exact log p(x)",
+                     run.out / "frankenstein.png",
+                     "Natural (top) and Frankenstein (bottom) test digits, exact log p(x)",
                      captions=[f"{v:.0f}" for v in torch.cat([log_p["natural"][:10], log_p["frankenstein"][:10]])],
                      row_labels=["natural", "Frankenstein"], ncols=10)
     plots.two_histograms(log_p["natural"], log_p["frankenstein"],

@@ -1,4 +1,4 @@
-"""Sigmoid belief net: M binary causes instead of one category (seed section 5, equations 8-9).
+"""Sigmoid belief net: M binary causes instead of one category (seed equations 8-9).
 
     z_m ~ Bernoulli(sigm(b_m))                   m = 1..M, independently
     x_d | z ~ Bernoulli(sigm(z . w_d + c_d))     d = 1..784
@@ -6,7 +6,7 @@
 Guides:
   enum       no guide: all 2^M values of z are summed (one enumerated site over the codes, the
              likelihood as a chunked matrix product), so TraceEnum_ELBO is the exact
-             log-likelihood. Cost O(N 2^M (M + D)) a step: the seed's problem 10.
+             log-likelihood. Cost O(2^M D (M + N)) a step (seed problem 10).
   bernoulli  amortized q(z | x) = prod_m Bernoulli(sigm(f(x)_m)), score-function gradients
              (TraceGraph_ELBO) with baselines (--baseline): an input-dependent neural baseline
              (neural, the default), Pyro's decaying average of the learning signal (average), or
@@ -78,7 +78,9 @@ class SigmoidBeliefNet(Family):
             raise SettingError(f"`baseline` must be one of {', '.join(BASELINES)}, got {baseline!r}")
         super().__init__(num_pixels)
         self.latents, self.temperature, self.baseline_kind = latents, temperature, baseline
-        self.encoder = nn.Sequential(nn.Linear(num_pixels, encoder_hidden), nn.ReLU(), nn.Linear(encoder_hidden, latents))
+        self.encoder = nn.Sequential(
+            nn.Linear(num_pixels, encoder_hidden), nn.ReLU(), nn.Linear(encoder_hidden, latents)
+        )
         self.baseline = nn.Sequential(
             nn.Linear(num_pixels, encoder_hidden), nn.ReLU(), nn.Linear(encoder_hidden, 1), nn.Flatten(-2)
         )
@@ -135,7 +137,8 @@ class SigmoidBeliefNet(Family):
     def elbo(self, guide, elbo=None, jit=False, particles=1):
         if elbo == "vimco":
             if guide != "bernoulli":
-                raise SettingError(f"`elbo='vimco'` trains the score-function guide: use `guide='bernoulli'`, not {guide}")
+                raise SettingError(f"`elbo='vimco'` trains the score-function guide: use `guide='bernoulli'`, "
+                                   f"not {guide}")
             if jit:
                 raise SettingError("`jit=True` is not available with `elbo='vimco'` (its loss is not a Pyro ELBO); "
                                    "drop `jit`")

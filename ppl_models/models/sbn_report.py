@@ -38,7 +38,7 @@ def report(model, run):
 
 def cost_against_latents(family, cfg, data, out, progress, log=print, latents=(2, 4, 6, 8, 10, 12, 14, 16, 18, 20),
                          steps=3):
-    """The seed's problem 10, measured: seconds per training step (batch `batch_size`) of each SBN
+    """Seed problem 10, measured: seconds per training step (batch `batch_size`) of each SBN
     guide as M grows, and the process's peak resident memory. Enumeration is O(2^M); the sampled
     guides are O(M)."""
     x = data.binary("train")[: cfg.batch_size]
@@ -59,8 +59,8 @@ def cost_against_latents(family, cfg, data, out, progress, log=print, latents=(2
             results[guide]["seconds_per_step"].append(seconds)
             results[guide]["peak_rss_mb"].append(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
             log(f"guide {guide}, M = {M}: {seconds:.4f} s per step")
-    plot_cost_against_latents(results, out / "cost_vs_latents.png",
-                               f"Cost of one training step (batch {cfg.batch_size}) against the number of binary latents")
+    plot_cost_against_latents(results, out / "cost_vs_latents.png", f"Cost of one training step (batch "
+                              f"{cfg.batch_size}) against the number of binary latents")
     write_json({"batch_size": cfg.batch_size, "steps_timed": steps, "results": results}, out / "cost_vs_latents.json")
     return results
 

@@ -115,7 +115,8 @@ class VAE(Family):
         "z_dim": Hyperparameter("latent dimensions (2, the seed's, gives the manifold plot)"),
         "hidden": Hyperparameter("hidden layer sizes of encoder and decoder, comma-separated", layer_sizes),
         "activation": Hyperparameter("nonlinearity of the hidden layers: relu, tanh (the IWAE paper's), gated: "
-                                     "(W x) * sigmoid(V x), twice the weights (the VampPrior paper's)", str, ACTIVATIONS),
+                                     "(W x) * sigmoid(V x), twice the weights (the VampPrior paper's)",
+                                     str, ACTIVATIONS),
         "flows": Hyperparameter("inverse-autoregressive flow layers of guide iaf"),
         "rank": Hyperparameter("rank of the covariance factor of guide lowrank"),
         "kl_warmup": Hyperparameter("KL warm-up: weight the KL term by a factor growing linearly from 0 to 1 over this "
@@ -158,7 +159,7 @@ class VAE(Family):
             pyro.sample("x", dist.Bernoulli(logits=self.decoder(z)).to_event(1), obs=x)
 
     def posterior_normal(self, x):
-        """N(mu(x), diag sigma(x)^2), sigma from an exponential at the last layer (seed eq. 23)."""
+        """N(mu(x), diag sigma(x)^2), sigma from an exponential at the last layer (seed equation 23)."""
         loc, log_scale = self.encoder(x)
         return dist.Normal(loc, log_scale.clamp(*LOG_SCALE_RANGE).exp()).to_event(1)
 

@@ -41,9 +41,9 @@ def report(model, run):
         ("learning_curves.png", f"ELBO of {cfg.eval_digits} fixed random digits of each split during training "
          "(seed problem 22): a lower bound on log p(x); the untrained model starts near -544 nats."),
         ("samples_through_training.png", "The decoder's mean image for the same 20 draws of z ~ N(0, I) before, "
-         "part way through and after training (seed problem 24)."),
-        ("manifold.png", "The learned manifold: the decoder's mean over a grid of the latent plane, placed "
-         "through the inverse Normal CDF so each cell holds equal prior mass."),
+         "part way through and after training (seed problem 23)."),
+        ("manifold.png", "The learned manifold (seed problem 24): the decoder's mean over a grid of the latent "
+         "plane, placed through the inverse Normal CDF so each cell holds equal prior mass."),
         ("reconstructions.png", "Test digits and the decoder's mean at a z drawn from q(z | x): what the "
          "latent keeps of a digit."),
         ("latent_means.png", "Where test digits sit in latent space: the mean of q(z | x), coloured by class "
@@ -106,7 +106,8 @@ def prior_vs_importance(family, cfg, data, out, progress, log=print, z_dims=(2, 
         model = family(**run_cfg.model_args).to(cfg.device)
         log(f"training the VAE with z-dim {z_dim}")
         train(model, data, run_cfg, out / f"z{z_dim}", progress=progress, log=log)
-        panels[f"z-dim {z_dim}"], results[f"z-dim {z_dim}"] = estimate_by_proposal(model, x, cfg, sample_counts, repeats)
+        lines, estimates = estimate_by_proposal(model, x, cfg, sample_counts, repeats)
+        panels[f"z-dim {z_dim}"], results[f"z-dim {z_dim}"] = lines, estimates
     plots.estimates_against_samples(panels, out / "prior_vs_importance.png",
                                     f"Estimating log p(x) of {digits} test digits: mean over digits of {repeats} "
                                     "repeated estimates, band = their sd")
