@@ -20,7 +20,8 @@ import torch
 
 from .files import atomic_write
 
-CHECKPOINT_FORMAT = 3  # 2: one PyTorch optimizer's state (1: pyro.optim's per-param ones); 3: VAE layer names
+# 2: one PyTorch optimizer's state (1: pyro.optim's per-param ones); 3: VAE layer names; 4: the networks' buffers
+CHECKPOINT_FORMAT = 4
 RESUMED_SETTINGS = ("model", "guide", "elbo", "dataset", "model_args")  # a resumed run cannot change these
 
 
@@ -83,6 +84,22 @@ def restore_params(saved, device):
                 unconstrained.copy_(value)
             else:
                 store[name] = value.to(device)
+
+
+def snapshot(model):
+    """What a trained model is: the unconstrained values of Pyro's param store (networks registered
+    with pyro.module included) and the buffers the family's networks hold (e.g. a flow's order)."""
+    parameters = {name for name, _ in model.named_parameters()}
+    return {"params": param_values(),
+            "buffers": {name: plain(b) for name, b in model.state_dict().items() if name not in parameters}}
+
+
+def restore_snapshot(model, saved, device):
+    """Put a `snapshot` back: params into the param store, buffers into the family's networks."""
+    restore_params(saved["params"], device)
+    with torch.no_grad():
+        for name, value in saved["buffers"].items():
+            model.get_buffer(name).copy_(value)
 
 
 # ---- RNG -----------------------------------------------------------------------------------

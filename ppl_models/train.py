@@ -30,10 +30,10 @@ from .rundir import (
     TrainingError,
     check_resumable,
     load_checkpoint,
-    param_values,
-    restore_params,
+    restore_snapshot,
     rng_state,
     set_rng_state,
+    snapshot,
 )
 
 
@@ -132,7 +132,7 @@ class Training:
         self.selected = selection_estimator(model, cfg, self.curve_estimators)
         self.at, best_state = self.resume() if resume else (Progress(), None)
         self.metrics = MetricsLog(self.dir / "metrics.csv", up_to_step=self.at.step if resume else None)
-        self.best = BestEpoch(self.dir / "best.pt", cfg.patience, self.selected, best_state, self.at.epoch) \
+        self.best = BestEpoch(model, self.dir / "best.pt", cfg.patience, self.selected, best_state, self.at.epoch) \
             if cfg.patience else None
         self.running_loss = math.nan
         write_json(asdict(cfg), self.dir / "config.json")
@@ -145,7 +145,9 @@ class Training:
         """Restore params, optimizer, RNG and progress from the checkpoint: (progress, early stopping state)."""
         checkpoint = load_checkpoint(self.checkpoint_path)
         check_resumable(checkpoint, self.cfg, self.checkpoint_path)
-        restore_params(checkpoint["params"], self.device)
+        if self.cfg.jit:
+            self.compile_training_step()
+        restore_snapshot(self.model, checkpoint, self.device)
         self.svi.optimizer.load_state_dict(checkpoint["optimizer"])
         for group in self.svi.optimizer.param_groups:  # the saved state holds the old rate: a resume may change it
             group["lr"] = self.cfg.lr
@@ -155,11 +157,20 @@ class Training:
                  f"{self.dir} had finished its {self.cfg.epochs} epochs: evaluating it and drawing its figures again")
         return at, checkpoint.get("best")
 
+    def compile_training_step(self):
+        """Trace the JIT ELBO's gradient step now, before the saved params and RNG state are restored.
+        Tracing runs the model and guide once more than a compiled step does, drawing extra random
+        numbers: an uninterrupted run pays that at its first step, so a resumed run must pay it
+        before its RNG state is restored, or its draws would be shifted from then on."""
+        batch = self.data.binary("train", 0)[: self.cfg.batch_size]
+        self.svi.elbo.loss_and_grads(self.svi.model, self.svi.guide, batch, *self.model.step_args(0.0, self.device))
+        self.svi.optimizer.zero_grad()
+
     def save_checkpoint(self):
         atomic_torch_save({
             "format": CHECKPOINT_FORMAT,
             "config": asdict(self.cfg),
-            "params": param_values(),
+            **snapshot(self.model),
             "optimizer": self.svi.optimizer.state_dict(),
             "rng": rng_state(),
             "progress": asdict(self.at),
@@ -297,8 +308,8 @@ class BestEpoch:
     """Early stopping (`patience`): the validation score after every epoch, the params of the best
     epoch so far kept in best.pt, and whether `patience` epochs have passed without a better one."""
 
-    def __init__(self, path, patience, estimator, state=None, epoch=0):
-        self.path, self.patience, self.estimator = Path(path), patience, estimator
+    def __init__(self, model, path, patience, estimator, state=None, epoch=0):
+        self.model, self.path, self.patience, self.estimator = model, Path(path), patience, estimator
         if state and state.get("estimator", estimator) == estimator:
             self.epoch, self.value, self.scores = state["epoch"], state["value"], state.get("scores", [])
         else:  # nothing scored with this estimator yet (or a saved best of another one): count from `epoch`
@@ -308,7 +319,7 @@ class BestEpoch:
         self.scores.append([epoch, value])  # every epoch's score, reported beside the best
         if value > self.value:
             self.epoch, self.value = epoch, value
-            atomic_torch_save(param_values(), self.path)
+            atomic_torch_save(snapshot(self.model), self.path)
 
     def exhausted(self, epoch):
         return epoch - self.epoch >= self.patience
@@ -317,7 +328,7 @@ class BestEpoch:
         return dict(epoch=self.epoch, value=self.value, estimator=self.estimator, scores=self.scores)
 
     def restore(self, device):
-        restore_params(torch.load(self.path, map_location=device, weights_only=True), device)
+        restore_snapshot(self.model, torch.load(self.path, map_location=device, weights_only=True), device)
 
 
 # ---- RNG, signals, numerics ------------------------------------------------------------------

@@ -91,6 +91,15 @@ class Encoder(nn.Module):
         return [head(h) for head in self.heads]
 
 
+def iaf_layer(z_dim, reverse):
+    """One inverse-autoregressive flow layer over z in the natural order of its coordinates, or the
+    reverse order (alternated between layers, as Kingma et al. 2016 do). Pyro would draw a random
+    order from the global RNG when the layer is built, which no run seed controls."""
+    order = torch.arange(z_dim)
+    return AffineAutoregressive(AutoRegressiveNN(z_dim, [max(2 * z_dim, 40)], permutation=order.flip(0) if reverse
+                                                 else order))
+
+
 def kl_weighted(kl_weight):
     """Scale the z site by the KL weight (the log p(z) and log q(z | x) terms); beta = 1 if None."""
     return nullcontext() if kl_weight is None else poutine.scale(scale=kl_weight)
@@ -143,9 +152,7 @@ class VAE(Family):
             hidden_layers([z_dim, *self.hidden[::-1]], activation), nn.Linear(self.hidden[0], num_pixels)
         )
         self.encoder = Encoder(num_pixels, self.hidden, [z_dim, z_dim], activation)  # -> mu, log sigma
-        self.flows = nn.ModuleList(
-            AffineAutoregressive(AutoRegressiveNN(z_dim, [max(2 * z_dim, 40)])) for _ in range(flows)
-        )
+        self.flows = nn.ModuleList(iaf_layer(z_dim, reverse=i % 2 == 1) for i in range(flows))
         self.lowrank_encoder = Encoder(num_pixels, self.hidden, [z_dim, z_dim * rank, z_dim], activation)
         self.rank = rank
 
