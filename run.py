@@ -17,16 +17,20 @@ in nats per digit, with the split and the number of digits it was averaged over.
 """
 
 import argparse
+import signal
 import sys
 import warnings
+from contextlib import contextmanager
 from dataclasses import fields
 from pathlib import Path
 
 from ppl_models.config import OPTIMIZERS, Config, as_flags
 from ppl_models.data import BINARIZATIONS, DATASETS, DataError
+from ppl_models.files import WriteError
 from ppl_models.job import run
 from ppl_models.models import FAMILIES
 from ppl_models.rundir import TrainingError, load_checkpoint
+from ppl_models.train import Interrupted
 
 DEFAULT_MODEL = next(iter(FAMILIES))  # the first registered family
 
@@ -147,6 +151,9 @@ def add_running_arguments(parser):
                      help="continue the run in RUN_DIR with its own settings (give --epochs to train a finished "
                           "run for longer, --patience to go on after early stopping, --lr to go on at another learning "
                           "rate); it ends exactly where an uninterrupted run would")
+    run.add_argument("--overwrite", action="store_true",
+                     help="let a new run (or experiment) replace the one in --out; without it, a folder holding a "
+                          "run is refused, and --resume continues that run instead")
     run.add_argument("--quiet", action="store_true", help="no progress bars (metrics files are unchanged)")
 
 
@@ -215,16 +222,43 @@ def config_from_args(args):
 
 def main(argv=None):
     parser, args = parse_args(argv)
+    out = None
     try:
-        cfg = config_from_args(args)
-        cfg.validate()
-        out = Path(args.resume or args.out or Path("figures") / cfg.model)
-        run(cfg, out, experiment=args.experiment, resume=bool(args.resume), progress=not args.quiet,
-            download=not args.no_download)
-    except (ValueError, DataError, TrainingError) as error:  # library errors name settings; say them as flags
+        with sigterm_as_interrupt():
+            cfg = config_from_args(args)
+            cfg.validate()
+            out = Path(args.resume or args.out or Path("figures") / cfg.model)
+            run(cfg, out, experiment=args.experiment, resume=bool(args.resume), progress=not args.quiet,
+                download=not args.no_download, overwrite=args.overwrite)
+    except Interrupted as stop:  # in the training loop: a checkpoint was saved
+        print(f"error: {stop}", file=sys.stderr)
+        return 128 + stop.signum
+    except KeyboardInterrupt:  # before or after the training loop
+        print(f"error: interrupted; {resume_hint(out, args)}", file=sys.stderr)
+        return 128 + signal.SIGINT
+    except (ValueError, DataError, TrainingError, WriteError) as error:  # library errors name settings: as flags
         print(f"error: {as_flags(str(error))}", file=sys.stderr)
         return 2
     return 0
+
+
+@contextmanager
+def sigterm_as_interrupt():
+    """SIGTERM outside the training loop (which checkpoints on it) ends the job like Ctrl-C."""
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def resume_hint(out, args):
+    if out is not None and (out / "checkpoint.pt").exists():
+        return f"the last checkpoint is kept. Resume with: python run.py --resume {out}"
+    return "no checkpoint was written: start the run again"
 
 
 if __name__ == "__main__":

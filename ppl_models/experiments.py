@@ -19,7 +19,8 @@ def enum_vs_sampled(family, cfg, data, out, progress, log=print):
     for guide in family.guides:
         log(f"training with guide '{guide}'")
         model = family(**cfg.model_args).to(cfg.device)
-        results[guide] = train(model, data, replace(cfg, guide=guide), out / guide, progress=progress, log=log)
+        results[guide] = train(model, data, replace(cfg, guide=guide), out / guide, progress=progress, log=log,
+                               overwrite=True)  # the experiment runs whole: its folder was checked before
         write_json(results[guide], out / guide / "metrics.json")
 
     plot_enum_vs_sampled(out, family.guides, cfg.eval_digits)

@@ -10,19 +10,29 @@ from typing import Callable
 import torch
 
 
+class WriteError(RuntimeError):
+    """A file could not be written (disk full, read-only, ...): the message names it and the cause."""
+
+
 def atomic_write(path, write: Callable) -> None:
     """Call write(file) on a binary temporary file beside `path`, then rename it over `path`: the
     rename is atomic, so readers see the old file or the new one, never a part. The temporary file
-    has a unique name (two writers never share one) and is removed if writing fails."""
+    has a unique name (two writers never share one) and is removed if writing fails; a failure of
+    the file system is raised as one WriteError line."""
     path = Path(path)
-    with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f"{path.name}.", suffix=".part", delete=False) as tmp:
-        try:
-            write(tmp)
-        except BaseException:
-            tmp.close()
-            os.unlink(tmp.name)
-            raise
-    os.replace(tmp.name, path)
+    try:
+        with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f"{path.name}.", suffix=".part",
+                                         delete=False) as tmp:
+            try:
+                write(tmp)
+            except BaseException:
+                tmp.close()
+                os.unlink(tmp.name)
+                raise
+        os.replace(tmp.name, path)
+    except OSError as error:
+        kept = f"the previous {path.name} is intact" if path.exists() else f"no {path.name} was written"
+        raise WriteError(f"{error.strerror or error} writing {path}; {kept}") from None
 
 
 def atomic_torch_save(obj, path) -> None:

@@ -9,13 +9,18 @@ matplotlib.use("Agg")  # files only; no display needed
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from .files import atomic_write  # noqa: E402
+
 SPLIT_STYLE = {"train": "-", "valid": "-.", "test": "--"}
 
 
 def save(fig, path):
+    """Write the figure as a PNG, atomically, and free it."""
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    try:
+        atomic_write(path, lambda file: fig.savefig(file, format="png", dpi=110))
+    finally:
+        plt.close(fig)
 
 
 def image_grid(images, path, title, captions=None, ncols=10, row_labels=None):

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from . import plots
 from .config import steps_per_epoch
+from .files import write_text
 from .rundir import read_metrics
 
 STYLE = """
@@ -73,7 +74,7 @@ def write_report(run_dir, config, summary, figures):
     parts += ["<h2>Configuration</h2>", _table(settings, ["setting", "value"])]
     page = (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(summary['model'])} run</title>"
             f"<style>{STYLE}</style></head><body>{''.join(parts)}</body></html>\n")
-    (run_dir / "report.html").write_text(page)
+    write_text(page, run_dir / "report.html")
 
 
 def draw_learning_curves(run, title):

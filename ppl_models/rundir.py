@@ -12,7 +12,11 @@ Every write is atomic (`files.atomic_write`).
 """
 
 import csv
+import errno
+import fcntl
 import io
+import os
+from contextlib import contextmanager
 from pathlib import Path
 
 import pyro
@@ -29,11 +33,75 @@ class TrainingError(RuntimeError):
     """Training cannot go on; the message says why and what to do."""
 
 
+# ---- the directory -------------------------------------------------------------------------
+RUN_FILES = ("checkpoint.pt", "best.pt", "metrics.csv", "metrics.json", "config.json", "report.html")
+_locked = {}  # run directories this process holds: path -> how many nested holds
+
+
+def make_run_dir(path):
+    """Create the run directory (and its parents), or say in one line why it cannot be."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise TrainingError(f"cannot use {path} as a run directory: {error.strerror or error}") from None
+    return path
+
+
+@contextmanager
+def exclusive(path):
+    """Hold the run directory for this process: an OS lock (flock) on its `lock` file, released when
+    the process ends however it ends. A second process that asks for it is refused at once."""
+    key = Path(path).resolve()
+    if key in _locked:  # nested: the job holds it, and so does the training inside
+        _locked[key] += 1
+        try:
+            yield
+        finally:
+            _locked[key] -= 1
+        return
+    with open(key / "lock", "a+") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as error:
+            if error.errno not in (errno.EAGAIN, errno.EACCES):
+                raise
+            lock.seek(0)
+            holder = lock.read().strip() or "another process"
+            raise TrainingError(f"{path} is in use by {holder}; wait for that run to end, or write to another "
+                                "run directory") from None
+        lock.truncate(0)
+        lock.write(f"process {os.getpid()}\n")
+        lock.flush()
+        _locked[key] = 1
+        try:
+            yield
+        finally:
+            del _locked[key]
+            lock.truncate(0)  # the lock goes with the file descriptor; the file stays, empty
+
+
+def check_new_run(path, overwrite=False):
+    """A new run may not replace a finished or interrupted one (it has a checkpoint) unless asked;
+    asked, the old run's files go first, so the folder never mixes two runs."""
+    path = Path(path)
+    if not (path / "checkpoint.pt").exists():
+        return
+    if not overwrite:
+        raise TrainingError(f"{path} holds a run already (checkpoint.pt); continue it with `resume=True`, or "
+                            "replace it with `overwrite=True`")
+    for name in RUN_FILES:
+        (path / name).unlink(missing_ok=True)
+
+
 # ---- checkpoints ---------------------------------------------------------------------------
 def load_checkpoint(path):
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
+        if (Path(path).parent / "experiment.json").exists():
+            raise TrainingError(f"{Path(path).parent} holds an experiment, and experiments cannot be resumed: run it "
+                                "again with `overwrite=True`") from None
         raise TrainingError(
             f"no checkpoint at {path}: is this a run directory? Start a new run instead of resuming"
         ) from None

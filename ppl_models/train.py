@@ -28,8 +28,11 @@ from .rundir import (
     CHECKPOINT_FORMAT,
     MetricsLog,
     TrainingError,
+    check_new_run,
     check_resumable,
+    exclusive,
     load_checkpoint,
+    make_run_dir,
     restore_snapshot,
     rng_state,
     set_rng_state,
@@ -71,13 +74,17 @@ class SVI:
 
 
 # ---- the loop --------------------------------------------------------------------------------
-def train(model, data, cfg, run_dir, resume=False, progress=True, log=print, after_epoch=None):
+def train(model, data, cfg, run_dir, resume=False, progress=True, log=print, after_epoch=None, overwrite=False):
     """Fit `model` (a Family) with `cfg.guide` by SVI; write the run directory; return the summary
-    dict. `after_epoch(epoch)`, if given, is called before training (epoch 0) and after each epoch."""
+    dict. `after_epoch(epoch)`, if given, is called before training (epoch 0) and after each epoch,
+    before that epoch's checkpoint. A new run refuses a directory that holds one unless `overwrite`."""
     after_epoch = after_epoch or (lambda epoch: None)
-    with reproducible(torch.device(cfg.device), cfg.detect_anomaly):
-        cfg.validate()
-        run = Training(model, data, cfg, Path(run_dir), resume, log)
+    cfg.validate()
+    run_dir = make_run_dir(run_dir)
+    with exclusive(run_dir), reproducible(torch.device(cfg.device), cfg.detect_anomaly):
+        if not resume:
+            check_new_run(run_dir, overwrite)
+        run = Training(model, data, cfg, run_dir, resume, log)
         if run.at.step == 0:
             run.evaluate_curves()  # the untrained model, for the start of every curve
             after_epoch(0)
@@ -86,8 +93,8 @@ def train(model, data, cfg, run_dir, resume=False, progress=True, log=print, aft
                 run.train_epoch(interrupt, progress)
                 if run.best:
                     run.best.update(run.at.epoch, run.validation_score())
-                run.save_checkpoint()
                 after_epoch(run.at.epoch)
+                run.save_checkpoint()  # the epoch's last write: every file it names is written
                 log(run.epoch_line())
         run.evaluate_curves()  # the end of training, if it fell between two eval_every points
         run.metrics.flush()
@@ -98,6 +105,18 @@ def train(model, data, cfg, run_dir, resume=False, progress=True, log=print, aft
             summary["early_stopping"] = run.early_stopping_summary()
         write_json(summary, run.dir / "metrics.json")
         return summary
+
+
+DIVERGED_NATS = 1e5  # a loss past this many nats per digit (the uniform model scores 543) has diverged
+
+
+class Interrupted(TrainingError):
+    """Training was stopped by a signal after a checkpoint was written; says how to resume."""
+
+    def __init__(self, signum, step, run_dir):
+        self.signum = signum
+        what = "interrupted" if signum == signal.SIGINT else f"stopped by {signal.Signals(signum).name}"
+        super().__init__(f"{what} at step {step}; checkpoint saved. Resume with: python run.py --resume {run_dir}")
 
 
 @dataclass
@@ -115,7 +134,6 @@ class Training:
 
     def __init__(self, model, data, cfg, run_dir, resume, log):
         self.model, self.data, self.cfg, self.dir, self.log = model, data, cfg, run_dir, log
-        self.dir.mkdir(parents=True, exist_ok=True)
         self.device = torch.device(cfg.device)
         self.num_train, self.steps = check_training_data(data, cfg)
         self.curves = {split: random_digits(data.binary(split), cfg.eval_digits) for split in data.splits}
@@ -167,6 +185,9 @@ class Training:
         self.svi.optimizer.zero_grad()
 
     def save_checkpoint(self):
+        """metrics.csv, then the checkpoint: a kill between the two leaves rows past the checkpoint,
+        which a resumed run drops, never a checkpoint whose rows are lost."""
+        self.metrics.flush()
         atomic_torch_save({
             "format": CHECKPOINT_FORMAT,
             "config": asdict(self.cfg),
@@ -176,7 +197,6 @@ class Training:
             "progress": asdict(self.at),
             "best": self.best.state() if self.best else None,
         }, self.checkpoint_path)
-        self.metrics.flush()
 
     def evaluate_curves(self):
         """One point of every learning curve, unless this step has one (a resumed run that had finished)."""
@@ -209,8 +229,7 @@ class Training:
                     self.evaluate_curves()
                 if interrupt["requested"]:
                     self.save_checkpoint()
-                    raise TrainingError(f"interrupted at step {at.step}; checkpoint saved. Resume with: python run.py "
-                                        f"--resume {self.dir}")
+                    raise Interrupted(interrupt["requested"], at.step, self.dir)
         at.epoch, at.step_in_epoch = at.epoch + 1, 0
 
     def step(self, batch):
@@ -220,20 +239,32 @@ class Training:
         try:
             args = self.model.step_args(at.epoch + (at.step_in_epoch + 1) / self.steps, self.device)
             loss = self.svi.step(batch, *args) / self.cfg.batch_size
-        except ValueError:  # Pyro's validation meeting a parameter that went non-finite
+        except ValueError as error:  # Pyro's validation meeting a value that went non-finite or out of range
             if all(torch.isfinite(p).all() for _, p in pyro.get_param_store().named_parameters()):
-                raise
+                if "Expected parameter" not in str(error):
+                    raise
+                invalid = str(error).splitlines()[0].split(" but found invalid values")[0]  # not Pyro's tensor dump
+                raise TrainingError(f"training diverged at step {at.step + 1} (epoch {at.epoch + 1}): {invalid}. "
+                                    f"{self.last_checkpoint()}; try a smaller `lr`") from None
             loss = math.nan
         at.seconds += time.perf_counter() - started  # training time only: evaluation is not counted
         if not math.isfinite(loss):
             raise TrainingError(
                 f"the loss became {loss} at step {at.step + 1} (epoch {at.epoch + 1}); not finite: "
-                f"{diagnose_nonfinite(self.model.model, self.guide, batch)}. The last good checkpoint is kept in "
-                f"{self.checkpoint_path}; try a smaller `lr`, or `detect_anomaly=True` to find the operation"
+                f"{diagnose_nonfinite(self.model.model, self.guide, batch)}. {self.last_checkpoint()}; try a "
+                "smaller `lr`, or `detect_anomaly=True` to find the operation"
             )
+        if abs(loss) > DIVERGED_NATS:
+            raise TrainingError(f"training diverged: the loss reached {loss:.3g} nats per digit at step {at.step + 1} "
+                                f"(epoch {at.epoch + 1}). {self.last_checkpoint()}; try a smaller `lr`")
         at.step_in_epoch += 1
         at.step += 1
         self.running_loss = loss if math.isnan(self.running_loss) else 0.98 * self.running_loss + 0.02 * loss
+
+    def last_checkpoint(self):
+        if self.checkpoint_path.exists():
+            return f"The last good checkpoint is kept in {self.checkpoint_path}"
+        return "No checkpoint was written (the first epoch had not ended)"
 
     def epoch_line(self):
         at, best = self.at, self.best
@@ -346,22 +377,23 @@ def evaluation_rng(seed, device):
 
 
 @contextmanager
-def interrupt_between_steps():
-    """Ctrl-C sets a flag that the loop reads after each step, so a checkpoint never holds a
-    half-applied update."""
-    flag = {"requested": False}
+def interrupt_between_steps(signals=(signal.SIGINT, signal.SIGTERM)):
+    """Ctrl-C (SIGINT) or SIGTERM (what kill, Docker, systemd and Slurm send) records the signal in
+    a flag that the loop reads after each step, so a checkpoint never holds a half-applied update."""
+    flag = {"requested": None}
 
     def handler(signum, frame):
-        flag["requested"] = True
+        flag["requested"] = signum
 
     if threading.current_thread() is not threading.main_thread():
         yield flag
         return
-    previous = signal.signal(signal.SIGINT, handler)
+    previous = {signum: signal.signal(signum, handler) for signum in signals}
     try:
         yield flag
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for signum, handling in previous.items():
+            signal.signal(signum, handling)
 
 
 @contextmanager

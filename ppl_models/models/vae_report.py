@@ -105,7 +105,7 @@ def prior_vs_importance(family, cfg, data, out, progress, log=print, z_dims=(2, 
         run_cfg = replace(cfg, model_args={**cfg.model_args, "z_dim": z_dim}, eval_samples=0)
         model = family(**run_cfg.model_args).to(cfg.device)
         log(f"training the VAE with z-dim {z_dim}")
-        train(model, data, run_cfg, out / f"z{z_dim}", progress=progress, log=log)
+        train(model, data, run_cfg, out / f"z{z_dim}", progress=progress, log=log, overwrite=True)
         lines, estimates = estimate_by_proposal(model, x, cfg, sample_counts, repeats)
         panels[f"z-dim {z_dim}"], results[f"z-dim {z_dim}"] = lines, estimates
     plots.estimates_against_samples(panels, out / "prior_vs_importance.png",

@@ -1,0 +1,137 @@
+"""The run directory's promises, with real processes: one writer at a time, a run is never
+replaced unless asked, experiments are run whole, every write is whole or absent."""
+
+import errno
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import ppl_models.files as files
+import run
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_cli(*args):
+    return run.main([*args, "--quiet", "--no-download"])
+
+
+def tiny_run(data_dir, out, *extra):
+    return ["--model", "vae", "--z-dim", "2", "--hidden", "16", "--dataset", "binarized-mnist", "--data-dir",
+            str(data_dir), "--batch-size", "50", "--eval-samples", "5", "--out", str(out), *extra]
+
+
+def start(args, tmp_path):
+    """run.py in its own process, as a user starts it."""
+    return subprocess.Popen([sys.executable, str(ROOT / "run.py"), *args, "--quiet", "--no-download"], cwd=tmp_path,
+                            env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def wait_for(path, seconds=120):
+    deadline = time.time() + seconds
+    while not path.exists() and time.time() < deadline:
+        time.sleep(0.05)
+    assert path.exists(), path
+
+
+def test_a_second_writer_is_refused_while_the_first_runs(offline, tiny_binarized, tmp_path, capsys):
+    out = tmp_path / "run"
+    first = start(tiny_run(tiny_binarized, out, "--epochs", "500"), tmp_path)
+    try:
+        wait_for(out / "checkpoint.pt")
+        assert run_cli(*tiny_run(tiny_binarized, out, "--epochs", "1", "--overwrite")) == 2
+        err = capsys.readouterr().err.strip()
+        assert err == f"error: {out} is in use by process {first.pid}; wait for that run to end, or write to " \
+                      "another run directory", err
+        assert run_cli("--resume", str(out)) == 2  # resuming it is writing it too
+        assert "is in use by process" in capsys.readouterr().err
+    finally:
+        first.kill()
+        first.wait()
+    assert run_cli("--resume", str(out), "--epochs", "2") == 0  # the lock dies with its process
+
+
+def test_a_new_run_does_not_replace_a_run_unless_asked(offline, tiny_binarized, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert run_cli(*tiny_run(tiny_binarized, out, "--epochs", "1")) == 0
+    first = json.loads((out / "metrics.json").read_text())
+    assert run_cli("--model", "mixture", "--components", "2", "--dataset", "binarized-mnist", "--data-dir",
+                   str(tiny_binarized), "--out", str(out)) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"error: {out} holds a run already (checkpoint.pt); continue it with --resume, or replace it with " \
+                  "--overwrite", err
+    assert json.loads((out / "metrics.json").read_text()) == first  # untouched
+    assert run_cli(*tiny_run(tiny_binarized, out, "--epochs", "1", "--patience", "1", "--lr", "0.01",
+                             "--overwrite")) == 0
+    assert json.loads((out / "config.json").read_text())["lr"] == 0.01 and (out / "best.pt").exists()
+    assert run_cli(*tiny_run(tiny_binarized, out, "--epochs", "1", "--overwrite")) == 0
+    assert not (out / "best.pt").exists()  # the replaced run's files went with it
+
+
+def test_an_experiment_is_rerun_whole_not_resumed(offline, tiny_binarized, tmp_path, capsys):
+    out = tmp_path / "experiment"
+    args = ["--model", "sbn", "--experiment", "gradient-variance", "--latents", "3", "--batch-size", "20",
+            "--dataset", "binarized-mnist", "--data-dir", str(tiny_binarized), "--out", str(out)]
+    assert run_cli(*args) == 0
+    assert json.loads((out / "experiment.json").read_text())["experiment"] == "gradient-variance"
+    assert run_cli(*args) == 2
+    assert "holds an earlier experiment (experiment.json); run it again with --overwrite" in capsys.readouterr().err
+    assert run_cli("--resume", str(out)) == 2
+    assert "holds an experiment, and experiments cannot be resumed: run it again with --overwrite" in \
+        capsys.readouterr().err
+    assert run_cli(*args, "--overwrite") == 0
+
+
+@pytest.mark.parametrize("failure", [errno.ENOSPC, errno.EROFS, errno.EIO])
+def test_a_failed_write_names_the_file_keeps_the_old_one_and_leaves_no_part(tiny_binarized, offline, tmp_path,
+                                                                             monkeypatch, capsys, failure):
+    out = tmp_path / "run"
+    assert run_cli(*tiny_run(tiny_binarized, out, "--epochs", "1")) == 0
+    saved = (out / "checkpoint.pt").read_bytes()
+    real_save = torch.save
+
+    def save_then_fail(obj, file):
+        real_save(obj, file)  # the bytes reach the disk, then the device fails
+        if Path(file.name).name.startswith("checkpoint.pt."):
+            raise OSError(failure, os.strerror(failure))
+
+    monkeypatch.setattr(files.torch, "save", save_then_fail)
+    assert run_cli("--resume", str(out), "--epochs", "2") == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"error: {os.strerror(failure)} writing {out / 'checkpoint.pt'}; the previous checkpoint.pt is " \
+                  "intact", err
+    assert (out / "checkpoint.pt").read_bytes() == saved
+    assert not list(out.glob("*.part"))
+    monkeypatch.undo()
+    assert run_cli("--resume", str(out), "--epochs", "2") == 0  # and the run can go on
+
+
+@pytest.mark.parametrize("make_out, cause", [
+    (lambda tmp: (tmp.joinpath("a_file").write_text(""), tmp / "a_file")[1], "File exists"),
+    (lambda tmp: (tmp.joinpath("a_file").write_text(""), tmp / "a_file" / "run")[1], "Not a directory"),
+])
+def test_an_out_that_cannot_be_a_folder_is_refused(offline, tiny_binarized, tmp_path, capsys, make_out, cause):
+    out = make_out(tmp_path)
+    assert run_cli(*tiny_run(tiny_binarized, out, "--epochs", "1")) == 2
+    assert capsys.readouterr().err.strip() == f"error: cannot use {out} as a run directory: {cause}"
+
+
+def test_sigterm_checkpoints_and_says_how_to_resume(offline, tiny_binarized, tmp_path):
+    out = tmp_path / "run"
+    process = start(tiny_run(tiny_binarized, out, "--epochs", "500"), tmp_path)
+    wait_for(out / "checkpoint.pt")
+    process.send_signal(signal.SIGTERM)
+    _, err = process.communicate(timeout=60)
+    assert process.returncode == 128 + signal.SIGTERM, err
+    step = torch.load(out / "checkpoint.pt", weights_only=True)["progress"]["step"]
+    assert err.strip() == f"error: stopped by SIGTERM at step {step}; checkpoint saved. Resume with: python run.py " \
+                          f"--resume {out}", err
+    assert run_cli("--resume", str(out), "--epochs", "2") == 0
