@@ -95,7 +95,32 @@ def check_new_run(path, overwrite=False):
 
 
 # ---- checkpoints ---------------------------------------------------------------------------
+CHECKPOINT_KEYS = {"format": int, "config": dict, "params": dict, "buffers": dict, "optimizer": dict, "rng": dict,
+                   "progress": dict}
+PROGRESS_KEYS = ("epoch", "step_in_epoch", "step", "seconds")
+
+
 def load_checkpoint(path):
+    """The checkpoint at `path`, checked: readable, of this format, with every part a run needs."""
+    checkpoint = read_checkpoint(path)
+    if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("format"), int):
+        raise TrainingError(f"checkpoint {path} is not a ppl_models checkpoint (no format); delete it and start the "
+                            "run again")
+    if checkpoint["format"] > CHECKPOINT_FORMAT:
+        raise TrainingError(f"{path} was written by a newer ppl_models (format {checkpoint['format']}); "
+                            "upgrade to resume it")
+    if checkpoint["format"] < CHECKPOINT_FORMAT:
+        raise TrainingError(f"{path} was written by an older ppl_models (format {checkpoint['format']}), whose "
+                            "optimizer state or parameter names this one cannot read; start the run again")
+    wrong = [key for key, kind in CHECKPOINT_KEYS.items() if not isinstance(checkpoint.get(key), kind)]
+    wrong += [f"progress.{key}" for key in PROGRESS_KEYS if key not in checkpoint.get("progress", {})]
+    if wrong:
+        raise TrainingError(f"checkpoint {path} is damaged (missing or malformed: {', '.join(wrong)}); delete it and "
+                            "start the run again")
+    return checkpoint
+
+
+def read_checkpoint(path):
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
@@ -113,13 +138,7 @@ def load_checkpoint(path):
 
 
 def check_resumable(checkpoint, cfg, path):
-    """Refuse a checkpoint of another format, or of a run with other settings than `cfg`'s."""
-    if checkpoint.get("format", 0) > CHECKPOINT_FORMAT:
-        raise TrainingError(f"{path} was written by a newer ppl_models (format {checkpoint['format']}); "
-                            "upgrade to resume it")
-    if checkpoint.get("format", 0) < CHECKPOINT_FORMAT:
-        raise TrainingError(f"{path} was written by an older ppl_models (format {checkpoint.get('format', 0)}), whose "
-                            "optimizer state or parameter names this one cannot read; start the run again")
+    """Refuse the checkpoint of a run with other settings than `cfg`'s."""
     saved = checkpoint["config"]
     for key in RESUMED_SETTINGS:
         if saved.get(key) != getattr(cfg, key):
@@ -195,7 +214,14 @@ class MetricsLog:
         self.path = Path(path)
         self.rows = []
         if up_to_step is not None and self.path.exists():
-            self.rows = [r for r in read_metrics(self.path.parent) if int(r["step"]) <= up_to_step]
+            try:
+                rows = read_metrics(self.path.parent)
+                self.rows = [r for r in rows if int(r["step"]) <= up_to_step and set(r) == set(self.columns)]
+                if len(self.rows) < sum(int(r["step"]) <= up_to_step for r in rows):
+                    raise ValueError("rows with other columns")
+            except (ValueError, KeyError, TypeError, UnicodeDecodeError, csv.Error) as error:
+                raise TrainingError(f"{self.path} is not a ppl_models metrics file ({error}); delete it and resume: "
+                                    f"the learning curves then start again at step {up_to_step}") from None
 
     def add(self, step, epoch, seconds, split, estimator, value):
         self.rows.append(dict(step=step, epoch=epoch, seconds=seconds, split=split, estimator=estimator, value=value))

@@ -150,8 +150,8 @@ class Training:
         self.selected = selection_estimator(model, cfg, self.curve_estimators)
         self.at, best_state = self.resume() if resume else (Progress(), None)
         self.metrics = MetricsLog(self.dir / "metrics.csv", up_to_step=self.at.step if resume else None)
-        self.best = BestEpoch(model, self.dir / "best.pt", cfg.patience, self.selected, best_state, self.at.epoch) \
-            if cfg.patience else None
+        self.best = BestEpoch(model, self.dir / "best.pt", cfg.patience, self.selected, best_state, self.at.epoch,
+                              log) if cfg.patience else None
         self.running_loss = math.nan
         write_json(asdict(cfg), self.dir / "config.json")
 
@@ -165,8 +165,12 @@ class Training:
         check_resumable(checkpoint, self.cfg, self.checkpoint_path)
         if self.cfg.jit:
             self.compile_training_step()
-        restore_snapshot(self.model, checkpoint, self.device)
-        self.svi.optimizer.load_state_dict(checkpoint["optimizer"])
+        try:
+            restore_snapshot(self.model, checkpoint, self.device)
+            self.svi.optimizer.load_state_dict(checkpoint["optimizer"])
+        except (RuntimeError, KeyError, ValueError, AttributeError) as error:
+            raise TrainingError(f"{self.checkpoint_path} does not fit this model ({type(error).__name__}: "
+                                f"{str(error).splitlines()[0]}); delete it and start the run again") from None
         for group in self.svi.optimizer.param_groups:  # the saved state holds the old rate: a resume may change it
             group["lr"] = self.cfg.lr
         set_rng_state(checkpoint["rng"])
@@ -274,6 +278,11 @@ class Training:
 
     def restore_best_epoch(self):
         self.stopped_early = self.best.exhausted(self.at.epoch)
+        if not math.isfinite(self.best.value):  # no epoch scored since best.pt was lost: the last is reported
+            self.best.epoch = self.at.epoch
+            self.log(f"note: no epoch was scored on the valid digits since early stopping started afresh; the final "
+                     f"numbers and figures are those of the last epoch, {self.at.epoch}")
+            return
         self.log(f"{'early stopping: ' if self.stopped_early else ''}{self.at.epoch} epochs trained; the final numbers "
                  f"and figures are those of epoch {self.best.epoch}, the best valid {self.selected} "
                  f"({self.best.value:.2f} on {len(self.curves['valid'])} digits)")
@@ -339,10 +348,14 @@ class BestEpoch:
     """Early stopping (`patience`): the validation score after every epoch, the params of the best
     epoch so far kept in best.pt, and whether `patience` epochs have passed without a better one."""
 
-    def __init__(self, model, path, patience, estimator, state=None, epoch=0):
+    def __init__(self, model, path, patience, estimator, state=None, epoch=0, log=print):
         self.model, self.path, self.patience, self.estimator = model, Path(path), patience, estimator
         if state and state.get("estimator", estimator) == estimator:
             self.epoch, self.value, self.scores = state["epoch"], state["value"], state.get("scores", [])
+            if math.isfinite(self.value) and self.load() is None:
+                log(f"note: {self.path} is missing or unreadable, so the best epoch so far ({self.epoch}) is lost; "
+                    f"early stopping starts afresh from epoch {epoch}")
+                self.epoch, self.value = epoch, -math.inf
         else:  # nothing scored with this estimator yet (or a saved best of another one): count from `epoch`
             self.epoch, self.value, self.scores = epoch, -math.inf, []
 
@@ -358,8 +371,20 @@ class BestEpoch:
     def state(self):
         return dict(epoch=self.epoch, value=self.value, estimator=self.estimator, scores=self.scores)
 
+    def load(self):
+        """best.pt's snapshot, or None if it is missing or unreadable."""
+        try:
+            saved = torch.load(self.path, map_location="cpu", weights_only=True)
+        except Exception:
+            return None
+        return saved if isinstance(saved, dict) and {"params", "buffers"} <= set(saved) else None
+
     def restore(self, device):
-        restore_snapshot(self.model, torch.load(self.path, map_location=device, weights_only=True), device)
+        saved = self.load()
+        if saved is None:
+            raise TrainingError(f"{self.path} is missing or unreadable, so the best epoch's model is lost; resume the "
+                                "run (`resume=True`): early stopping then starts afresh from its last epoch")
+        restore_snapshot(self.model, saved, device)
 
 
 # ---- RNG, signals, numerics ------------------------------------------------------------------

@@ -135,3 +135,73 @@ def test_sigterm_checkpoints_and_says_how_to_resume(offline, tiny_binarized, tmp
     assert err.strip() == f"error: stopped by SIGTERM at step {step}; checkpoint saved. Resume with: python run.py " \
                           f"--resume {out}", err
     assert run_cli("--resume", str(out), "--epochs", "2") == 0
+
+
+@pytest.mark.parametrize("lr", ["1e6", "1000"])
+def test_divergence_stops_with_one_line(offline, tiny_binarized, tmp_path, capsys, lr):
+    assert run_cli(*tiny_run(tiny_binarized, tmp_path / "run", "--epochs", "3", "--lr", lr)) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: training diverged") and len(err.splitlines()) == 1, err
+    assert "No checkpoint was written (the first epoch had not ended); try a smaller --lr" in err  # none to promise
+
+
+@pytest.mark.parametrize("where, hint", [
+    ("ppl_models.job.load_dataset", "no checkpoint was written: start the run again"),
+    ("ppl_models.train.summarise", "the last checkpoint is kept. Resume with: python run.py --resume {out}"),
+])
+def test_ctrl_c_outside_the_training_loop_ends_with_one_line(offline, tiny_binarized, tmp_path, capsys, monkeypatch,
+                                                              where, hint):
+    def interrupt(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    out = tmp_path / "run"
+    monkeypatch.setattr(where, interrupt)
+    assert run_cli(*tiny_run(tiny_binarized, out, "--epochs", "1")) == 128 + signal.SIGINT
+    assert capsys.readouterr().err.strip() == f"error: interrupted; {hint.format(out=out)}"
+    monkeypatch.undo()
+    if (out / "checkpoint.pt").exists():  # interrupted in the final evaluation: the resume evaluates it
+        assert run_cli("--resume", str(out)) == 0 and (out / "metrics.json").exists()
+
+
+@pytest.fixture
+def finished_run(offline, tiny_binarized, tmp_path):
+    """A finished tiny VAE run with early stopping: every file a run directory holds."""
+    out = tmp_path / "run"
+    assert run_cli(*tiny_run(tiny_binarized, out, "--epochs", "2", "--patience", "5")) == 0
+    return out
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda out: torch.save([1, 2], out / "checkpoint.pt"), "is not a ppl_models checkpoint (no format)"),
+    (lambda out: torch.save({"format": 4, "config": {}}, out / "checkpoint.pt"),
+     "is damaged (missing or malformed: params, buffers, optimizer, rng, progress, progress.epoch"),
+    (lambda out: (out / "checkpoint.pt").write_bytes(os.urandom(500)), "is corrupt or not a ppl_models checkpoint"),
+    (lambda out: (out / "metrics.csv").write_text("when,what\n1,2\n"), "metrics.csv is not a ppl_models metrics file"),
+    (lambda out: (out / "metrics.csv").write_bytes(os.urandom(500)), "metrics.csv is not a ppl_models metrics file"),
+])
+def test_a_damaged_file_is_named_in_one_line(finished_run, capsys, damage, message):
+    damage(finished_run)
+    capsys.readouterr()
+    assert run_cli("--resume", str(finished_run), "--epochs", "3") == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1, err
+    if "metrics.csv" in message:  # what to do works: without the file the run goes on
+        (finished_run / "metrics.csv").unlink()
+        assert run_cli("--resume", str(finished_run), "--epochs", "3") == 0
+
+
+@pytest.mark.parametrize("damage", [lambda path: path.unlink(), lambda path: path.write_bytes(b"not a snapshot")])
+def test_a_lost_best_epoch_is_said_and_the_run_still_finishes(finished_run, capsys, damage):
+    damage(finished_run / "best.pt")
+    assert run_cli("--resume", str(finished_run), "--epochs", "3") == 0
+    printed = capsys.readouterr().out
+    assert "best.pt is missing or unreadable, so the best epoch so far" in printed
+    assert json.loads((finished_run / "metrics.json").read_text())["early_stopping"]["best_epoch"] == 3
+    assert run_cli("--resume", str(finished_run), "--epochs", "3") == 0  # and it stays finishable
+
+
+def test_an_unreadable_samples_history_is_said_and_started_again(finished_run):
+    (finished_run / "samples_through_training.pt").write_bytes(b"garbage")
+    with pytest.warns(UserWarning, match="samples_through_training.pt is unreadable"):
+        assert run_cli("--resume", str(finished_run), "--epochs", "3") == 0
+    assert sorted(torch.load(finished_run / "samples_through_training.pt", weights_only=True)) == [3]

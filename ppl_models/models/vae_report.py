@@ -2,6 +2,7 @@
 manifold, reconstructions, where digits sit in latent space) and its own experiment: log p(x) by
 Monte Carlo from the prior against importance sampling from q (seed problem 13)."""
 
+import warnings
 from dataclasses import replace
 
 import pyro
@@ -24,11 +25,27 @@ def sample_recorder(model, out, cfg):
     path = out / "samples_through_training.pt"
 
     def record(epoch):
-        history = torch.load(path, weights_only=True) if epoch > 0 and path.exists() else {}
+        history = read_history(path) if epoch > 0 else {}
         history[epoch] = model.decode(z).cpu()
         atomic_torch_save(history, path)
 
     return record
+
+
+def read_history(path):
+    """{epoch: decoder means} from samples_through_training.pt; a missing or unreadable file is said
+    in a warning and its history starts again (a figure is not worth stopping a run for)."""
+    if not path.exists():
+        return {}
+    try:
+        history = torch.load(path, weights_only=True)
+        if isinstance(history, dict) and all(isinstance(k, int) and torch.is_tensor(v) for k, v in history.items()):
+            return history
+        reason = "not a history of samples"
+    except Exception as error:
+        reason = type(error).__name__
+    warnings.warn(f"{path} is unreadable ({reason}): samples_through_training.png shows only the epochs from now on")
+    return {}
 
 
 def report(model, run):
@@ -51,7 +68,9 @@ def report(model, run):
 
 
 def draw_samples_through_training(out):
-    history = torch.load(out / "samples_through_training.pt", weights_only=True)
+    history = read_history(out / "samples_through_training.pt")
+    if not history:
+        return
     epochs = sorted(history)
     shown_epochs = sorted({epochs[0], epochs[len(epochs) // 2], epochs[-1]})
     plots.image_grid(torch.cat([history[e] for e in shown_epochs]), out / "samples_through_training.png",
