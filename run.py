@@ -75,7 +75,7 @@ def add_model_arguments(parser):
                           f"{name}: " + ", ".join(f"{elbo} ({as_flags(text)})" for elbo, text in family.elbos.items())
                           for name, family in with_elbos.items())
                       + "; " + ", ".join(sorted(set(FAMILIES) - set(with_elbos))) + ": the guide decides")
-    what.add_argument("--particles", type=int, default=1,
+    what.add_argument("--particles", type=int,
                       help="samples of z per digit in the training objective: the k of --elbo iwae (default: 1)")
     experiments = {}
     for name, family in FAMILIES.items():
@@ -99,10 +99,10 @@ def add_family_arguments(parser, family):
 
 def add_data_arguments(parser):
     data = parser.add_argument_group("data")
-    data.add_argument("--dataset", choices=DATASETS, default="mnist",
+    data.add_argument("--dataset", choices=DATASETS,
                       help="mnist (60k/10k, labelled; default), binarized-mnist (the static binarization of "
                            "Larochelle & Murray 2011, 50k/10k/10k, the split published NLLs use), fashion-mnist")
-    data.add_argument("--binarize", choices=BINARIZATIONS, default="threshold",
+    data.add_argument("--binarize", choices=BINARIZATIONS,
                       help="for grayscale datasets: threshold (pixel > 127, the seed's rule; default), dynamic (a "
                            "fresh Bernoulli draw every epoch), static (one Bernoulli draw with a fixed seed)")
     data.add_argument("--data-dir", help="where data lives; searched before $PPL_MODELS_DATA and ~/.cache/ppl_models")
@@ -121,7 +121,7 @@ def add_optimisation_arguments(parser):
     opt.add_argument("--lr", type=float, help=f"learning rate ({defaults('lr')})")
     opt.add_argument("--batch-size", type=int, help=f"digits per SVI step ({defaults('batch_size')})")
     opt.add_argument("--epochs", type=int, help=f"passes over the training digits ({defaults('epochs')})")
-    opt.add_argument("--seed", type=int, default=0, help="random seed; CPU runs are bit-reproducible (default: 0)")
+    opt.add_argument("--seed", type=int, help="random seed; CPU runs are bit-reproducible (default: 0)")
     opt.add_argument("--patience", type=int,
                      help="early stopping: after each epoch score the --eval-digits fixed valid digits (exact "
                           "log-likelihood where the model has one, else iwae-k for a k-sample objective (--elbo iwae, "
@@ -137,10 +137,10 @@ def add_running_arguments(parser):
     run = parser.add_argument_group("running")
     run.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
                      help="auto picks cuda when a GPU is visible (default: auto)")
-    run.add_argument("--eval-every", type=int, default=200,
+    run.add_argument("--eval-every", type=int,
                      help="evaluate the learning curves every N steps on --eval-digits digits of every split, the "
                           "same fixed random digits in every run (default: 200)")
-    run.add_argument("--eval-digits", type=int, default=1000,
+    run.add_argument("--eval-digits", type=int,
                      help="digits per learning-curve point, per split (default: 1000, as seed problem 8)")
     run.add_argument("--eval-samples", type=int,
                      help="k of the final importance-sampled estimate of test log p(x), iwae-k, with q as proposal "
@@ -179,45 +179,51 @@ def check_family_flags(args, model):
                 raise ValueError(f"{flag(name)} is a setting of model {family.name}, not of model {model}; drop it")
 
 
+# Settings whose flag has no value unless given (so that --resume can tell what was given), and their defaults.
+RUN_DEFAULTS = dict(particles=1, dataset="mnist", binarize="threshold", seed=0, eval_every=200, eval_digits=1000)
+# What --resume may change: how long and how fast it trains, where it runs and reads data, and its final evaluation.
+RESUME_MAY_CHANGE = ("epochs", "patience", "lr", "device", "data_dir", "eval_samples", "detect_anomaly")
+
+
 def config_from_args(args):
-    if args.resume:  # the run's own settings; only the device and (to extend it) --epochs, --patience, --lr may change
-        saved = load_checkpoint(Path(args.resume) / "checkpoint.pt")["config"]
-        if args.model and args.model != saved["model"]:
-            raise ValueError(f"{args.resume} is a run of model {saved['model']!r}, not {args.model!r}; "
-                             f"drop --model to resume it, or start a new run with another --out")
-        check_family_flags(args, saved["model"])
-        cfg = Config(**{f.name: saved[f.name] for f in fields(Config) if f.name in saved})
-        cfg.device = resolve_device(args.device)
-        for setting in ("epochs", "patience", "lr"):
-            if getattr(args, setting) is not None:
-                setattr(cfg, setting, getattr(args, setting))
-        return cfg
+    if args.resume:
+        return resumed_config(args)
     args.model = args.model or DEFAULT_MODEL
     check_family_flags(args, args.model)
     family = FAMILIES[args.model]
-    training = {setting: value if (value := getattr(args, setting)) is not None else default
-                for setting, default in family.training_defaults.items()}
-    model_args = {name: default if (value := getattr(args, name)) is None else value
-                  for name, default in family.hyperparameter_defaults().items()}
-    return Config(
-        model=args.model,
-        guide=args.guide or family.default_guide,
-        elbo=args.elbo,
-        particles=args.particles,
-        dataset=args.dataset,
-        binarize=args.binarize,
-        data_dir=args.data_dir,
-        model_args={name: list(value) if isinstance(value, tuple) else value for name, value in model_args.items()},
-        seed=args.seed,
-        device=resolve_device(args.device),
-        jit=args.jit,
-        detect_anomaly=args.detect_anomaly,
-        eval_every=args.eval_every,
-        eval_digits=args.eval_digits,
-        train_subset=args.train_subset,
-        patience=args.patience,
-        **training,
-    )
+    given = {name: value for name, value in vars(args).items() if value is not None}
+    defaults = {**RUN_DEFAULTS, **family.training_defaults, "guide": family.default_guide}
+    model_args = {**family.hyperparameter_defaults(), **{name: given[name] for name in family.hyperparameters
+                                                          if name in given}}
+    settings = {f.name: given.get(f.name, defaults.get(f.name)) for f in fields(Config)
+                if f.name in given or f.name in defaults}
+    return Config(**{**settings, "model_args": {name: list(value) if isinstance(value, tuple) else value
+                                                for name, value in model_args.items()},
+                     "device": resolve_device(args.device)})
+
+
+def resumed_config(args):
+    """The run's own settings from its checkpoint; only RESUME_MAY_CHANGE may be given."""
+    checkpoint = load_checkpoint(Path(args.resume) / "checkpoint.pt")
+    saved = checkpoint["config"]
+    if args.model and args.model != saved["model"]:
+        raise ValueError(f"{args.resume} is a run of model {saved['model']!r}, not {args.model!r}; "
+                         f"drop --model to resume it, or start a new run with another --out")
+    check_family_flags(args, saved["model"])
+    for name in ("out", "experiment", *(f.name for f in fields(Config) if f.name != "model")):
+        if name not in RESUME_MAY_CHANGE and getattr(args, name, None) not in (None, False):
+            raise ValueError(f"{flag(name)} cannot change when resuming: a resumed run keeps its own settings (only "
+                             f"{', '.join(map(flag, RESUME_MAY_CHANGE))} may be given)")
+    trained = checkpoint["progress"]["epoch"]
+    if args.epochs is not None and args.epochs < trained:
+        raise ValueError(f"--epochs {args.epochs} is fewer than the {trained} epochs {args.resume} has trained; "
+                         "give more, or drop --epochs")
+    cfg = Config(**{f.name: saved[f.name] for f in fields(Config) if f.name in saved})
+    cfg.device = resolve_device(args.device)
+    for setting in RESUME_MAY_CHANGE:
+        if setting != "device" and getattr(args, setting) not in (None, False):
+            setattr(cfg, setting, getattr(args, setting))
+    return cfg
 
 
 def main(argv=None):

@@ -205,3 +205,42 @@ def test_an_unreadable_samples_history_is_said_and_started_again(finished_run):
     with pytest.warns(UserWarning, match="samples_through_training.pt is unreadable"):
         assert run_cli("--resume", str(finished_run), "--epochs", "3") == 0
     assert sorted(torch.load(finished_run / "samples_through_training.pt", weights_only=True)) == [3]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--seed", "3"], "--seed cannot change when resuming: a resumed run keeps its own settings (only --epochs, "
+                      "--patience, --lr, --device, --data-dir, --eval-samples, --detect-anomaly may be given)"),
+    (["--guide", "iaf"], "--guide cannot change when resuming"),
+    (["--batch-size", "20"], "--batch-size cannot change when resuming"),
+    (["--jit"], "--jit cannot change when resuming"),
+    (["--out", "elsewhere"], "--out cannot change when resuming"),
+    (["--z-dim", "4"], "--z-dim cannot change when resuming"),
+    (["--epochs", "1"], "--epochs 1 is fewer than the 2 epochs"),
+])
+def test_resume_refuses_flags_it_would_ignore(finished_run, capsys, args, message):
+    capsys.readouterr()
+    assert run_cli("--resume", str(finished_run), *args) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1, err
+
+
+def test_resume_takes_the_flags_it_can_honour(finished_run, tiny_binarized, tmp_path):
+    moved = tmp_path / "moved_data"
+    tiny_binarized.rename(moved)  # the data moved: --data-dir says where
+    assert run_cli("--resume", str(finished_run), "--data-dir", str(moved), "--eval-samples", "7", "--epochs",
+                   "3") == 0
+    assert "iwae-7" in json.loads((finished_run / "metrics.json").read_text())["final"]["test"]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--model", "mixture", "--guide", "sampled", "--particles", "3"],
+     "--particles > 1 is not available with guide 'sampled'"),
+    (["--model", "sbn", "--guide", "bernoulli", "--particles", "3"],
+     "--particles > 1 is not available with the neural baseline (--baseline neural)"),
+])
+def test_unsupported_combinations_are_refused_with_one_line(offline, tiny_binarized, tmp_path, capsys, args,
+                                                            message):
+    assert run_cli(*args, "--dataset", "binarized-mnist", "--data-dir", str(tiny_binarized), "--out",
+                   str(tmp_path / "run")) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: {message}") and len(err.splitlines()) == 1, err

@@ -93,6 +93,9 @@ class BernoulliMixture(Family):
 
     def elbo(self, guide, elbo=None, jit=False, particles=1):
         """The ELBO this guide calls for: exact enumeration, or the score-function ELBO."""
+        if guide == "sampled" and particles > 1:
+            raise SettingError("`particles` > 1 is not available with guide 'sampled': its neural baseline scores one "
+                               "sample per digit; use `particles=1`")
         return pyro_elbo("TraceEnum_ELBO" if guide == "enum" else "TraceGraph_ELBO", jit, particles)
 
     # ---- what a generative model is for -----------------------------------------------

@@ -146,6 +146,10 @@ class SigmoidBeliefNet(Family):
         if guide == "enum":
             check_enumerable(self.latents)
             return pyro_elbo("TraceEnum_ELBO", jit, particles)
+        if guide == "bernoulli" and particles > 1 and self.baseline_kind != "average":
+            raise SettingError(f"`particles` > 1 is not available with the neural baseline (`baseline='"
+                               f"{self.baseline_kind}'`), which scores one sample per digit; use `baseline='average'`, "
+                               "`elbo='vimco'`, or `particles=1`")
         if guide == "bernoulli" and jit and self.baseline_kind != "neural":
             raise SettingError(f"`jit=True` cannot trace Pyro's decaying-average baseline "
                                f"(`baseline='{self.baseline_kind}'`); use `baseline='neural'` or drop `jit`")
