@@ -67,7 +67,8 @@ def estimators(model, guide_name, iwae_samples=0, split="test"):
 
 def per_digit_estimate(model, guide_name, x, name, progress=False, memory_floats=2**25):
     """One estimator's (N,) per-digit values, in batches of digits sized so that the samples of a
-    batch (samples x digits x pixels) stay under `memory_floats` numbers."""
+    batch (samples x digits x pixels) stay under `memory_floats` numbers; past one digit's worth,
+    the samples of a digit are drawn in chunks too, so any k fits in memory."""
     check_binary(x, "digits to score", x.shape[-1])
     samples = 1 if name in ("exact", "elbo") else int(name.split("-")[1])
     batch_size = max(1, memory_floats // (samples * x.shape[1]))
@@ -77,10 +78,24 @@ def per_digit_estimate(model, guide_name, x, name, progress=False, memory_floats
                       disable=not progress or len(batches) < 2):
         if name == "exact":
             values.append(model.log_likelihood(batch))
+        elif name == "elbo":
+            values.append(importance_log_weights(model.model, model.guide(guide_name), batch)[0])
         else:
-            log_weights = importance_log_weights(model.model, model.guide(guide_name), batch, samples)
-            values.append(log_weights[0] if name == "elbo" else iwae_bound(log_weights))
+            values.append(chunked_iwae_bound(model, guide_name, batch, samples, memory_floats))
     return torch.cat(values)
+
+
+def chunked_iwae_bound(model, guide_name, x, samples, memory_floats):
+    """The iwae-k bound with the k samples drawn at most `memory_floats / (digits x pixels)` at a
+    time, their log-mean-exp accumulated (the same estimate, in bounded memory)."""
+    chunk = max(1, memory_floats // (x.shape[0] * x.shape[1]))
+    if chunk >= samples:
+        return iwae_bound(importance_log_weights(model.model, model.guide(guide_name), x, samples))
+    total = torch.full(x.shape[:1], -math.inf, device=x.device)
+    for size in [chunk] * (samples // chunk) + ([samples % chunk] if samples % chunk else []):
+        log_weights = importance_log_weights(model.model, model.guide(guide_name), x, size)
+        total = torch.logaddexp(total, torch.logsumexp(log_weights, 0))
+    return total - math.log(samples)
 
 
 @torch.no_grad()

@@ -161,6 +161,23 @@ class Family(nn.Module):
         if elbo not in cls.elbos:
             raise SettingError(f"unknown `elbo={elbo}` for model {cls.name!r}; choose one of: {', '.join(cls.elbos)}")
 
+    @classmethod
+    def memory_parts(cls, model_args, batch_size, particles):
+        """{what (with the settings that size it, in backquotes): bytes} this family needs to train
+        with these settings, estimated before anything is built; empty where it is never large."""
+        return {}
+
+    @classmethod
+    def check_memory(cls, model_args, batch_size, particles, available):
+        """Refuse, with the estimate, settings whose memory would exceed `available` bytes."""
+        parts = cls.memory_parts({**cls.hyperparameter_defaults(), **model_args}, batch_size, particles)
+        needed = sum(parts.values())
+        if needed > available:
+            largest = max(parts, key=parts.get)
+            raise SettingError(f"model {cls.name!r} with these settings needs about {needed / 1e9:,.1f} GB to train, "
+                               f"{parts[largest] / 1e9:,.1f} GB of it for {largest}, and this machine has "
+                               f"{available / 1e9:,.1f} GB; choose smaller settings")
+
     # ---- training ----------------------------------------------------------------------------
     def model(self, x, *step_args):
         raise NotImplementedError

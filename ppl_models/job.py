@@ -1,7 +1,10 @@
 """The main job of `run.py`: train a model (or run one of its family's experiments), then let the
 family report what the trained model does, and write metrics.json and report.html."""
 
+import os
 from dataclasses import asdict
+
+import torch
 
 from .config import SettingError
 from .data import load_dataset
@@ -28,6 +31,7 @@ def run(cfg, out, experiment=None, resume=False, progress=True, download=True, l
             start_experiment(out, experiment, cfg, overwrite)
         elif not resume:
             check_new_run(out, overwrite)
+        family.check_memory(cfg.model_args, cfg.batch_size, cfg.particles, available_memory(cfg.device))
         model = family(**cfg.model_args).to(cfg.device)
         data = load_dataset(cfg.dataset, binarize=cfg.binarize, data_dir=cfg.data_dir, device=cfg.device,
                             seed=cfg.seed, download=download, progress=progress)
@@ -44,6 +48,13 @@ def run(cfg, out, experiment=None, resume=False, progress=True, download=True, l
         write_report(out, asdict(cfg), summary, report.figures)
     log(describe(summary, out))
     return summary
+
+
+def available_memory(device):
+    """Bytes of memory on the device that would hold the model: the GPU's, or the machine's."""
+    if str(device).startswith("cuda"):
+        return torch.cuda.get_device_properties(torch.device(device)).total_memory
+    return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
 def start_experiment(out, experiment, cfg, overwrite):

@@ -21,7 +21,7 @@ from pyro import poutine
 from tqdm.auto import tqdm
 
 from .config import OPTIMIZERS, SettingError, steps_per_epoch
-from .data import random_digits
+from .data import DataError, random_digits
 from .evaluate import estimators, mean_estimates, per_digit_estimate
 from .files import atomic_torch_save, write_json
 from .rundir import (
@@ -298,6 +298,10 @@ class Training:
 
 def check_training_data(data, cfg):
     """Refuse settings the data cannot serve; return (training digits used, steps per epoch)."""
+    empty = [split for split in data.splits if data.images[split].shape[0] == 0]
+    if empty:
+        raise DataError(f"{data.name}'s {' and '.join(empty)} split has no digits: nothing to train on or score; "
+                        "check the data files")
     available = data.images["train"].shape[0]
     num_train = cfg.train_subset or available
     if num_train > available:

@@ -190,3 +190,23 @@ def test_non_binary_digits_get_a_clear_error_not_a_wrong_number():
         model.posterior(torch.full((2, 5), 0.5))
     with pytest.raises(DataError, match=r"expected \(N, 5\)"):
         model.log_likelihood(torch.zeros(2, 6))
+
+
+def test_scoring_and_inferring_in_chunks_of_digits_changes_nothing(monkeypatch):
+    import ppl_models.models.mixture as mixture
+
+    model, x = BernoulliMixture(components=7), torch.bernoulli(torch.full((50, 784), 0.3))
+    model.params()
+    mask = (torch.arange(784) < 300).float()
+    whole = model.log_likelihood(x), model.log_likelihood(x, mask), model.posterior(x), model.posterior(x, mask)
+    monkeypatch.setattr(mixture, "TABLE_FLOATS", 7 * 6)  # six digits at a time
+    chunked = model.log_likelihood(x), model.log_likelihood(x, mask), model.posterior(x), model.posterior(x, mask)
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(whole, chunked))
+
+
+def test_one_component_is_a_model_too():
+    model, x = BernoulliMixture(components=1), torch.bernoulli(torch.full((5, 784), 0.3))
+    model.params()
+    assert torch.equal(model.posterior(x), torch.ones(5, 1))
+    assert torch.allclose(model.log_likelihood(x).double(), brute_force_log_likelihood(x, *(p.detach() for p in model.params())),
+                          atol=1e-3)

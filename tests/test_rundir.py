@@ -1,15 +1,18 @@
 """The run directory's promises, with real processes: one writer at a time, a run is never
 replaced unless asked, experiments are run whole, every write is whole or absent."""
 
+import contextlib
 import errno
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -244,3 +247,40 @@ def test_unsupported_combinations_are_refused_with_one_line(offline, tiny_binari
                    str(tmp_path / "run")) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith(f"error: {message}") and len(err.splitlines()) == 1, err
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--model", "vae", "--hidden", "100000,100000"], "for encoders and decoder (--hidden, --z-dim)"),
+    (["--model", "vae", "--z-dim", "100000"], "for inverse-autoregressive flows (--z-dim, --flows)"),
+    (["--model", "vae", "--particles", "100000"], "for a batch's activations (--batch-size, --particles, --hidden)"),
+])
+def test_sizes_that_cannot_fit_are_refused_with_an_estimate_before_anything_is_built(offline, tiny_binarized,
+                                                                                      tmp_path, capsys, args, message):
+    started = time.perf_counter()
+    assert run_cli(*args, "--dataset", "binarized-mnist", "--data-dir", str(tiny_binarized), "--out",
+                   str(tmp_path / "run")) == 2
+    err = capsys.readouterr().err.strip()
+    assert re.fullmatch(r"error: model 'vae' with these settings needs about [\d,.]+ GB to train, [\d,.]+ GB of it "
+                        + re.escape(message) + r", and this machine has [\d,.]+ GB; choose smaller settings", err), err
+    assert time.perf_counter() - started < 10  # refused, not built
+
+
+@pytest.mark.parametrize("args", [["--model", "mixture", "--components", "1"], ["--model", "vae", "--z-dim", "1"],
+                                  ["--model", "vae", "--z-dim", "1", "--guide", "iaf"]])
+def test_edge_sizes_train_and_report(offline, tiny_binarized, tmp_path, args):
+    out = tmp_path / "run"
+    with pytest.warns(UserWarning) if "mixture" in args else contextlib.nullcontext():  # offline Frankenstein
+        assert run_cli(*args, "--dataset", "binarized-mnist", "--data-dir", str(tiny_binarized), "--epochs", "1",
+                       "--batch-size", "50", "--eval-samples", "5", "--out", str(out)) == 0
+    assert (out / "report.html").exists()
+
+
+def test_an_empty_split_is_refused_before_training(offline, tmp_path, capsys):
+    root = tmp_path / "data"
+    root.mkdir()
+    arrays = {split: np.zeros((n, 784), dtype=np.uint8) for split, n in (("train", 100), ("valid", 10), ("test", 0))}
+    np.savez(root / "binarized_mnist.npz", **arrays)
+    assert run_cli("--dataset", "binarized-mnist", "--data-dir", str(root), "--out", str(tmp_path / "run")) == 2
+    assert capsys.readouterr().err.strip() == "error: binarized-mnist's test split has no digits: nothing to train " \
+                                              "on or score; check the data files"
+    assert not (tmp_path / "run" / "checkpoint.pt").exists()

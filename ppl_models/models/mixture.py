@@ -24,6 +24,8 @@ from ..experiments import ENUM_VS_SAMPLED
 from ..family import Family, Hyperparameter, pyro_elbo
 from . import mixture_report
 
+TABLE_FLOATS = 2**25  # digits x components scored at once when scoring or inferring: 128 MB
+
 
 class BernoulliMixture(Family):
     name = "mixture"
@@ -101,21 +103,31 @@ class BernoulliMixture(Family):
     # ---- what a generative model is for -----------------------------------------------
     @torch.no_grad()
     def log_likelihood(self, x, pixel_mask=None):
-        """Exact log p(x) per digit (nats), or log p(x_observed) under a pixel mask."""
+        """Exact log p(x) per digit (nats), or log p(x_observed) under a pixel mask; in chunks of
+        digits, so the (digits x K) table stays under TABLE_FLOATS numbers whatever K is."""
         check_binary(x, "digits to score", self.num_pixels)
         b, _, _ = self.params()
-        log_joint = torch.log_softmax(b, -1) + table_log_likelihood(x, self.logits_table(), pixel_mask)
-        return torch.logsumexp(log_joint, -1)
+        logits, log_prior = self.logits_table(), torch.log_softmax(b, -1)
+        return torch.cat([torch.logsumexp(log_prior + table_log_likelihood(chunk, logits, mask), -1)
+                          for chunk, mask in self.digit_chunks(x, pixel_mask)])
+
+    def digit_chunks(self, x, pixel_mask=None):
+        """(digits, their pixel mask) in chunks of at most TABLE_FLOATS / K digits."""
+        size = max(1, TABLE_FLOATS // self.components)
+        masks = [pixel_mask] * len(x.split(size)) if pixel_mask is None or pixel_mask.dim() == 1 else \
+            pixel_mask.expand_as(x).split(size)
+        return zip(x.split(size), masks)
 
     @torch.no_grad()
     def posterior(self, x, pixel_mask=None):
         """p(z | x) (or p(z | x_observed)) per digit, as the (N, K) probabilities Pyro's
         TraceEnum_ELBO.compute_marginals finds for the enumerated site."""
         check_binary(x, "digits to infer z for", self.num_pixels)
-        marginals = TraceEnum_ELBO(max_plate_nesting=1).compute_marginals(
-            self.model, self.guide_enum, x, pixel_mask
-        )
-        return marginals["z"].probs
+        if self.components == 1:  # Pyro drops an enumerated dimension of size one: nothing to infer
+            return x.new_ones(x.shape[0], 1)
+        marginals = TraceEnum_ELBO(max_plate_nesting=1)
+        return torch.cat([marginals.compute_marginals(self.model, self.guide_enum, chunk, mask)["z"].probs
+                          for chunk, mask in self.digit_chunks(x, pixel_mask)])
 
     @torch.no_grad()
     def component_means(self):

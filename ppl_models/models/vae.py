@@ -156,6 +156,25 @@ class VAE(Family):
         self.lowrank_encoder = Encoder(num_pixels, self.hidden, [z_dim, z_dim * rank, z_dim], activation)
         self.rank = rank
 
+    @classmethod
+    def memory_parts(cls, model_args, batch_size, particles):
+        """Weights with their gradients and Adam's two moments (4 copies), and a batch's activations
+        forward and backward, for every network the VAE builds."""
+        z, hidden = model_args["z_dim"], list(model_args["hidden"])
+        rank, flows = model_args["rank"], model_args["flows"]
+        width = 2 if model_args["activation"] == "gated" else 1
+
+        def mlp(sizes):
+            return sum(width * (a + 1) * b for a, b in zip(sizes[:-1], sizes[1:]))
+
+        flow_hidden = max(2 * z, 40)
+        networks = (mlp([z, *hidden[::-1]]) + (hidden[0] + 1) * 784 + mlp([784, *hidden]) * 2
+                    + (hidden[-1] + 1) * (2 * z + z * rank + 2 * z))
+        return {"encoders and decoder (`hidden`, `z_dim`)": 16 * networks,
+                "inverse-autoregressive flows (`z_dim`, `flows`)": 16 * flows * (z + 1) * flow_hidden * 3,
+                "a batch's activations (`batch_size`, `particles`, `hidden`)":
+                    16 * batch_size * particles * (2 * width * sum(hidden) + 784 + 4 * z)}
+
     # ---- model and guides -------------------------------------------------------------
     def model(self, x, kl_weight=None):
         pyro.module("decoder", self.decoder)

@@ -79,8 +79,13 @@ def draw_samples_through_training(out):
 
 
 def draw_manifold(model, out, device):
-    """A grid over (z_1, z_2) through the inverse Normal CDF, the rest of z at 0."""
+    """A grid over (z_1, z_2) through the inverse Normal CDF, the rest of z at 0 (with one latent,
+    a line over z_1)."""
     grid = torch.distributions.Normal(0.0, 1.0).icdf(torch.linspace(0.05, 0.95, 20))
+    if model.z_dim == 1:
+        plots.image_grid(model.decode(grid[:, None].to(device)), out / "manifold.png",
+                         "Decoder mean along the latent line (z-dim 1)", captions=[f"{v:.1f}" for v in grid], ncols=10)
+        return
     z = torch.zeros(20, 20, model.z_dim)
     z[..., 0], z[..., 1] = grid[None, :], grid.flip(0)[:, None]  # z_2 grows upwards
     plots.manifold(model.decode(z.reshape(-1, model.z_dim).to(device)), grid, out / "manifold.png",
@@ -99,9 +104,10 @@ def draw_reconstructions_and_latents(model, run):
                      "Test digits and the decoder mean at one z ~ q(z | x)", ncols=10,
                      row_labels=["digit", "reconstruction"])
     labels = run.data.labels["test"]
-    plots.latent_scatter(z_all[:, :2], None if labels is None else labels[:5000], run.out / "latent_means.png",
-                         f"Mean of q(z | x) for 5000 test digits (guide {guide}; 100 samples each)"
-                         + ("" if model.z_dim == 2 else ", first two coordinates"))
+    shown = z_all[:, :2] if model.z_dim > 1 else torch.cat([z_all, torch.zeros_like(z_all)], 1)
+    which = {1: ", z_2 = 0: there is one latent", 2: ""}.get(model.z_dim, ", first two coordinates")
+    plots.latent_scatter(shown, None if labels is None else labels[:5000], run.out / "latent_means.png",
+                         f"Mean of q(z | x) for {len(z_all)} test digits (guide {guide}; 100 samples each){which}")
 
 
 @torch.no_grad()
