@@ -1,6 +1,7 @@
 """Writing files so that a crash or a kill never leaves half of one: every file the project writes
 (checkpoints, metrics, JSON, downloads, caches) goes through `atomic_write`."""
 
+import errno
 import json
 import os
 import tempfile
@@ -8,6 +9,10 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+
+# Failures of the file system being written to (not, say, of a network a download reads from).
+FILE_SYSTEM_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO, errno.EFBIG, errno.EACCES, errno.EPERM,
+                      errno.ENOTDIR, errno.EISDIR, errno.ENOENT, errno.ENAMETOOLONG}
 
 
 class WriteError(RuntimeError):
@@ -31,6 +36,8 @@ def atomic_write(path, write: Callable) -> None:
                 raise
         os.replace(tmp.name, path)
     except OSError as error:
+        if error.errno not in FILE_SYSTEM_ERRORS:  # e.g. a download's network error: the caller's to say
+            raise
         kept = f"the previous {path.name} is intact" if path.exists() else f"no {path.name} was written"
         raise WriteError(f"{error.strerror or error} writing {path}; {kept}") from None
 

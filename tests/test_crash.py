@@ -9,6 +9,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import torch
 from conftest import mixture_report_offline
 
@@ -17,8 +18,9 @@ import run
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_sigkill_then_resume_matches_an_uninterrupted_run(offline, tiny_binarized, tmp_path):
-    args = ["--model", "mixture", "--guide", "sampled", "--components", "3", "--dataset", "binarized-mnist",
+@pytest.mark.parametrize("jit", [[], ["--jit"]])
+def test_sigkill_then_resume_matches_an_uninterrupted_run(offline, tiny_binarized, tmp_path, jit):
+    args = [*jit, "--model", "mixture", "--guide", "sampled", "--components", "3", "--dataset", "binarized-mnist",
             "--data-dir", str(tiny_binarized), "--epochs", "60", "--batch-size", "50", "--eval-every", "7", "--quiet",
             "--no-download"]
 
