@@ -2,9 +2,10 @@
 (checkpoints, metrics, JSON, downloads, caches) goes through `atomic_write`."""
 
 import errno
+import io
 import json
 import os
-import tempfile
+import secrets
 from pathlib import Path
 from typing import Callable
 
@@ -26,15 +27,14 @@ def atomic_write(path, write: Callable) -> None:
     the file system is raised as one WriteError line."""
     path = Path(path)
     try:
-        with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f"{path.name}.", suffix=".part",
-                                         delete=False) as tmp:
-            try:
-                write(tmp)
-            except BaseException:
-                tmp.close()
-                os.unlink(tmp.name)
-                raise
-        os.replace(tmp.name, path)
+        part, file = open_part(path)
+        try:
+            with file:
+                write(file)
+        except BaseException:
+            part.unlink(missing_ok=True)
+            raise
+        os.replace(part, path)
     except OSError as error:
         if error.errno not in FILE_SYSTEM_ERRORS:  # e.g. a download's network error: the caller's to say
             raise
@@ -42,8 +42,19 @@ def atomic_write(path, write: Callable) -> None:
         raise WriteError(f"{error.strerror or error} writing {path}; {kept}") from None
 
 
+def open_part(path):
+    """A new temporary file beside `path` (name unique to this process and call; permissions as the
+    umask gives any new file): (its path, the open binary file)."""
+    part = path.with_name(f"{path.name}.{os.getpid()}.{secrets.token_hex(4)}.part")
+    return part, os.fdopen(os.open(part, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), "wb")
+
+
 def atomic_torch_save(obj, path) -> None:
-    atomic_write(path, lambda file: torch.save(obj, file))
+    """torch.save, serialized in memory first: torch's own writer reports a full disk as a bare
+    RuntimeError ("unexpected pos"), a plain file write as the OSError it is."""
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    atomic_write(path, lambda file: file.write(buffer.getbuffer()))
 
 
 def write_json(obj, path) -> None:

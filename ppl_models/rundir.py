@@ -220,7 +220,8 @@ class MetricsLog:
                 if len(self.rows) < sum(int(r["step"]) <= up_to_step for r in rows):
                     raise ValueError("rows with other columns")
             except (ValueError, KeyError, TypeError, UnicodeDecodeError, csv.Error) as error:
-                raise TrainingError(f"{self.path} is not a ppl_models metrics file ({error}); delete it and resume: "
+                reason = f"its columns are not {', '.join(self.columns)}" if isinstance(error, KeyError) else error
+                raise TrainingError(f"{self.path} is not a ppl_models metrics file ({reason}); delete it and resume: "
                                     f"the learning curves then start again at step {up_to_step}") from None
 
     def add(self, step, epoch, seconds, split, estimator, value):

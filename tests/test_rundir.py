@@ -99,14 +99,27 @@ def test_a_failed_write_names_the_file_keeps_the_old_one_and_leaves_no_part(tiny
     out = tmp_path / "run"
     assert run_cli(*tiny_run(tiny_binarized, out, "--epochs", "1")) == 0
     saved = (out / "checkpoint.pt").read_bytes()
-    real_save = torch.save
+    real_open_part = files.open_part
 
-    def save_then_fail(obj, file):
-        real_save(obj, file)  # the bytes reach the disk, then the device fails
-        if Path(file.name).name.startswith("checkpoint.pt."):
+    class FailingFile:  # the checkpoint's first bytes reach the disk, then the device fails
+        def __init__(self, file):
+            self.file = file
+
+        def write(self, data):
+            self.file.write(bytes(data)[:100])
             raise OSError(failure, os.strerror(failure))
 
-    monkeypatch.setattr(files.torch, "save", save_then_fail)
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exception):
+            self.file.close()
+
+    def open_failing_part(path):
+        part, file = real_open_part(path)
+        return part, FailingFile(file) if path.name == "checkpoint.pt" else file
+
+    monkeypatch.setattr(files, "open_part", open_failing_part)
     assert run_cli("--resume", str(out), "--epochs", "2") == 2
     err = capsys.readouterr().err.strip()
     assert err == f"error: {os.strerror(failure)} writing {out / 'checkpoint.pt'}; the previous checkpoint.pt is " \
