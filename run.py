@@ -53,8 +53,9 @@ def parse_args(argv=None):
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add_model_arguments(parser)
+    family_flags = {}
     for family in FAMILIES.values():
-        add_family_arguments(parser, family)
+        add_family_arguments(parser, family, family_flags)
     add_data_arguments(parser)
     add_optimisation_arguments(parser)
     add_running_arguments(parser)
@@ -67,7 +68,7 @@ def add_model_arguments(parser):
     what.add_argument("--model", choices=sorted(FAMILIES), help=f"model family (default: {DEFAULT_MODEL}): "
                       + "; ".join(f"{name}: {family.title}" for name, family in FAMILIES.items()))
     what.add_argument("--guide", help="inference guide; " + "; ".join(
-        f"{name}: " + ", ".join(f"{guide} ({text})" for guide, text in family.guides.items())
+        f"{name}: " + ", ".join(f"{guide} ({as_flags(text)})" for guide, text in family.guides.items())
         for name, family in FAMILIES.items()))
     with_elbos = {name: family for name, family in FAMILIES.items() if family.elbos}
     what.add_argument("--elbo", choices=sorted({elbo for family in with_elbos.values() for elbo in family.elbos}),
@@ -85,16 +86,21 @@ def add_model_arguments(parser):
         f"{' and '.join(models)}: {experiment} ({text})" for (experiment, text), models in experiments.items()))
 
 
-def add_family_arguments(parser, family):
+def add_family_arguments(parser, family, family_flags):
     """The family's hyperparameters as flags. Their default is None here (the family's own default
-    applies), so that a flag given for another family can be refused."""
+    applies), so that a flag given for another family can be refused. A name two families share is
+    one flag (`family_flags`: name -> its argparse action), whose help says what it is for each."""
     group = parser.add_argument_group(f"{family.title} (--model {family.name})")
     defaults = family.hyperparameter_defaults()
     for name, setting in family.hyperparameters.items():
         default = defaults[name]
         shown = ",".join(map(str, default)) if isinstance(default, tuple) else default
-        group.add_argument(flag(name), dest=name, type=setting.type, choices=setting.choices,
-                           help=f"{as_flags(setting.help)} (default: {shown})")
+        text = f"{as_flags(setting.help)} (default: {shown})"
+        if name in family_flags:
+            family_flags[name].help += f"; with --model {family.name}: {text}"
+            continue
+        family_flags[name] = group.add_argument(flag(name), dest=name, type=setting.type, choices=setting.choices,
+                                                help=text)
 
 
 def add_data_arguments(parser):
@@ -169,14 +175,14 @@ def resolve_device(name):
 
 def check_family_flags(args, model):
     """Refuse a hyperparameter flag that is not the chosen family's, or any on --resume."""
-    for family in FAMILIES.values():
-        for name in family.hyperparameters:
-            if getattr(args, name) is None:
-                continue
-            if args.resume:
-                raise ValueError(f"{flag(name)} cannot change when resuming: a resumed run keeps its own settings")
-            if name not in FAMILIES[model].hyperparameters:
-                raise ValueError(f"{flag(name)} is a setting of model {family.name}, not of model {model}; drop it")
+    for name in dict.fromkeys(name for family in FAMILIES.values() for name in family.hyperparameters):
+        if getattr(args, name) is None:
+            continue
+        if args.resume:
+            raise ValueError(f"{flag(name)} cannot change when resuming: a resumed run keeps its own settings")
+        if name not in FAMILIES[model].hyperparameters:
+            owners = " and ".join(family.name for family in FAMILIES.values() if name in family.hyperparameters)
+            raise ValueError(f"{flag(name)} is a setting of model {owners}, not of model {model}; drop it")
 
 
 # Settings whose flag has no value unless given (so that --resume can tell what was given), and their defaults.
@@ -237,7 +243,8 @@ def main(argv=None):
             run(cfg, out, experiment=args.experiment, resume=bool(args.resume), progress=not args.quiet,
                 download=not args.no_download, overwrite=args.overwrite)
     except Interrupted as stop:  # in the training loop: a checkpoint was saved
-        print(f"error: {stop}", file=sys.stderr)
+        print(f"error: {stop.what} at step {stop.step}; checkpoint saved. Resume with: python run.py --resume "
+              f"{stop.run_dir}", file=sys.stderr)
         return 128 + stop.signum
     except KeyboardInterrupt:  # before or after the training loop
         print(f"error: interrupted; {resume_hint(out, args)}", file=sys.stderr)

@@ -20,11 +20,12 @@ import pyro
 import pyro.distributions as dist
 import torch
 import torch.nn.functional as F
-from common import epoch_seconds, pyro_step, ratio_rows, training_batches
 from pyro.infer import config_enumerate
 
 from ppl_models.models.mixture import BernoulliMixture
 from ppl_models.train import reproducible
+
+from common import epoch_seconds, pyro_step, ratio_rows, training_batches
 
 
 class GenericMixture(BernoulliMixture):

@@ -13,10 +13,11 @@ import datetime
 import platform
 from pathlib import Path
 
-import mixture_speed
 import pyro
-import sbn_speed
 import torch
+
+import mixture_speed
+import sbn_speed
 import vae_speed
 
 

@@ -10,11 +10,12 @@ import argparse
 
 import torch
 import torch.nn.functional as F
-from common import epoch_seconds, pyro_step, ratio_rows, training_batches
 
 from ppl_models.distributions import all_codes
 from ppl_models.models.sbn import SigmoidBeliefNet
 from ppl_models.train import reproducible
+
+from common import epoch_seconds, pyro_step, ratio_rows, training_batches
 
 
 def torch_step(M, device):

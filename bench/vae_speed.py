@@ -15,10 +15,11 @@ import platform
 import pyro
 import torch
 import torch.nn.functional as F
-from common import epoch_seconds, pyro_step, ratio_rows, training_batches
 
 from ppl_models.models.vae import LOG_SCALE_RANGE, VAE
 from ppl_models.train import reproducible
+
+from common import epoch_seconds, pyro_step, ratio_rows, training_batches
 
 
 def torch_step(z_dim, hidden, device):

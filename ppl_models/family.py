@@ -147,12 +147,20 @@ class Family(nn.Module):
         signature = inspect.signature(cls.__init__).parameters
         return {name: signature[name].default for name in cls.hyperparameters}
 
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        cls.training_defaults = {**Family.training_defaults, **cls.training_defaults}  # a family may give some
+
     @classmethod
-    def check_choices(cls, guide, elbo=None):
-        """Refuse a guide or an ELBO this family does not have, naming the ones it has."""
+    def check_choices(cls, guide, elbo=None, particles=1):
+        """Refuse a guide or an ELBO this family does not have, naming the ones it has, and particles
+        for a guide whose objective is exact (there is nothing to sample)."""
         if guide not in cls.guides:
-            raise SettingError(f"guide {guide!r} does not belong to model {cls.name!r}; its guides are: "
+            raise SettingError(f"`guide='{guide}'` does not belong to model {cls.name!r}; its guides are: "
                                f"{', '.join(cls.guides)}")
+        if particles > 1 and guide in cls.exact_guides:
+            raise SettingError(f"`particles` does not apply to guide {guide!r}: its objective is the exact "
+                               "log-likelihood, nothing is sampled; drop `particles`")
         if elbo is None:
             return
         if not cls.elbos:
@@ -203,9 +211,12 @@ class Family(nn.Module):
     def reset_parameters(self):
         """Draw every network's initial weights afresh (from the global RNG, seeded by the run), so a
         run depends on nothing that happened before it, not even on when the family was built."""
-        for module in self.modules():
-            if module is not self and hasattr(module, "reset_parameters"):
-                module.reset_parameters()
+        def reset(module):  # in registration order, each module once: not below one that resets itself
+            for child in module.children():
+                reset_own = getattr(child, "reset_parameters", None)
+                reset_own() if reset_own else reset(child)
+
+        reset(self)
 
     # ---- what a generative model is for ------------------------------------------------------
     def log_likelihood(self, x):

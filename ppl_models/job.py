@@ -21,7 +21,7 @@ def run(cfg, out, experiment=None, resume=False, progress=True, download=True, l
     The run directory is this process's until the report is written (`rundir.exclusive`), and is
     checked before any data is loaded."""
     family = family_of(cfg.model)
-    family.check_choices(cfg.guide, cfg.elbo)
+    family.check_choices(cfg.guide, cfg.elbo, cfg.particles)
     if experiment is not None and experiment not in family.experiments:
         raise SettingError(f"unknown `experiment={experiment}` for model {cfg.model}; choose from: "
                            f"{', '.join(family.experiments) or 'none'}")

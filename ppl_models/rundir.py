@@ -25,7 +25,9 @@ import torch
 from .files import atomic_write
 
 # 2: one PyTorch optimizer's state (1: pyro.optim's per-param ones); 3: VAE layer names; 4: the networks' buffers
+# (format 3 is still read: without buffers, which the networks of those runs held only in IAF layers)
 CHECKPOINT_FORMAT = 4
+OLDEST_READABLE_FORMAT = 3
 RESUMED_SETTINGS = ("model", "guide", "elbo", "dataset", "model_args")  # a resumed run cannot change these
 
 
@@ -109,14 +111,18 @@ def load_checkpoint(path):
     if checkpoint["format"] > CHECKPOINT_FORMAT:
         raise TrainingError(f"{path} was written by a newer ppl_models (format {checkpoint['format']}); "
                             "upgrade to resume it")
-    if checkpoint["format"] < CHECKPOINT_FORMAT:
+    if checkpoint["format"] < OLDEST_READABLE_FORMAT:
         raise TrainingError(f"{path} was written by an older ppl_models (format {checkpoint['format']}), whose "
                             "optimizer state or parameter names this one cannot read; start the run again")
+    if checkpoint["format"] == 3:
+        checkpoint.setdefault("buffers", {})
     wrong = [key for key, kind in CHECKPOINT_KEYS.items() if not isinstance(checkpoint.get(key), kind)]
     wrong += [f"progress.{key}" for key in PROGRESS_KEYS if key not in checkpoint.get("progress", {})]
     if wrong:
         raise TrainingError(f"checkpoint {path} is damaged (missing or malformed: {', '.join(wrong)}); delete it and "
                             "start the run again")
+    if checkpoint["format"] == 3:
+        checkpoint["buffers"] = None  # not saved then: `restore_snapshot` refuses a model that needs them
     return checkpoint
 
 
@@ -183,9 +189,12 @@ def snapshot(model):
 
 def restore_snapshot(model, saved, device):
     """Put a `snapshot` back: params into the param store, buffers into the family's networks."""
+    if saved["buffers"] is None and snapshot(model)["buffers"]:
+        raise TrainingError("this run was saved before ppl_models kept the networks' buffers (checkpoint format 3), "
+                            f"and its model holds some ({', '.join(snapshot(model)['buffers'])}): start it again")
     restore_params(saved["params"], device)
     with torch.no_grad():
-        for name, value in saved["buffers"].items():
+        for name, value in (saved["buffers"] or {}).items():
             model.get_buffer(name).copy_(value)
 
 

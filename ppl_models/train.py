@@ -114,9 +114,10 @@ class Interrupted(TrainingError):
     """Training was stopped by a signal after a checkpoint was written; says how to resume."""
 
     def __init__(self, signum, step, run_dir):
-        self.signum = signum
-        what = "interrupted" if signum == signal.SIGINT else f"stopped by {signal.Signals(signum).name}"
-        super().__init__(f"{what} at step {step}; checkpoint saved. Resume with: python run.py --resume {run_dir}")
+        self.signum, self.step, self.run_dir = signum, step, run_dir
+        self.what = "interrupted" if signum == signal.SIGINT else f"stopped by {signal.Signals(signum).name}"
+        super().__init__(f"{self.what} at step {step}; checkpoint saved in {run_dir}; train it again with "
+                         "`resume=True` to go on")
 
 
 @dataclass
@@ -381,6 +382,8 @@ class BestEpoch:
             saved = torch.load(self.path, map_location="cpu", weights_only=True)
         except Exception:
             return None
+        if isinstance(saved, dict) and saved and all(torch.is_tensor(v) for v in saved.values()):
+            return {"params": saved, "buffers": None}  # written before buffers were kept (format 3)
         return saved if isinstance(saved, dict) and {"params", "buffers"} <= set(saved) else None
 
     def restore(self, device):

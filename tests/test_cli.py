@@ -78,7 +78,7 @@ def test_main_job_runs_offline_with_no_data_at_all(offline, tmp_path, capsys):
         (["--components", "0"], "--components must be a positive integer"),
         (["--model", "sbn", "--latents", "0"], "--latents must be a positive integer"),
         (["--model", "sbn", "--temperature", "0"], "--temperature must be positive"),
-        (["--guide", "gibbs"], "guide 'gibbs' does not belong to model 'mixture'"),
+        (["--guide", "gibbs"], "--guide gibbs does not belong to model 'mixture'"),
         (["--lr", "-1"], "--lr must be positive"),
         (["--lr", "nan"], "--lr must be positive"),
         (["--lr", "inf"], "--lr must be positive"),

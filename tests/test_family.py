@@ -28,7 +28,7 @@ class IndependentPixels(Family):
     exact_guides = ("none",)
     exact = True
     hyperparameters = {"init_logit": Hyperparameter("every pixel's logit before training", float)}
-    training_defaults = dict(optimizer="adam", lr=0.05, batch_size=50, epochs=1, eval_samples=0)
+    training_defaults = dict(lr=0.05, batch_size=50, epochs=1, eval_samples=0)  # the optimizer: Family's default
 
     def __init__(self, init_logit=0.0, num_pixels=784):
         super().__init__(num_pixels)
@@ -52,9 +52,21 @@ class IndependentPixels(Family):
         return dist.Bernoulli(logits=self.logits()).to_event(1).log_prob(x)
 
 
+class BrighterPixels(IndependentPixels):
+    """Another family with a hyperparameter of the same name: one flag serves both."""
+
+    name = "brighter"
+    title = "independent Bernoulli pixels, brighter"
+    hyperparameters = {"init_logit": Hyperparameter("the logit every pixel starts from", float)}
+
+    def __init__(self, init_logit=2.0, num_pixels=784):
+        super().__init__(init_logit, num_pixels)
+
+
 @pytest.fixture
 def registered(monkeypatch):
     monkeypatch.setitem(FAMILIES, IndependentPixels.name, IndependentPixels)
+    monkeypatch.setitem(FAMILIES, BrighterPixels.name, BrighterPixels)
 
 
 def run_cli(*args):
@@ -92,6 +104,17 @@ def test_help_lists_a_registered_familys_guides_and_flags(registered, capsys):
     text = capsys.readouterr().out
     assert "pixels: none (nothing to infer: the model has no latent)" in " ".join(text.split())
     assert "--init-logit" in text and "independent Bernoulli pixels (--model pixels)" in text
+    assert "with --model brighter: the logit every pixel starts from (default: 2.0)" in " ".join(text.split())
+
+
+def test_two_families_share_a_flag_and_each_gets_its_own_default(registered, offline, tiny_binarized, tmp_path):
+    data = ["--dataset", "binarized-mnist", "--data-dir", str(tiny_binarized)]
+    for model, given, expected in (("brighter", [], 2.0), ("brighter", ["--init-logit", "-3"], -3.0),
+                                   ("pixels", [], 0.0)):
+        out = tmp_path / f"{model}{len(given)}"
+        assert run_cli("--model", model, *given, *data, "--out", str(out)) == 0
+        config = json.loads((out / "config.json").read_text())
+        assert config["model_args"] == {"init_logit": expected} and config["optimizer"] == "adam"
 
 
 def test_sampling_comes_from_the_model_itself(registered):
@@ -105,7 +128,11 @@ def test_sampling_comes_from_the_model_itself(registered):
     (["--model", "vae", "--latents", "5"], "--latents is a setting of model sbn, not of model vae; drop it"),
     (["--components", "5", "--model", "sbn"], "--components is a setting of model mixture, not of model sbn"),
     (["--model", "pixels", "--z-dim", "3"], "--z-dim is a setting of model vae, not of model pixels"),
-    (["--model", "mixture", "--init-logit", "1"], "--init-logit is a setting of model pixels, not of model mixture"),
+    (["--model", "mixture", "--init-logit", "1"],
+     "--init-logit is a setting of model pixels and brighter, not of model mixture"),
+    (["--model", "pixels", "--particles", "2"], "--particles does not apply to guide 'none': its objective is the "
+                                                "exact log-likelihood, nothing is sampled; drop --particles"),
+    (["--model", "mixture", "--particles", "2"], "--particles does not apply to guide 'enum'"),
     (["--model", "pixels", "--elbo", "iwae"], "--elbo does not apply to model 'pixels'"),
     (["--model", "pixels", "--experiment", "enum-vs-sampled"], "unknown --experiment enum-vs-sampled for model pixels"),
 ])

@@ -297,3 +297,31 @@ def test_an_empty_split_is_refused_before_training(offline, tmp_path, capsys):
     assert capsys.readouterr().err.strip() == "error: binarized-mnist's test split has no digits: nothing to train " \
                                               "on or score; check the data files"
     assert not (tmp_path / "run" / "checkpoint.pt").exists()
+
+
+@pytest.mark.parametrize("model_args, refused", [(["--model", "mixture", "--components", "2"], False),
+                                                 (["--model", "vae", "--guide", "iaf", "--z-dim", "2", "--hidden",
+                                                   "16"], True)])
+def test_a_format_3_checkpoint_resumes_unless_its_model_needs_buffers(offline, tiny_binarized, tmp_path, capsys,
+                                                                       model_args, refused):
+    """Format 3 (before buffers were kept) is read: its params, optimizer and RNG state are all there,
+    and only an IAF run's flows held buffers. best.pt of that time was a flat {name: tensor}."""
+    out = tmp_path / "run"
+    with pytest.warns(UserWarning) if "mixture" in model_args else contextlib.nullcontext():
+        assert run_cli(*model_args, "--dataset", "binarized-mnist", "--data-dir", str(tiny_binarized), "--epochs",
+                       "1", "--batch-size", "50", "--eval-samples", "5", "--patience", "3", "--out", str(out)) == 0
+    checkpoint = torch.load(out / "checkpoint.pt", weights_only=True)
+    checkpoint["format"] = 3
+    del checkpoint["buffers"]
+    torch.save(checkpoint, out / "checkpoint.pt")
+    torch.save(torch.load(out / "best.pt", weights_only=True)["params"], out / "best.pt")
+    capsys.readouterr()
+    with pytest.warns(UserWarning) if "mixture" in model_args else contextlib.nullcontext():
+        code = run_cli("--resume", str(out), "--epochs", "2")
+    err = capsys.readouterr().err.strip()
+    if refused:
+        assert code == 2 and "saved before ppl_models kept the networks' buffers (checkpoint format 3), and its " \
+                             "model holds some (flows.0.arn.permutation" in err, err
+    else:
+        assert code == 0, err
+        assert json.loads((out / "metrics.json").read_text())["epochs"] == 2

@@ -177,6 +177,9 @@ def test_gradient_variance_compares_each_estimator_with_the_exact_gradient(tiny_
         assert r["w_variance_per_coordinate"] > 0 and r["encoder_variance_per_coordinate"] > 0
         assert -1 <= r["w_mean_cosine_to_exact_gradient"] <= 1
     assert (tmp_path / "gradient_variance.json").exists()
+    again = gradient_variance(SigmoidBeliefNet, cfg, tiny_dataset, tmp_path, progress=False, log=lambda *a: None,
+                              draws=30)
+    assert again == results  # the networks' weights follow the seed
 
 
 def test_enumerated_prior_is_never_broadcast_against_the_batch():

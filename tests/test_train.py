@@ -4,6 +4,7 @@ import csv
 import dataclasses
 import json
 import os
+import re
 import signal
 
 import pyro
@@ -79,8 +80,8 @@ def test_ctrl_c_mid_epoch_checkpoints_and_resume_matches_uninterrupted(tiny_data
     monkeypatch.setattr(train_module, "SVI", StepCounter)
     run_dir = tmp_path / "interrupted"
     with pytest.raises(TrainingError,
-                       match=f"interrupted at step 17; checkpoint saved. "
-                             f"Resume with: python run.py --resume {run_dir}"):
+                       match=re.escape(f"interrupted at step 17; checkpoint saved in {run_dir}; train it again "
+                                       "with `resume=True` to go on")):
         train(BernoulliMixture(4), tiny_dataset, config(guide="sampled"), run_dir, **QUIET)
     assert load_checkpoint(run_dir / "checkpoint.pt")["progress"]["step"] == 17
 

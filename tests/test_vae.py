@@ -134,7 +134,7 @@ def test_every_guide_trains_through_the_cli_and_draws_its_figures(offline, tiny_
 @pytest.mark.parametrize("args, message", [
     (["--model", "vae", "--z-dim", "0"], "--z-dim must be positive"),
     (["--model", "vae", "--elbo", "iwae", "--jit"], "--jit is not available with --elbo iwae"),
-    (["--model", "vae", "--guide", "enum"], "guide 'enum' does not belong to model 'vae'"),
+    (["--model", "vae", "--guide", "enum"], "--guide enum does not belong to model 'vae'"),
     (["--model", "mixture", "--elbo", "iwae"], "--elbo does not apply to model 'mixture'"),
     (["--model", "vae", "--particles", "0"], "--particles must be a positive integer"),
     (["--model", "vae", "--kl-warmup", "-1"], "--kl-warmup must be 0 (none) or a positive number of epochs"),

@@ -31,7 +31,7 @@ class BernoulliMixture(Family):
     name = "mixture"
     title = "mixture of Bernoullis"
     guides = {
-        "enum": "z enumerated in the model, TraceEnum_ELBO is the exact log-likelihood (default)",
+        "enum": "z enumerated in the model, TraceEnum_ELBO is the exact log-likelihood; the default",
         "sampled": "amortized q(z|x), score-function TraceGraph_ELBO with a neural baseline",
     }
     default_guide = "enum"
@@ -98,7 +98,9 @@ class BernoulliMixture(Family):
         if guide == "sampled" and particles > 1:
             raise SettingError("`particles` > 1 is not available with guide 'sampled': its neural baseline scores one "
                                "sample per digit; use `particles=1`")
-        return pyro_elbo("TraceEnum_ELBO" if guide == "enum" else "TraceGraph_ELBO", jit, particles)
+        if guide == "enum":
+            return pyro_elbo("TraceEnum_ELBO", jit)  # exact: one pass, whatever `particles` says
+        return pyro_elbo("TraceGraph_ELBO", jit, particles)
 
     # ---- what a generative model is for -----------------------------------------------
     @torch.no_grad()

@@ -44,23 +44,23 @@ class SigmoidBeliefNet(Family):
     name = "sbn"
     title = "sigmoid belief net"
     guides = {
-        "enum": f"all 2^M states of z summed, exact, for latents M <= {MAX_EXACT_LATENTS} (default)",
+        "enum": f"all 2^M states of z summed, exact, for `latents` M <= {MAX_EXACT_LATENTS}; the default",
         "bernoulli": "amortized q(z|x), score-function TraceGraph_ELBO with baselines (or VIMCO)",
-        "relaxed": "the same q, straight-through Concrete gradients at the given temperature, Trace_ELBO",
+        "relaxed": "the same q, straight-through Concrete gradients at `temperature`, Trace_ELBO",
     }
     default_guide = "enum"
     exact_guides = ("enum",)
-    elbos = {"vimco": "with guide bernoulli: the importance-weighted bound over particles >= 2 samples with VIMCO's "
-                      "leave-one-out score-function gradients (default: TraceGraph_ELBO with the baseline)"}
+    elbos = {"vimco": "with `guide='bernoulli'`: the importance-weighted bound over `particles` >= 2 samples with "
+                      "VIMCO's leave-one-out score-function gradients; without it, TraceGraph_ELBO with the baseline"}
     importance_weighted_elbos = ("vimco",)
     hyperparameters = {
-        "latents": Hyperparameter(f"M, the number of binary latents; guide enum sums all 2^M states, so M <= "
+        "latents": Hyperparameter(f"M, the number of binary latents; `guide='enum'` sums all 2^M states, so M <= "
                                   f"{MAX_EXACT_LATENTS}"),
-        "temperature": Hyperparameter("temperature of the Concrete relaxation of guide relaxed", float),
-        "baseline": Hyperparameter("baseline of guide bernoulli's score-function gradient: neural (an input-dependent "
-                                   "network), average (Pyro's decaying average of the learning signal), both (the "
-                                   "network fits what is left after the average, as NVIL centres its signal; not with "
-                                   "JIT)", str, BASELINES),
+        "temperature": Hyperparameter("temperature of the Concrete relaxation of `guide='relaxed'`", float),
+        "baseline": Hyperparameter("baseline of `guide='bernoulli'`'s score-function gradient: neural (an "
+                                   "input-dependent network), average (Pyro's decaying average of the learning "
+                                   "signal), both (the network fits what is left after the average, as NVIL centres "
+                                   "its signal; not with `jit`)", str, BASELINES),
     }
     training_defaults = dict(optimizer="adam", lr=1e-3, batch_size=100, epochs=20, eval_samples=1000)
     experiments = {
@@ -138,14 +138,14 @@ class SigmoidBeliefNet(Family):
         if elbo == "vimco":
             if guide != "bernoulli":
                 raise SettingError(f"`elbo='vimco'` trains the score-function guide: use `guide='bernoulli'`, "
-                                   f"not {guide}")
+                                   f"not `guide='{guide}'`")
             if jit:
                 raise SettingError("`jit=True` is not available with `elbo='vimco'` (its loss is not a Pyro ELBO); "
                                    "drop `jit`")
             return VIMCO(particles)
         if guide == "enum":
             check_enumerable(self.latents)
-            return pyro_elbo("TraceEnum_ELBO", jit, particles)
+            return pyro_elbo("TraceEnum_ELBO", jit)  # exact: one pass, whatever `particles` says
         if guide == "bernoulli" and particles > 1 and self.baseline_kind != "average":
             raise SettingError(f"`particles` > 1 is not available with the neural baseline (`baseline='"
                                f"{self.baseline_kind}'`), which scores one sample per digit; use `baseline='average'`, "

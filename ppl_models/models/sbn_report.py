@@ -49,6 +49,7 @@ def cost_against_latents(family, cfg, data, out, progress, log=print, latents=(2
             model = family(**{**cfg.model_args, "latents": M}).to(cfg.device)
             pyro.clear_param_store()
             pyro.set_rng_seed(cfg.seed)
+            model.reset_parameters()  # the networks' weights follow the seed too
             svi = SVI(model.model, model.guide(guide), model.elbo(guide), torch.optim.Adam, cfg.lr, (x,))
             svi.step(x)  # warm-up: lazy imports, first-call allocations
             started = time.perf_counter()
@@ -74,6 +75,7 @@ def gradient_variance(family, cfg, data, out, progress, log=print, draws=200):
     x = data.binary("train")[: cfg.batch_size]
     pyro.clear_param_store()
     pyro.set_rng_seed(cfg.seed)
+    model.reset_parameters()  # the networks' weights follow the seed too
 
     def gradients(elbo, guide):
         for _, p in pyro.get_param_store().named_parameters():

@@ -109,13 +109,13 @@ class VAE(Family):
     name = "vae"
     title = "variational autoencoder"
     guides = {
-        "normal": "amortized diagonal Normal, sigma = exp(last layer) (default)",
+        "normal": "amortized diagonal Normal, sigma = exp(last layer); the default",
         "iaf": "the Normal followed by inverse-autoregressive flows",
         "lowrank": "Normal with a low-rank-plus-diagonal covariance",
     }
     default_guide = "normal"
     elbos = {
-        "trace": "Trace_ELBO, one reparameterized sample (default)",
+        "trace": "Trace_ELBO, one reparameterized sample; the default",
         "meanfield": "TraceMeanField_ELBO: KL(q||p) in closed form where one exists",
         "iwae": "the importance-weighted bound over `particles` samples, RenyiELBO with alpha=0",
     }
@@ -126,11 +126,11 @@ class VAE(Family):
         "activation": Hyperparameter("nonlinearity of the hidden layers: relu, tanh (the IWAE paper's), gated: "
                                      "(W x) * sigmoid(V x), twice the weights (the VampPrior paper's)",
                                      str, ACTIVATIONS),
-        "flows": Hyperparameter("inverse-autoregressive flow layers of guide iaf"),
-        "rank": Hyperparameter("rank of the covariance factor of guide lowrank"),
+        "flows": Hyperparameter("inverse-autoregressive flow layers of `guide='iaf'`"),
+        "rank": Hyperparameter("rank of the covariance factor of `guide='lowrank'`"),
         "kl_warmup": Hyperparameter("KL warm-up: weight the KL term by a factor growing linearly from 0 to 1 over this "
-                                    "many epochs (with elbo trace or meanfield; reported numbers always use the full "
-                                    "ELBO; 0: none)", float),
+                                    "many epochs, with `elbo='trace'` or meanfield; reported numbers always use the "
+                                    "full ELBO; 0: none", float),
     }
     training_defaults = dict(optimizer="adam", lr=1e-3, batch_size=100, epochs=5, eval_samples=1000)  # seed template's
     experiments = {"prior-vs-importance": vae_report.PRIOR_VS_IMPORTANCE}
