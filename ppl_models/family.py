@@ -109,10 +109,14 @@ class Family(nn.Module):
                            selects on iwae-k, not on the one-sample ELBO
       hyperparameters      {constructor argument: Hyperparameter}: what users set (CLI flags)
       training_defaults    optimizer, lr, batch_size, epochs and eval_samples when none are given
+                           (any it leaves out come from Family's)
       experiments          {name: Experiment} it offers besides a training run
     and implements `model(x, *step_args)` (observed site "x" in a plate "data" at dim -1, latents
     at other sites), the guides, `elbo(...)`, and where it has one the exact `log_likelihood(x)`.
-    Everything else has a default here that a family may override.
+    Everything else has a default here that a family may override: `step_args` (a schedule),
+    `loss_name`, `sample`, `summary`, `memory_parts` (refuse what cannot fit, before building),
+    `epoch_hook`, `report`. Errors name settings as parameters in backquotes (`z_dim`), which the
+    CLI says as flags. Hyperparameter names may be shared between families (one CLI flag).
     """
 
     name: ClassVar[str]
