@@ -24,7 +24,7 @@ from contextlib import contextmanager
 from dataclasses import fields
 from pathlib import Path
 
-from ppl_models.config import OPTIMIZERS, Config, as_flags
+from ppl_models.config import OPTIMIZERS, Config, as_flags, flag
 from ppl_models.data import BINARIZATIONS, DATASETS, DataError
 from ppl_models.files import WriteError
 from ppl_models.job import run
@@ -40,10 +40,6 @@ class OneLineErrors(argparse.ArgumentParser):
 
     def error(self, message):
         self.exit(2, f"error: {message} (see --help)\n")
-
-
-def flag(name):
-    return "--" + name.replace("_", "-")
 
 
 def parse_args(argv=None):
@@ -185,8 +181,6 @@ def check_family_flags(args, model):
             raise ValueError(f"{flag(name)} is a setting of model {owners}, not of model {model}; drop it")
 
 
-# Settings whose flag has no value unless given (so that --resume can tell what was given), and their defaults.
-RUN_DEFAULTS = dict(particles=1, dataset="mnist", binarize="threshold", seed=0, eval_every=200, eval_digits=1000)
 # What --resume may change: how long and how fast it trains, where it runs and reads data, and its final evaluation.
 RESUME_MAY_CHANGE = ("epochs", "patience", "lr", "device", "data_dir", "eval_samples", "detect_anomaly")
 
@@ -197,12 +191,13 @@ def config_from_args(args):
     args.model = args.model or DEFAULT_MODEL
     check_family_flags(args, args.model)
     family = FAMILIES[args.model]
+    # Flags have no value unless given (so that --resume can tell what was given): the rest is the
+    # family's training defaults and default guide, then Config's own defaults.
     given = {name: value for name, value in vars(args).items() if value is not None}
-    defaults = {**RUN_DEFAULTS, **family.training_defaults, "guide": family.default_guide}
     model_args = {**family.hyperparameter_defaults(), **{name: given[name] for name in family.hyperparameters
                                                           if name in given}}
-    settings = {f.name: given.get(f.name, defaults.get(f.name)) for f in fields(Config)
-                if f.name in given or f.name in defaults}
+    settings = {**family.training_defaults, "guide": family.default_guide,
+                **{f.name: given[f.name] for f in fields(Config) if f.name in given}}
     return Config(**{**settings, "model_args": {name: list(value) if isinstance(value, tuple) else value
                                                 for name, value in model_args.items()},
                      "device": resolve_device(args.device)})

@@ -22,16 +22,21 @@ class SettingError(ValueError):
     """A setting that cannot work, named as a parameter (`name` or `name=value` in backquotes)."""
 
 
+def flag(setting: str) -> str:
+    """The command-line flag of a setting: batch_size -> --batch-size."""
+    return "--" + setting.replace("_", "-")
+
+
 def as_flags(message: str) -> str:
     """A library message in command-line words: `batch_size` -> --batch-size, `guide='enum'` -> --guide enum,
     `jit=True` -> --jit. Text outside backquotes is left as it is."""
-    def flag(match):
-        name, value = match["name"].replace("_", "-"), match["value"]
+    def in_flags(match):
+        value = match["value"]
         if value is None or value == "True":
-            return f"--{name}"
-        return f"--{name} {value.strip(chr(39))}"
+            return flag(match["name"])
+        return f"{flag(match['name'])} {value.strip(chr(39))}"
 
-    return re.sub(r"`(?P<name>[a-z][a-z0-9_]*)(?:=(?P<value>[^`]*))?`", flag, message)
+    return re.sub(r"`(?P<name>[a-z][a-z0-9_]*)(?:=(?P<value>[^`]*))?`", in_flags, message)
 
 
 def positive(value) -> bool:

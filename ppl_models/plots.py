@@ -139,7 +139,7 @@ def latent_scatter(points, labels, path, title):
         fig.colorbar(scatter, ax=ax, ticks=range(10), label="digit class")
     ax.set_xlabel("z_1")
     ax.set_ylabel("z_2")
-    ax.set_title(title, fontsize=10)
+    ax.set_title(textwrap.fill(title, 75), fontsize=10)
     save(fig, path)
 
 

@@ -179,19 +179,23 @@ def restore_params(saved, device):
                 store[name] = value.to(device)
 
 
+def buffers(model):
+    """{name: tensor} of the buffers the family's networks keep in their state (e.g. a flow's order)."""
+    parameters = {name for name, _ in model.named_parameters()}
+    return {name: b for name, b in model.state_dict().items() if name not in parameters}
+
+
 def snapshot(model):
     """What a trained model is: the unconstrained values of Pyro's param store (networks registered
-    with pyro.module included) and the buffers the family's networks hold (e.g. a flow's order)."""
-    parameters = {name for name, _ in model.named_parameters()}
-    return {"params": param_values(),
-            "buffers": {name: plain(b) for name, b in model.state_dict().items() if name not in parameters}}
+    with pyro.module included) and the buffers the family's networks hold."""
+    return {"params": param_values(), "buffers": {name: plain(b) for name, b in buffers(model).items()}}
 
 
 def restore_snapshot(model, saved, device):
     """Put a `snapshot` back: params into the param store, buffers into the family's networks."""
-    if saved["buffers"] is None and snapshot(model)["buffers"]:
+    if saved["buffers"] is None and buffers(model):
         raise TrainingError("this run was saved before ppl_models kept the networks' buffers (checkpoint format 3), "
-                            f"and its model holds some ({', '.join(snapshot(model)['buffers'])}): start it again")
+                            f"and its model holds some ({', '.join(buffers(model))}): start it again")
     restore_params(saved["params"], device)
     with torch.no_grad():
         for name, value in (saved["buffers"] or {}).items():

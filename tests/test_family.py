@@ -11,7 +11,7 @@ import pyro
 import pyro.distributions as dist
 import pytest
 import torch
-from conftest import mixture_report_offline
+from conftest import mixture_report_offline, run_cli
 
 import run
 from ppl_models.family import Family, Hyperparameter, pyro_elbo
@@ -67,10 +67,6 @@ class BrighterPixels(IndependentPixels):
 def registered(monkeypatch):
     monkeypatch.setitem(FAMILIES, IndependentPixels.name, IndependentPixels)
     monkeypatch.setitem(FAMILIES, BrighterPixels.name, BrighterPixels)
-
-
-def run_cli(*args):
-    return run.main([*args, "--quiet", "--no-download"])
 
 
 def test_a_family_defined_outside_the_package_trains_resumes_scores_and_reports(registered, offline, tiny_binarized,

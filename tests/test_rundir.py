@@ -15,15 +15,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import run_cli
 
 import ppl_models.files as files
-import run
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def run_cli(*args):
-    return run.main([*args, "--quiet", "--no-download"])
 
 
 def tiny_run(data_dir, out, *extra):

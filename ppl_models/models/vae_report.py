@@ -105,7 +105,7 @@ def draw_reconstructions_and_latents(model, run):
                      row_labels=["digit", "reconstruction"])
     labels = run.data.labels["test"]
     shown = z_all[:, :2] if model.z_dim > 1 else torch.cat([z_all, torch.zeros_like(z_all)], 1)
-    which = {1: ", z_2 = 0: there is one latent", 2: ""}.get(model.z_dim, ", first two coordinates")
+    which = {1: "; one latent, drawn at z_2 = 0", 2: ""}.get(model.z_dim, ", first two coordinates")
     plots.latent_scatter(shown, None if labels is None else labels[:5000], run.out / "latent_means.png",
                          f"Mean of q(z | x) for {len(z_all)} test digits (guide {guide}; 100 samples each){which}")
 
