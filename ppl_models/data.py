@@ -140,11 +140,7 @@ class Dataset:
 
     def binarize_like_training(self, intensities: torch.Tensor) -> torch.Tensor:
         """Binarize new grayscale intensities in [0, 1] by this data set's rule (e.g. spliced digits)."""
-        if intensities.numel() and not (intensities.min() >= 0 and intensities.max() <= 1):
-            raise DataError("intensities to binarize must lie in [0, 1]; divide 0..255 pixels by 255 first")
-        if self.binarize == "threshold":
-            return _threshold(intensities)
-        return _bernoulli(intensities, _stream_seed(self.seed, "new intensities"))
+        return binarize_new(intensities, self.binarize, self.seed)
 
     def to(self, device: str | torch.device) -> Dataset:
         return replace(
@@ -243,6 +239,16 @@ def check_binary(x: torch.Tensor, what: str = "data", pixels: int = PIXELS) -> N
 
 
 # --- binarization ---------------------------------------------------------------------------------
+
+
+def binarize_new(intensities: torch.Tensor, rule: str, seed: int) -> torch.Tensor:
+    """Binarize new grayscale intensities in [0, 1] (spliced digits, a user's images) by a data set's
+    rule: `threshold`, or one Bernoulli draw seeded by `seed` (dynamic, static)."""
+    if intensities.numel() and not (intensities.min() >= 0 and intensities.max() <= 1):
+        raise DataError("intensities to binarize must lie in [0, 1]; divide 0..255 pixels by 255 first")
+    if rule == "threshold":
+        return _threshold(intensities)
+    return _bernoulli(intensities, _stream_seed(seed, "new intensities"))
 
 
 def _intensities(pixels: np.ndarray) -> torch.Tensor:

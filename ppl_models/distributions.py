@@ -109,12 +109,12 @@ class IndexedBernoulli(TorchDistribution):
 STATE_CHUNK = 4096  # latent states scored at once: 4096 x 784 logits, 13 MB
 
 
-def chunked_table_log_likelihood(x, states, w, c):
+def chunked_table_log_likelihood(x, states, w, c, pixel_mask=None):
     """log p(x_n | z = states_s) for x | z ~ Bernoulli(logits = z @ w + c): shape (N, S), computed
     STATE_CHUNK states at a time. Under autograd each chunk is checkpointed (recomputed in the
     backward pass), so memory holds one chunk's logits, never the whole (S, D) table."""
     def chunk_table(chunk):
-        return table_log_likelihood(x, chunk @ w + c)
+        return table_log_likelihood(x, chunk @ w + c, pixel_mask)
 
     parts = []
     for chunk in states.split(STATE_CHUNK):
@@ -170,19 +170,19 @@ class LinearBernoulli(TorchDistribution):
 
     When z is the same for every digit of the batch (Pyro enumerating z: shape (S, 1, M)), all
     S x N log-likelihoods come from `chunked_table_log_likelihood`; a z drawn per digit is scored
-    directly.
+    directly. ``pixel_mask`` (broadcastable to x, 1 = observed) drops unobserved pixels from the sum.
     """
 
     arg_constraints = {"w": constraints.real, "c": constraints.real}
     support = constraints.independent(constraints.boolean, 1)
 
-    def __init__(self, z, w, c, batch_shape=None, validate_args=None):
-        self.z, self.w, self.c = z, w, c
+    def __init__(self, z, w, c, pixel_mask=None, batch_shape=None, validate_args=None):
+        self.z, self.w, self.c, self.pixel_mask = z, w, c, pixel_mask
         super().__init__(torch.Size(batch_shape or z.shape[:-1]), c.shape[-1:], validate_args=validate_args)
 
     def expand(self, batch_shape, _instance=None):
         # z keeps its own shape: expanding it along the data dim would hide that it is shared.
-        return LinearBernoulli(self.z, self.w, self.c, batch_shape, validate_args=False)
+        return LinearBernoulli(self.z, self.w, self.c, self.pixel_mask, batch_shape, validate_args=False)
 
     @property
     def mean(self):
@@ -198,10 +198,11 @@ class LinearBernoulli(TorchDistribution):
         shape = torch.broadcast_shapes(self.batch_shape, value.shape[:-1])
         if value.dim() == 2 and self.z.dim() >= 2 and self.z.shape[-2] == 1 and value.shape[0] > 1:
             states = self.z.reshape(-1, self.z.shape[-1])  # the same states for every digit
-            table = chunked_table_log_likelihood(value, states, self.w, self.c)  # (N, S)
+            table = chunked_table_log_likelihood(value, states, self.w, self.c, self.pixel_mask)  # (N, S)
             return table.T.reshape(self.z.shape[:-2] + value.shape[:1]).expand(shape)
         logits = self.z @ self.w + self.c
-        return (value * logits - F.softplus(logits)).sum(-1).expand(shape)
+        mask = 1.0 if self.pixel_mask is None else self.pixel_mask.to(value.dtype)
+        return ((value * logits - F.softplus(logits)) * mask).sum(-1).expand(shape)
 
 
 class StraightThroughBernoulli(dist.RelaxedBernoulliStraightThrough):

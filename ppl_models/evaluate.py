@@ -17,33 +17,44 @@ from tqdm.auto import tqdm
 from .data import check_binary
 
 
-def log_weight_terms(model, guide, x, num_samples=1):
+def importance_traces(model, guide, x, num_samples=1, **kwargs):
+    """(guide trace, model trace) for z ~ q(z | x) drawn `num_samples` times per digit, in parallel
+    under an outer ``particles`` plate (model and guide must broadcast: their data plate is dim -1),
+    the model replayed on the guide's z. Both called with (x, **kwargs), e.g. `observed=`."""
+    with pyro.plate("particles", num_samples, dim=-2):
+        guide_trace = poutine.trace(guide).get_trace(x, **kwargs)
+        model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(x, **kwargs)
+    for trace in (guide_trace, model_trace):
+        trace.compute_log_prob()
+    return guide_trace, model_trace
+
+
+def log_densities(trace, x):
+    """The sum of a trace's sample sites' log-probabilities, per draw and digit: (num_samples, N)."""
+    total = torch.zeros(1, x.shape[0], device=x.device)
+    for site in trace.nodes.values():
+        if site["type"] == "sample":
+            total = total + site["log_prob"]
+    return total
+
+
+def log_weight_terms(model, guide, x, num_samples=1, **kwargs):
     """For z ~ q(z | x), drawn `num_samples` times per digit: log p(x, z) - log q(z | x), and the
     part of log q(z | x) from sites without reparameterized samples (what a score-function
-    gradient multiplies); both (num_samples, N) and differentiable.
-
-    The samples are drawn in parallel under an outer ``particles`` plate, so the model and guide
-    must broadcast (their data plate is dim -1).
-    """
-    with pyro.plate("particles", num_samples, dim=-2):
-        guide_trace = poutine.trace(guide).get_trace(x)
-        model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(x)
-    log_weight = torch.zeros(num_samples, x.shape[0], device=x.device)
+    gradient multiplies); both (num_samples, N) and differentiable."""
+    guide_trace, model_trace = importance_traces(model, guide, x, num_samples, **kwargs)
     log_q_scored = torch.zeros(num_samples, x.shape[0], device=x.device)
-    for trace, sign in ((model_trace, 1.0), (guide_trace, -1.0)):
-        trace.compute_log_prob()
-        for site in trace.nodes.values():
-            if site["type"] == "sample":
-                log_weight = log_weight + sign * site["log_prob"]
-                if trace is guide_trace and not site["fn"].has_rsample:
-                    log_q_scored = log_q_scored + site["log_prob"]
-    return log_weight, log_q_scored
+    for site in guide_trace.nodes.values():
+        if site["type"] == "sample" and not site["fn"].has_rsample:
+            log_q_scored = log_q_scored + site["log_prob"]
+    log_weight = log_densities(model_trace, x) - log_densities(guide_trace, x)
+    return log_weight.expand(num_samples, -1), log_q_scored
 
 
 @torch.no_grad()
-def importance_log_weights(model, guide, x, num_samples=1):
+def importance_log_weights(model, guide, x, num_samples=1, **kwargs):
     """log p(x, z) - log q(z | x) for z ~ q(z | x): shape (num_samples, N)."""
-    return log_weight_terms(model, guide, x, num_samples)[0]
+    return log_weight_terms(model, guide, x, num_samples, **kwargs)[0]
 
 
 def iwae_bound(log_weights):
@@ -65,35 +76,39 @@ def estimators(model, guide_name, iwae_samples=0, split="test"):
     return names
 
 
-def per_digit_estimate(model, guide_name, x, name, progress=False, memory_floats=2**25):
+def per_digit_estimate(model, guide_name, x, name, progress=False, memory_floats=2**25, observed=None):
     """One estimator's (N,) per-digit values, in batches of digits sized so that the samples of a
     batch (samples x digits x pixels) stay under `memory_floats` numbers; past one digit's worth,
-    the samples of a digit are drawn in chunks too, so any k fits in memory."""
+    the samples of a digit are drawn in chunks too, so any k fits in memory. With a boolean mask
+    `observed` like x, of log p(x_observed) (the guide sees the missing pixels as 0)."""
     check_binary(x, "digits to score", x.shape[-1])
     samples = 1 if name in ("exact", "elbo") else int(name.split("-")[1])
     batch_size = max(1, memory_floats // (samples * x.shape[1]))
+    if observed is not None:
+        x = torch.where(observed, x, torch.zeros_like(x))
     values = []
-    batches = x.split(batch_size)
-    for batch in tqdm(batches, desc=f"{name} on {len(x):,} digits", unit="batch", leave=False,
-                      disable=not progress or len(batches) < 2):
+    batches = list(zip(x.split(batch_size), x.split(batch_size) if observed is None else observed.split(batch_size)))
+    for batch, mask in tqdm(batches, desc=f"{name} on {len(x):,} digits", unit="batch", leave=False,
+                            disable=not progress or len(batches) < 2):
+        masked = {} if observed is None else {"observed": mask}
         if name == "exact":
-            values.append(model.log_likelihood(batch))
+            values.append(model.log_likelihood(batch, **masked))
         elif name == "elbo":
-            values.append(importance_log_weights(model.model, model.guide(guide_name), batch)[0])
+            values.append(importance_log_weights(model.model, model.guide(guide_name), batch, **masked)[0])
         else:
-            values.append(chunked_iwae_bound(model, guide_name, batch, samples, memory_floats))
+            values.append(chunked_iwae_bound(model, guide_name, batch, samples, memory_floats, **masked))
     return torch.cat(values)
 
 
-def chunked_iwae_bound(model, guide_name, x, samples, memory_floats):
+def chunked_iwae_bound(model, guide_name, x, samples, memory_floats, **kwargs):
     """The iwae-k bound with the k samples drawn at most `memory_floats / (digits x pixels)` at a
     time, their log-mean-exp accumulated (the same estimate, in bounded memory)."""
     chunk = max(1, memory_floats // (x.shape[0] * x.shape[1]))
     if chunk >= samples:
-        return iwae_bound(importance_log_weights(model.model, model.guide(guide_name), x, samples))
+        return iwae_bound(importance_log_weights(model.model, model.guide(guide_name), x, samples, **kwargs))
     total = torch.full(x.shape[:1], -math.inf, device=x.device)
     for size in [chunk] * (samples // chunk) + ([samples % chunk] if samples % chunk else []):
-        log_weights = importance_log_weights(model.model, model.guide(guide_name), x, size)
+        log_weights = importance_log_weights(model.model, model.guide(guide_name), x, size, **kwargs)
         total = torch.logaddexp(total, torch.logsumexp(log_weights, 0))
     return total - math.log(samples)
 

@@ -27,6 +27,7 @@ from pyro.poutine.util import site_is_subsample
 from torch import nn
 
 from .config import SettingError
+from .inference import importance_posterior, nuts_posterior, prior_proposal, proposal_moments
 from .report import draw_learning_curves
 
 
@@ -111,11 +112,14 @@ class Family(nn.Module):
       training_defaults    optimizer, lr, batch_size, epochs and eval_samples when none are given
                            (any it leaves out come from Family's)
       experiments          {name: Experiment} it offers besides a training run
-    and implements `model(x, *step_args)` (observed site "x" in a plate "data" at dim -1, latents
-    at other sites), the guides, `elbo(...)`, and where it has one the exact `log_likelihood(x)`.
-    Everything else has a default here that a family may override: `step_args` (a schedule),
-    `loss_name`, `sample`, `summary`, `memory_parts` (refuse what cannot fit, before building),
-    `epoch_hook`, `report`. Errors name settings as parameters in backquotes (`z_dim`), which the
+    and implements `model(x, *step_args, observed=None)` (observed site "x" in a plate "data" at dim
+    -1, scoring only the pixels where the boolean mask `observed` is True; the latents at site
+    `latent_site`), the guides (same arguments: they see x with missing pixels set to 0),
+    `elbo(...)`, `pixel_logits(z)`, and where it has them the exact `log_likelihood(x, observed)` and
+    `exact_posterior`. Everything else has a default here that a family may override: `step_args`
+    (a schedule), `loss_name`, `sample`, `inference_methods`, `infer` (the posterior given observed
+    pixels, ppl_models.inference), `weighted_summary`, `summary`, `memory_parts` (refuse what cannot fit, before
+    building), `epoch_hook`, `report`. Errors name settings as parameters in backquotes (`z_dim`), which the
     CLI says as flags. Hyperparameter names may be shared between families (one CLI flag).
     """
 
@@ -130,6 +134,10 @@ class Family(nn.Module):
     training_defaults: ClassVar[dict] = dict(optimizer="adam", lr=1e-3, batch_size=100, epochs=10, eval_samples=1000)
     experiments: ClassVar[dict] = {}
 
+    #: the sample site of the latents, in the model and in every guide
+    latent_site = "z"
+    #: whether the latents are continuous (then MCMC with NUTS can sample their posterior)
+    continuous_latents = False
     #: whether `log_likelihood` gives the exact log p(x) (may depend on the instance's size)
     exact = False
     #: whether an exact pass over a split takes minutes: then learning curves skip it where an ELBO exists
@@ -195,8 +203,9 @@ class Family(nn.Module):
         raise NotImplementedError
 
     def guide(self, name):
-        """The guide method of that name (the same bound method every call: JIT caches on it)."""
-        return getattr(self, f"guide_{name}")
+        """The guide method of that name (the same bound method every call: JIT caches on it), or
+        for "prior" the prior as a proposal (plain Monte Carlo; for evaluation, not for training)."""
+        return prior_proposal(self.model) if name == "prior" else getattr(self, f"guide_{name}")
 
     def elbo(self, guide, elbo=None, jit=False, particles=1):
         """The training objective of this guide (and chosen `elbo`): a Pyro ELBO, or any object with
@@ -223,9 +232,19 @@ class Family(nn.Module):
         reset(self)
 
     # ---- what a generative model is for ------------------------------------------------------
-    def log_likelihood(self, x):
-        """Exact log p(x) per digit (nats), for a family (instance) whose `exact` is true."""
+    def log_likelihood(self, x, observed=None):
+        """Exact log p(x) per digit (nats), or log p(x_observed) where `observed` (a boolean mask like x)
+        is given, for a family (instance) whose `exact` is true."""
         raise NotImplementedError(f"model {self.name!r} has no exact log-likelihood")
+
+    def pixel_logits(self, z):
+        """The logits of p(x_d = 1 | z) for latent values z of any leading shape: (..., num_pixels)."""
+        raise NotImplementedError
+
+    def exact_posterior(self, x, observed, num_samples):
+        """p(z | x_observed) by enumerating every latent state (an `inference.Posterior`), for a family
+        (instance) whose `exact` is true."""
+        raise NotImplementedError(f"model {self.name!r} has no exact posterior")
 
     @torch.no_grad()
     def sample(self, num_samples):
@@ -236,6 +255,45 @@ class Family(nn.Module):
         latents = {name: site["value"] for name, site in trace.nodes.items()
                    if site["type"] == "sample" and name != "x" and not site_is_subsample(site)}
         return latents, trace.nodes["x"]["value"]
+
+    def inference_methods(self, guide):
+        """{method: what it is}: the algorithms that can find p(z | x_observed) for this model trained
+        with `guide`; the first is the default."""
+        methods = {}
+        if self.exact:
+            methods["exact"] = "enumeration of every latent state"
+        if guide not in self.exact_guides:
+            methods["importance"] = "importance sampling, the trained guide q(z | x) as proposal"
+        methods["prior"] = "importance sampling, the prior p(z) as proposal"
+        if self.continuous_latents:
+            methods["nuts"] = "MCMC: Pyro's NUTS on the latents, the networks fixed"
+        return methods
+
+    def infer(self, x, observed, guide, method, num_samples=100, draws=1000, warmup=200, progress=False):
+        """p(z | x_observed) for a batch of digits by `method` (one of `inference_methods(guide)`):
+        `draws` importance samples or NUTS draws per digit (after `warmup` steps), `num_samples` of
+        them returned as posterior samples; the trained guide's q(z | x) beside it where the guide is
+        not exact."""
+        if method == "exact":
+            return self.exact_posterior(x, observed, num_samples)
+        proposal = None if guide in self.exact_guides else self.guide(guide)
+        if method == "nuts":
+            init = None if proposal is None else proposal_moments(proposal, x, observed, self.latent_site)["mean"]
+            posterior = nuts_posterior(self.model, x, observed, draws, num_samples, warmup, init, self.latent_site,
+                                       progress)
+        else:
+            chosen = proposal if method == "importance" else prior_proposal(self.model)
+            posterior = importance_posterior(self.model, chosen, x, observed, draws, num_samples, self.latent_site,
+                                             self.inference_methods(guide)[method], self.weighted_summary)
+        if proposal is not None:
+            moments = proposal_moments(proposal, x, observed, self.latent_site)
+            posterior.summary.update({"q(z | x) mean": moments["mean"], "q(z | x) sd": moments["sd"]})
+        return posterior
+
+    def weighted_summary(self, values, weights):
+        """{name: (N, ...)} summarising a posterior estimated by latent values (S, N, ...) with their
+        normalised weights (S, N): the posterior mean by default."""
+        return {"posterior mean": (weights.reshape(weights.shape + (1,) * (values.dim() - 2)) * values).sum(0)}
 
     def summary(self):
         """One line saying what this model is, with its size."""

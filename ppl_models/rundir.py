@@ -191,6 +191,19 @@ def snapshot(model):
     return {"params": param_values(), "buffers": {name: plain(b) for name, b in buffers(model).items()}}
 
 
+def read_snapshot(path):
+    """A `snapshot` saved at `path` (best.pt), checked."""
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:
+        raise TrainingError(f"{path} is missing or unreadable ({type(error).__name__})") from None
+    if isinstance(saved, dict) and saved and all(torch.is_tensor(v) for v in saved.values()):
+        return {"params": saved, "buffers": None}  # written before buffers were kept (format 3)
+    if not (isinstance(saved, dict) and {"params", "buffers"} <= set(saved)):
+        raise TrainingError(f"{path} is not a ppl_models snapshot (no params and buffers)")
+    return saved
+
+
 def restore_snapshot(model, saved, device):
     """Put a `snapshot` back: params into the param store, buffers into the family's networks."""
     if saved["buffers"] is None and buffers(model):

@@ -33,6 +33,7 @@ from .rundir import (
     exclusive,
     load_checkpoint,
     make_run_dir,
+    read_snapshot,
     restore_snapshot,
     rng_state,
     set_rng_state,
@@ -326,14 +327,16 @@ def selection_estimator(model, cfg, names):
 
 def summarise(model, data, cfg, epochs, seconds_per_epoch, device, progress=True):
     """metrics.json: final -> split -> estimator -> mean log-likelihood per digit (nats), on every
-    digit of each split (`final_digits` says how many); iwae-k with `eval_samples=k` on test only."""
-    with evaluation_rng(cfg.seed, device):
-        final = {split: mean_estimates(model, cfg.guide, data.binary(split), estimators(model, cfg.guide, split=split))
-                 for split in data.splits}
-        if cfg.eval_samples and cfg.guide not in model.exact_guides:
-            name = f"iwae-{cfg.eval_samples}"
-            estimates = per_digit_estimate(model, cfg.guide, data.binary("test"), name, progress)
-            final["test"][name] = estimates.mean().item()
+    digit of each split (`final_digits` says how many); iwae-k with `eval_samples=k` on test only.
+    Each estimate draws from its own stream seeded by the run's seed."""
+    def final_estimate(split, name):  # each from the run's seed: `ppl_models.load(run).log_prob` says the same
+        with evaluation_rng(cfg.seed, device), torch.no_grad():
+            return per_digit_estimate(model, cfg.guide, data.binary(split), name, progress).mean().item()
+
+    final = {split: {name: final_estimate(split, name) for name in estimators(model, cfg.guide, split=split)}
+             for split in data.splits}
+    if cfg.eval_samples and cfg.guide not in model.exact_guides:
+        final["test"][f"iwae-{cfg.eval_samples}"] = final_estimate("test", f"iwae-{cfg.eval_samples}")
     return {
         "model": cfg.model,
         "guide": cfg.guide,
@@ -379,12 +382,9 @@ class BestEpoch:
     def load(self):
         """best.pt's snapshot, or None if it is missing or unreadable."""
         try:
-            saved = torch.load(self.path, map_location="cpu", weights_only=True)
-        except Exception:
+            return read_snapshot(self.path)
+        except TrainingError:
             return None
-        if isinstance(saved, dict) and saved and all(torch.is_tensor(v) for v in saved.values()):
-            return {"params": saved, "buffers": None}  # written before buffers were kept (format 3)
-        return saved if isinstance(saved, dict) and {"params", "buffers"} <= set(saved) else None
 
     def restore(self, device):
         saved = self.load()

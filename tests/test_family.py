@@ -153,7 +153,7 @@ def test_shared_code_names_no_family_guide_or_objective():
     names = {name for family in FAMILIES.values()
              for name in (family.name, *family.guides, *family.elbos, *family.hyperparameters)}
     package = Path(run.__file__).parent / "ppl_models"
-    for path in [*package.glob("*.py"), package.parent / "run.py"]:
+    for path in [*package.glob("*.py"), *package.glob("cli/*.py"), package.parent / "run.py"]:
         literals = {node.value for node in ast.walk(ast.parse(path.read_text()))
                     if isinstance(node, ast.Constant) and isinstance(node.value, str)}
         assert not literals & names, (path.name, literals & names)

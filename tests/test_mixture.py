@@ -111,28 +111,7 @@ def test_posterior_is_bayes_rule_and_the_pyro_marginal():
     x = random_binary(8, 5)
     b, w, c = (p.detach() for p in model.params())
     log_joint = torch.log_softmax(b, -1) + dist.Bernoulli(logits=w + c).log_prob(x[:, None, :]).sum(-1)
-    assert torch.allclose(model.posterior(x), torch.softmax(log_joint, -1), atol=1e-5)
-
-
-def test_fill_in_keeps_observed_pixels_and_predicts_the_rest_by_brute_force():
-    model = tiny_model()
-    x = random_binary(4, 5)
-    mask = torch.tensor([1.0, 1.0, 0.0, 1.0, 0.0])
-    filled = model.fill_in(x, mask.expand(4, 5))
-    b, w, c = (p.detach() for p in model.params())
-    # p(x_2 = 1 | observed) by summing the joint over every completion of the two missing pixels
-    probs = []
-    for digit in x:
-        joint = {}
-        for x2 in (0.0, 1.0):
-            for x4 in (0.0, 1.0):
-                full = digit.clone()
-                full[2], full[4] = x2, x4
-                joint[(x2, x4)] = brute_force_log_likelihood(full[None], b, w, c).exp()
-        probs.append((joint[(1.0, 0.0)] + joint[(1.0, 1.0)]) / sum(joint.values()))
-    assert torch.equal(filled[:, mask.bool()], x[:, mask.bool()])
-    assert torch.equal(model.fill_in(torch.where(mask.bool(), x, float("nan")), mask.expand(4, 5)), filled)
-    assert torch.allclose(filled[:, 2].double(), torch.cat(probs), atol=1e-5)
+    assert torch.allclose(model.component_probabilities(x), torch.softmax(log_joint, -1), atol=1e-5)
 
 
 def test_masked_log_likelihood_is_the_marginal_of_the_observed_pixels():
@@ -187,7 +166,7 @@ def test_non_binary_digits_get_a_clear_error_not_a_wrong_number():
     with pytest.raises(DataError, match="digits to score has values other than 0 and 1; binarize it first"):
         model.log_likelihood(torch.full((2, 5), 0.5))
     with pytest.raises(DataError, match="digits to infer z for has values other than 0 and 1"):
-        model.posterior(torch.full((2, 5), 0.5))
+        model.component_probabilities(torch.full((2, 5), 0.5))
     with pytest.raises(DataError, match=r"expected \(N, 5\)"):
         model.log_likelihood(torch.zeros(2, 6))
 
@@ -198,15 +177,16 @@ def test_scoring_and_inferring_in_chunks_of_digits_changes_nothing(monkeypatch):
     model, x = BernoulliMixture(components=7), torch.bernoulli(torch.full((50, 784), 0.3))
     model.params()
     mask = (torch.arange(784) < 300).float()
-    whole = model.log_likelihood(x), model.log_likelihood(x, mask), model.posterior(x), model.posterior(x, mask)
+    probabilities = model.component_probabilities
+    whole = model.log_likelihood(x), model.log_likelihood(x, mask), probabilities(x), probabilities(x, mask)
     monkeypatch.setattr(mixture, "TABLE_FLOATS", 7 * 6)  # six digits at a time
-    chunked = model.log_likelihood(x), model.log_likelihood(x, mask), model.posterior(x), model.posterior(x, mask)
+    chunked = model.log_likelihood(x), model.log_likelihood(x, mask), probabilities(x), probabilities(x, mask)
     assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(whole, chunked))
 
 
 def test_one_component_is_a_model_too():
     model, x = BernoulliMixture(components=1), torch.bernoulli(torch.full((5, 784), 0.3))
     model.params()
-    assert torch.equal(model.posterior(x), torch.ones(5, 1))
+    assert torch.equal(model.component_probabilities(x), torch.ones(5, 1))
     exact = brute_force_log_likelihood(x, *(p.detach() for p in model.params()))
     assert torch.allclose(model.log_likelihood(x).double(), exact, atol=1e-3)

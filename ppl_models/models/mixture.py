@@ -14,7 +14,8 @@ Guides:
 import pyro
 import pyro.distributions as dist
 import torch
-from pyro.infer import TraceEnum_ELBO, config_enumerate
+from pyro import poutine
+from pyro.infer import TraceEnum_ELBO, config_enumerate, infer_discrete
 from torch import nn
 
 from ..config import SettingError
@@ -22,6 +23,7 @@ from ..data import check_binary
 from ..distributions import IndexedBernoulli, table_log_likelihood
 from ..experiments import ENUM_VS_SAMPLED
 from ..family import Family, Hyperparameter, pyro_elbo
+from ..inference import Posterior
 from . import mixture_report
 
 TABLE_FLOATS = 2**25  # digits x components scored at once when scoring or inferring: 128 MB
@@ -73,16 +75,16 @@ class BernoulliMixture(Family):
 
     # ---- model and guides -------------------------------------------------------------
     @config_enumerate
-    def model(self, x, pixel_mask=None):
+    def model(self, x, observed=None):
         b, w, c = self.params(x.device)
         with pyro.plate("data", x.shape[0]):
             z = pyro.sample("z", dist.Categorical(logits=b))
-            pyro.sample("x", IndexedBernoulli(w + c, z, pixel_mask), obs=x)
+            pyro.sample("x", IndexedBernoulli(w + c, z, observed), obs=x)
 
-    def guide_enum(self, x, pixel_mask=None):
+    def guide_enum(self, x, observed=None):
         """Empty guide: the model enumerates z, nothing is sampled."""
 
-    def guide_sampled(self, x, pixel_mask=None):
+    def guide_sampled(self, x, observed=None):
         pyro.module("encoder", self.encoder)
         pyro.module("baseline", self.baseline)
         with pyro.plate("data", x.shape[0]):
@@ -104,46 +106,68 @@ class BernoulliMixture(Family):
 
     # ---- what a generative model is for -----------------------------------------------
     @torch.no_grad()
-    def log_likelihood(self, x, pixel_mask=None):
+    def log_likelihood(self, x, observed=None):
         """Exact log p(x) per digit (nats), or log p(x_observed) under a pixel mask; in chunks of
         digits, so the (digits x K) table stays under TABLE_FLOATS numbers whatever K is."""
         check_binary(x, "digits to score", self.num_pixels)
         b, _, _ = self.params()
         logits, log_prior = self.logits_table(), torch.log_softmax(b, -1)
         return torch.cat([torch.logsumexp(log_prior + table_log_likelihood(chunk, logits, mask), -1)
-                          for chunk, mask in self.digit_chunks(x, pixel_mask)])
+                          for chunk, mask in self.digit_chunks(x, observed)])
 
-    def digit_chunks(self, x, pixel_mask=None):
+    def digit_chunks(self, x, observed=None):
         """(digits, their pixel mask) in chunks of at most TABLE_FLOATS / K digits."""
         size = max(1, TABLE_FLOATS // self.components)
-        masks = [pixel_mask] * len(x.split(size)) if pixel_mask is None or pixel_mask.dim() == 1 else \
-            pixel_mask.expand_as(x).split(size)
+        masks = [observed] * len(x.split(size)) if observed is None or observed.dim() == 1 else \
+            observed.expand_as(x).split(size)
         return zip(x.split(size), masks)
 
     @torch.no_grad()
-    def posterior(self, x, pixel_mask=None):
-        """p(z | x) (or p(z | x_observed)) per digit, as the (N, K) probabilities Pyro's
+    def component_probabilities(self, x, observed=None):
+        """p(z = k | x) (or p(z = k | x_observed)) per digit, as the (N, K) probabilities Pyro's
         TraceEnum_ELBO.compute_marginals finds for the enumerated site."""
         check_binary(x, "digits to infer z for", self.num_pixels)
         if self.components == 1:  # Pyro drops an enumerated dimension of size one: nothing to infer
             return x.new_ones(x.shape[0], 1)
         marginals = TraceEnum_ELBO(max_plate_nesting=1)
-        return torch.cat([marginals.compute_marginals(self.model, self.guide_enum, chunk, mask)["z"].probs
-                          for chunk, mask in self.digit_chunks(x, pixel_mask)])
+        return torch.cat([marginals.compute_marginals(self.model, self.guide_enum, *two_or_more(chunk, mask))["z"]
+                          .probs[: len(chunk)] for chunk, mask in self.digit_chunks(x, observed)])
+
+    @torch.no_grad()
+    def exact_posterior(self, x, observed, num_samples):
+        """p(z | x_observed) over the K components (compute_marginals), with posterior draws of z by
+        Pyro's infer_discrete (temperature 1) on the model, num_samples at once in a plate."""
+        probs = self.component_probabilities(x, observed)
+
+        def draws(x, observed):
+            with pyro.plate("draws", num_samples, dim=-2):
+                self.model(x, observed=observed)
+
+        sampler = infer_discrete(draws, first_available_dim=-3, temperature=1)
+        samples = torch.zeros(num_samples, len(x), dtype=torch.long, device=x.device) if self.components == 1 else \
+            torch.cat([poutine.trace(sampler).get_trace(chunk, mask).nodes["z"]["value"].expand(num_samples, len(chunk))
+                       for chunk, mask in self.digit_chunks(x, observed)], 1)  # (one state: Pyro drops its dim)
+        states = torch.arange(self.components, device=x.device)[:, None]
+        return Posterior(
+            method=f"exact: enumeration of the {self.components} components (TraceEnum_ELBO.compute_marginals, "
+                   "infer_discrete)", exact=True,
+            weighted=lambda: iter([(states, probs.T.log())]), samples=samples,
+            summary={"p(z = k | x)": probs, "most probable z": probs.argmax(-1)},
+        )
+
+    def weighted_summary(self, values, weights):
+        """p(z = k | x) estimated from weighted draws of z."""
+        one_hot = torch.nn.functional.one_hot(values, self.components).to(weights.dtype)
+        return {"p(z = k | x)": (weights[..., None] * one_hot).sum(0)}
+
+    def pixel_logits(self, z):
+        """theta_z: the pixel logits of component z (any shape of component indices)."""
+        return self.logits_table()[z]
 
     @torch.no_grad()
     def component_means(self):
         """p(x_d = 1 | z = k): (K, D), seed problem 6."""
         return torch.sigmoid(self.logits_table())
-
-    @torch.no_grad()
-    def fill_in(self, x, pixel_mask):
-        """Predictive mean of every pixel given the observed ones (mask = 1):
-        E[x_d | x_obs] = sum_k p(z = k | x_obs) sigm(theta_kd). Observed pixels are kept; missing
-        ones may hold anything (NaN included)."""
-        observed = pixel_mask.bool()
-        predicted = self.posterior(torch.where(observed, x, 0.0), pixel_mask) @ self.component_means()
-        return torch.where(observed, x, predicted)
 
     def report(self, run):
         return mixture_report.report(self, run)
@@ -152,3 +176,11 @@ class BernoulliMixture(Family):
         size = self.components * (self.num_pixels + 1) + self.num_pixels  # b, w and c
         return f"mixture of {self.components} Bernoulli components ({size:,} parameters)"
 
+
+
+def two_or_more(x, observed):
+    """A single digit doubled: Pyro's compute_marginals fails on a plate of size one (KeyError in
+    pyro.ops.rings.broadcast), so one digit is scored as two copies and the first row kept."""
+    if len(x) > 1:
+        return x, observed
+    return x.expand(2, -1), None if observed is None or observed.dim() == 1 else observed.expand(2, -1)

@@ -7,6 +7,8 @@ from .. import plots
 from ..data import DataError, load_mnist_test_intensities, random_digits
 from ..evaluate import batch_test, cluster_purity, roc_auc
 from ..family import Report
+from ..inference import fill_in
+from ..masks import observe
 from ..report import draw_learning_curves
 
 BATCH_SIZES = (1, 2, 5, 10, 20)  # digits per batch of the Frankenstein batch test
@@ -26,7 +28,8 @@ def report(model, run):
     findings = {"fill_in": draw_fill_in(model, x_test, shown_digits, out)}
     draw_inferred_components(model, shown_digits, out)
     if run.data.labels["test"] is not None:
-        findings["cluster_purity_test"] = cluster_purity(model.posterior(x_test).argmax(-1), run.data.labels["test"])
+        findings["cluster_purity_test"] = cluster_purity(model.component_probabilities(x_test).argmax(-1),
+                                                         run.data.labels["test"])
     figures = [("learning_curves.png", f"Exact log-likelihood of {cfg.eval_digits} fixed random digits of each split "
                 "during training (seed problem 8); the untrained model starts near -543 nats."),
                ("component_means.png", "What each component draws: p(x_d = 1 | z = k), the pixel probabilities of "
@@ -58,11 +61,12 @@ def draw_component_means(model, out):
 def draw_fill_in(model, x_test, shown_digits, out):
     """The bottom half given the top half, drawn for the shown digits; returns the exact
     log p(bottom | top) = log p(x) - log p(top), averaged over the test split."""
-    top = torch.zeros(784, device=x_test.device)
-    top[: 14 * 28] = 1
-    completions = model.fill_in(shown_digits, top.expand(len(shown_digits), 784))
+    top = observe("top", x_test.shape[1:], x_test.device)
+    observed = top.expand_as(shown_digits)
+    completions = fill_in(model.pixel_logits, shown_digits, observed, model.exact_posterior(shown_digits, observed, 1),
+                          1).probabilities
     conditional = model.log_likelihood(x_test) - model.log_likelihood(x_test, top)
-    plots.image_grid(torch.cat([shown_digits * top + 0.35 * (1 - top), completions, shown_digits]),
+    plots.image_grid(torch.cat([shown_digits * top + 0.35 * ~top, completions, shown_digits]),
                      out / "fill_in.png", "Fill in the bottom half: observed top (grey = missing), "
                      "E[x | top half], truth", row_labels=["observed", "completion", "truth"], ncols=10)
     return {"exact log p(bottom half | top half), test": conditional.mean().item(), "digits": x_test.shape[0]}
@@ -70,7 +74,7 @@ def draw_fill_in(model, x_test, shown_digits, out):
 
 def draw_inferred_components(model, shown_digits, out):
     """p(z | x) for the shown digits; the most probable component's mean beside each."""
-    shown = model.posterior(shown_digits).max(-1)
+    shown = model.component_probabilities(shown_digits).max(-1)
     plots.image_grid(torch.cat([shown_digits, model.component_means()[shown.indices]]), out / "infer.png",
                      "Infer the latent: test digits and the mean of their most probable component",
                      captions=[""] * len(shown_digits) + [f"k={k} p={p:.2f}" for k, p in

@@ -32,6 +32,7 @@ from ..data import check_binary
 from ..distributions import IndependentBits, LinearBernoulli, StraightThroughBernoulli, all_codes, table_log_likelihood
 from ..experiments import ENUM_VS_SAMPLED
 from ..family import Family, Hyperparameter, pyro_elbo
+from ..inference import Posterior
 from ..objectives import VIMCO
 from . import sbn_report
 
@@ -104,20 +105,20 @@ class SigmoidBeliefNet(Family):
 
     # ---- model and guides -------------------------------------------------------------
     @config_enumerate
-    def model(self, x):
+    def model(self, x, observed=None):
         b, w, c = self.params(x.device)
         with pyro.plate("data", x.shape[0]):
             z = pyro.sample("z", IndependentBits(b))
-            pyro.sample("x", LinearBernoulli(z, w, c), obs=x)
+            pyro.sample("x", LinearBernoulli(z, w, c, observed), obs=x)
 
-    def guide_enum(self, x):
+    def guide_enum(self, x, observed=None):
         """Empty guide: the model enumerates z, nothing is sampled."""
 
     def _posterior_logits(self, x):
         pyro.module("encoder", self.encoder)
         return self.encoder(x)
 
-    def guide_bernoulli(self, x):
+    def guide_bernoulli(self, x, observed=None):
         logits = self._posterior_logits(x)
         baseline = {}
         if self.baseline_kind in ("neural", "both"):
@@ -128,7 +129,7 @@ class SigmoidBeliefNet(Family):
         with pyro.plate("data", x.shape[0]):
             pyro.sample("z", dist.Bernoulli(logits=logits).to_event(1), infer={"baseline": baseline})
 
-    def guide_relaxed(self, x):
+    def guide_relaxed(self, x, observed=None):
         logits = self._posterior_logits(x)
         temperature = torch.tensor(self.temperature, device=x.device)
         with pyro.plate("data", x.shape[0]):
@@ -160,17 +161,60 @@ class SigmoidBeliefNet(Family):
 
     # ---- what a generative model is for -----------------------------------------------
     @torch.no_grad()
-    def log_likelihood(self, x):
-        """Exact log p(x) per digit: a log-sum-exp over all 2^M codes, accumulated over chunks of
-        codes so memory holds (digits x STATE_CHUNK) numbers, not (digits x 2^M)."""
+    def log_likelihood(self, x, observed=None):
+        """Exact log p(x) (or log p(x_observed)) per digit: a log-sum-exp over all 2^M codes,
+        accumulated over chunks of codes so memory holds (digits x STATE_CHUNK) numbers, not
+        (digits x 2^M)."""
         check_binary(x, "digits to score", self.num_pixels)
-        check_enumerable(self.latents)
-        b, w, c = self.params()
         total = torch.full(x.shape[:1], -math.inf, device=x.device)
-        for codes in all_codes(self.latents, x.device).split(distributions.STATE_CHUNK):
-            log_joint = IndependentBits(b).log_prob(codes) + table_log_likelihood(x, codes @ w + c)
+        for _, log_joint in self.code_chunks(x, observed):
             total = torch.logaddexp(total, torch.logsumexp(log_joint, -1))
         return total
+
+    def code_chunks(self, x, observed=None):
+        """(codes (S, M), log p(z = code, x_observed) (N, S)) for all 2^M codes, STATE_CHUNK at a time."""
+        check_enumerable(self.latents)
+        b, w, c = self.params()
+        for codes in all_codes(self.latents, x.device).split(distributions.STATE_CHUNK):
+            yield codes, IndependentBits(b).log_prob(codes) + table_log_likelihood(x, codes @ w + c, observed)
+
+    @torch.no_grad()
+    def exact_posterior(self, x, observed, num_samples):
+        """p(z | x_observed) by enumerating all 2^M codes in chunks (two passes: the evidence, then
+        the posterior): the marginals p(z_m = 1 | x), the most probable code, and exact posterior
+        draws by inverting the cumulative distribution over codes. (Pyro's infer_discrete cannot
+        draw this site: its support has an event dimension, which its packed tensors refuse.)"""
+        log_evidence = self.log_likelihood(x, observed)
+
+        def weighted():
+            for codes, log_joint in self.code_chunks(x, observed):
+                yield codes[:, None], (log_joint - log_evidence[:, None]).T
+
+        # (shrunk a hair, so float32 rounding of the total mass below 1 cannot leave a draw unplaced)
+        uniforms = torch.rand(len(x), num_samples, device=x.device, dtype=torch.float64) * (1 - 1e-5)
+        samples = torch.zeros(len(x), num_samples, self.latents, device=x.device)
+        marginals, mode = torch.zeros(len(x), self.latents, device=x.device), torch.zeros_like(samples[:, 0])
+        best, below = torch.full_like(log_evidence, -math.inf), torch.zeros_like(uniforms[:, 0])
+        for codes, log_posterior in weighted():
+            probs = log_posterior.T.exp()  # (N, S)
+            marginals += probs @ codes[:, 0]
+            chunk_best, at = log_posterior.max(0)
+            mode = torch.where((chunk_best > best)[:, None], codes[at, 0], mode)
+            best = torch.maximum(best, chunk_best)
+            cumulative = below[:, None] + probs.double().cumsum(-1)  # the CDF over codes so far
+            inside = (uniforms > below[:, None]) & (uniforms <= cumulative[:, -1:])
+            index = torch.searchsorted(cumulative, uniforms).clamp(max=len(codes) - 1)
+            samples = torch.where(inside[..., None], codes[index, 0], samples)
+            below = cumulative[:, -1]
+        return Posterior(
+            method=f"exact: enumeration of all 2^{self.latents} codes", exact=True, weighted=weighted,
+            samples=samples.transpose(0, 1), summary={"p(z_m = 1 | x)": marginals, "most probable code": mode},
+        )
+
+    def pixel_logits(self, z):
+        """z @ w + c: the pixel logits of codes z of any leading shape."""
+        _, w, c = self.params()
+        return z @ w + c
 
     @torch.no_grad()
     def cause_images(self):

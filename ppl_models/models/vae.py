@@ -114,6 +114,7 @@ class VAE(Family):
         "lowrank": "Normal with a low-rank-plus-diagonal covariance",
     }
     default_guide = "normal"
+    continuous_latents = True
     elbos = {
         "trace": "Trace_ELBO, one reparameterized sample; the default",
         "meanfield": "TraceMeanField_ELBO: KL(q||p) in closed form where one exists",
@@ -176,42 +177,37 @@ class VAE(Family):
                     16 * batch_size * particles * (2 * width * sum(hidden) + 784 + 4 * z)}
 
     # ---- model and guides -------------------------------------------------------------
-    def model(self, x, kl_weight=None):
+    def model(self, x, kl_weight=None, observed=None):
         pyro.module("decoder", self.decoder)
         with pyro.plate("data", x.shape[0]):
             prior = dist.Normal(x.new_zeros(self.z_dim), x.new_ones(self.z_dim)).to_event(1)
             with kl_weighted(kl_weight):
                 z = pyro.sample("z", prior)
-            pyro.sample("x", dist.Bernoulli(logits=self.decoder(z)).to_event(1), obs=x)
+            pixels = dist.Bernoulli(logits=self.decoder(z))
+            pyro.sample("x", (pixels if observed is None else pixels.mask(observed)).to_event(1), obs=x)
 
     def posterior_normal(self, x):
         """N(mu(x), diag sigma(x)^2), sigma from an exponential at the last layer (seed equation 23)."""
         loc, log_scale = self.encoder(x)
         return dist.Normal(loc, log_scale.clamp(*LOG_SCALE_RANGE).exp()).to_event(1)
 
-    def guide_normal(self, x, kl_weight=None):
+    def guide_normal(self, x, kl_weight=None, observed=None):
         pyro.module("encoder", self.encoder)
         with pyro.plate("data", x.shape[0]), kl_weighted(kl_weight):
             pyro.sample("z", self.posterior_normal(x))
 
-    def guide_iaf(self, x, kl_weight=None):
+    def guide_iaf(self, x, kl_weight=None, observed=None):
         pyro.module("encoder", self.encoder)
         pyro.module("flows", self.flows)
         with pyro.plate("data", x.shape[0]), kl_weighted(kl_weight):
             pyro.sample("z", dist.TransformedDistribution(self.posterior_normal(x), list(self.flows)))
 
-    def guide_lowrank(self, x, kl_weight=None):
+    def guide_lowrank(self, x, kl_weight=None, observed=None):
         pyro.module("lowrank_encoder", self.lowrank_encoder)
         loc, factor, log_diag = self.lowrank_encoder(x)
         factor = factor.reshape(*factor.shape[:-1], self.z_dim, self.rank)
         with pyro.plate("data", x.shape[0]), kl_weighted(kl_weight):
             pyro.sample("z", dist.LowRankMultivariateNormal(loc, factor, log_diag.clamp(*LOG_SCALE_RANGE).exp()))
-
-    def guide_prior(self, x):
-        """q(z | x) = p(z): the proposal of plain Monte Carlo, log p(x) ~ log mean_m p(x | z_m) (seed
-        problem 13). For evaluation only; it is not offered by --guide."""
-        with pyro.plate("data", x.shape[0]):
-            pyro.sample("z", dist.Normal(x.new_zeros(self.z_dim), x.new_ones(self.z_dim)).to_event(1))
 
     def step_args(self, epochs_done, device):
         """The extra arguments of model and guide at this point of training: (KL weight,) under
@@ -238,6 +234,10 @@ class VAE(Family):
         return "-IWAE bound" if elbo == "iwae" else "-ELBO"
 
     # ---- what a generative model is for -----------------------------------------------
+    def pixel_logits(self, z):
+        """The decoder's logits of p(x_d = 1 | z) for z of any leading shape."""
+        return self.decoder(z)
+
     @torch.no_grad()
     def decode(self, z):
         """The decoder's mean image p(x_d = 1 | z) for each z: (..., 784)."""

@@ -1,0 +1,114 @@
+"""What the `ppl-models` commands read: digits from image files, .npy arrays or the run's own data
+set (`test:0-15`), and masks of observed pixels (`top`, `random:0.5`, or a mask image)."""
+
+import re
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..config import SettingError
+from ..data import DataError, binarize_new, load_dataset
+from ..masks import observe
+
+SPLIT_DIGITS = re.compile(r"^(?P<split>[a-z]+):(?P<indices>[0-9][0-9,\-]*)$")
+
+
+def read_digits(specs, model, log, download=True):
+    """(digits (N, D) binary, a name for each) from every spec: an image file (PNG, JPEG, ...), a
+    .npy array, or `split:indices` of the run's data set (test:0-15, test:3,7)."""
+    digits, names = [], []
+    for spec in specs:
+        match = SPLIT_DIGITS.match(spec)
+        if match and not Path(spec).exists():
+            x, indices = split_digits(model, match["split"], match["indices"], download)
+            digits.append(x)
+            names += [f"{match['split']}:{i}" for i in indices]
+        elif Path(spec).suffix.lower() == ".npy":
+            x = npy_digits(spec, model, log)
+            digits.append(x)
+            names += [spec] if len(x) == 1 else [f"{spec}[{i}]" for i in range(len(x))]
+        else:
+            digits.append(image_digit(spec, model, log))
+            names.append(spec)
+    return torch.cat(digits), names
+
+
+def split_digits(model, split, text, download):
+    indices = []
+    for part in text.split(","):
+        first, _, last = part.partition("-")
+        if not first.isdigit() or (last and not last.isdigit()) or (last and int(last) < int(first)):
+            raise SettingError(f"{split}:{text}: give digit indices as 0-15 or 3,7,9")
+        indices += range(int(first), int(last or first) + 1)
+    cfg = model.cfg
+    data = load_dataset(cfg.dataset, binarize=cfg.binarize, data_dir=cfg.data_dir, seed=cfg.seed, download=download,
+                        progress=False)
+    x = data.binary(split)
+    if max(indices) >= len(x):
+        raise SettingError(f"{split}:{text}: the {split} split of {cfg.dataset} has {len(x):,} digits (0-{len(x) - 1})")
+    return x[indices], indices
+
+
+def npy_digits(path, model, log):
+    """An array of digits: (D,), (N, D), (28, 28) or (N, 28, 28); 0/1 values are taken as they are,
+    grayscale (0..255, or 0..1 floats) is binarized as the run's data were."""
+    try:
+        array = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as error:
+        raise DataError(f"cannot read {path} as a .npy array ({type(error).__name__}: {error})") from None
+    images = array.ndim >= 2 and array.shape[-1] == array.shape[-2]
+    pixels = array.shape[-1] ** 2 if images else (array.shape[-1] if array.ndim else 0)
+    if pixels != model.family.num_pixels or array.ndim > 3 or not np.issubdtype(array.dtype, np.number):
+        raise DataError(f"{path} holds an array of shape {array.shape} ({array.dtype}): give digits as "
+                        f"(N, {model.family.num_pixels}) or (N, 28, 28) numbers")
+    x = torch.as_tensor(array.astype(np.float32)).reshape(-1, pixels)
+    if ((x == 0) | (x == 1)).all():
+        return x
+    if x.max() > 1:
+        x = x / 255
+    log(f"{path}: grayscale values, binarized as the run's data were ({binarization(model)})")
+    return binarize_new(x.clamp(0, 1), binarization(model), model.cfg.seed)
+
+
+def image_digit(path, model, log):
+    """One digit from an image file of any size: grayscale, resized to 28 x 28, inverted if it is
+    dark on light (the training digits are light on dark), binarized as the run's data were."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as image:
+            gray = image.convert("L").resize((28, 28), Image.Resampling.LANCZOS)
+    except FileNotFoundError:
+        raise DataError(f"no file {path}: give image files, .npy arrays, or digits of the run's data like test:0-15") \
+            from None
+    except (UnidentifiedImageError, OSError) as error:
+        raise DataError(f"cannot read {path} as an image ({type(error).__name__}); give a PNG or JPEG") from None
+    x = torch.as_tensor(np.asarray(gray, dtype=np.float32) / 255).flatten()
+    if x.shape[-1] != model.family.num_pixels:
+        raise DataError(f"{path}: this model's digits have {model.family.num_pixels} pixels, not 28 x 28")
+    border = x.reshape(28, 28)[[0, -1]].mean() / 2 + x.reshape(28, 28)[:, [0, -1]].mean() / 2
+    if border > 0.5:
+        x = 1 - x
+        log(f"{path}: dark on light, inverted to the training data's light on dark")
+    return binarize_new(x[None], binarization(model), model.cfg.seed)
+
+
+def binarization(model):
+    """How the run's data were binarized: binarized-mnist was drawn once (static)."""
+    return "static" if model.cfg.dataset == "binarized-mnist" else model.cfg.binarize
+
+
+def read_mask(spec, shape, seed):
+    """The observed pixels `spec` names (top, bottom, left, right, random:F) or a mask image (white
+    = observed), for digits of `shape` (N, D)."""
+    if Path(spec).suffix.lower() in (".png", ".jpg", ".jpeg", ".bmp", ".gif"):
+        from PIL import Image, UnidentifiedImageError
+
+        try:
+            with Image.open(spec) as image:
+                mask = np.asarray(image.convert("L").resize((28, 28), Image.Resampling.NEAREST)) > 127
+        except (FileNotFoundError, UnidentifiedImageError, OSError) as error:
+            raise DataError(f"cannot read the mask image {spec} ({type(error).__name__})") from None
+        return torch.as_tensor(mask).flatten().expand(shape)
+    return observe(spec, shape, generator=torch.Generator().manual_seed(seed))

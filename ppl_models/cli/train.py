@@ -1,0 +1,272 @@
+"""`ppl-models train` (and `python run.py`): train a generative model of binarized MNIST with Pyro,
+then write its figures and metrics.
+
+Examples:
+  python run.py --model mixture                     # seed defaults: K=20, RMSprop 0.01, 20 epochs
+  python run.py --model mixture --guide sampled     # amortized q(z|x), score-function ELBO
+  python run.py --model mixture --experiment enum-vs-sampled
+  python run.py --model mixture --dataset binarized-mnist --components 500 --epochs 50
+  python run.py --model vae --device cuda           # the VAE: seed defaults z-dim 2, 200-200 MLPs, Adam 1e-3
+  python run.py --model vae --guide iaf --elbo iwae --particles 5 --z-dim 32
+  python run.py --model sbn --latents 16            # exact: all 65,536 states of z summed every step
+  python run.py --model sbn --latents 200 --guide bernoulli
+  python run.py --resume figures/mixture            # continue an interrupted run
+
+Every number printed or written says what it is: `exact` log-likelihood, `elbo`, or `iwae-<k>`,
+in nats per digit, with the split and the number of digits it was averaged over.
+"""
+
+import argparse
+import signal
+import sys
+import warnings
+from contextlib import contextmanager
+from dataclasses import fields
+from pathlib import Path
+
+from ..config import OPTIMIZERS, Config, as_flags, flag
+from ..data import BINARIZATIONS, DATASETS, DataError
+from ..files import WriteError
+from ..job import run
+from ..models import FAMILIES
+from ..rundir import TrainingError, load_checkpoint
+from ..train import Interrupted
+
+DEFAULT_MODEL = next(iter(FAMILIES))  # the first registered family
+
+
+class OneLineErrors(argparse.ArgumentParser):
+    """Bad flags end like every other bad input: one line, exit status 2."""
+
+    def error(self, message):
+        self.exit(2, f"error: {message} (see --help)\n")
+
+
+def parse_args(argv=None, prog=None):
+    parser = OneLineErrors(
+        prog=prog,
+        description=__doc__.split("\n\n")[0],
+        epilog="\n\n".join(__doc__.split("\n\n")[1:]),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add_model_arguments(parser)
+    family_flags = {}
+    for family in FAMILIES.values():
+        add_family_arguments(parser, family, family_flags)
+    add_data_arguments(parser)
+    add_optimisation_arguments(parser)
+    add_running_arguments(parser)
+    return parser, parser.parse_args(argv)
+
+
+def add_model_arguments(parser):
+    """--model, --guide, --elbo, --experiment: their choices and help come from the families."""
+    what = parser.add_argument_group("what to train")
+    what.add_argument("--model", choices=sorted(FAMILIES), help=f"model family (default: {DEFAULT_MODEL}): "
+                      + "; ".join(f"{name}: {family.title}" for name, family in FAMILIES.items()))
+    what.add_argument("--guide", help="inference guide; " + "; ".join(
+        f"{name}: " + ", ".join(f"{guide} ({as_flags(text)})" for guide, text in family.guides.items())
+        for name, family in FAMILIES.items()))
+    with_elbos = {name: family for name, family in FAMILIES.items() if family.elbos}
+    what.add_argument("--elbo", choices=sorted({elbo for family in with_elbos.values() for elbo in family.elbos}),
+                      help="training objective; " + "; ".join(
+                          f"{name}: " + ", ".join(f"{elbo} ({as_flags(text)})" for elbo, text in family.elbos.items())
+                          for name, family in with_elbos.items())
+                      + "; " + ", ".join(sorted(set(FAMILIES) - set(with_elbos))) + ": the guide decides")
+    what.add_argument("--particles", type=int,
+                      help="samples of z per digit in the training objective: the k of --elbo iwae (default: 1)")
+    experiments = {}
+    for name, family in FAMILIES.items():
+        for experiment, about in family.experiments.items():
+            experiments.setdefault((experiment, about.help), []).append(name)
+    what.add_argument("--experiment", help="run an experiment instead of one training run; " + "; ".join(
+        f"{' and '.join(models)}: {experiment} ({text})" for (experiment, text), models in experiments.items()))
+
+
+def add_family_arguments(parser, family, family_flags):
+    """The family's hyperparameters as flags. Their default is None here (the family's own default
+    applies), so that a flag given for another family can be refused. A name two families share is
+    one flag (`family_flags`: name -> its argparse action), whose help says what it is for each."""
+    group = parser.add_argument_group(f"{family.title} (--model {family.name})")
+    defaults = family.hyperparameter_defaults()
+    for name, setting in family.hyperparameters.items():
+        default = defaults[name]
+        shown = ",".join(map(str, default)) if isinstance(default, tuple) else default
+        text = f"{as_flags(setting.help)} (default: {shown})"
+        if name in family_flags:
+            family_flags[name].help += f"; with --model {family.name}: {text}"
+            continue
+        family_flags[name] = group.add_argument(flag(name), dest=name, type=setting.type, choices=setting.choices,
+                                                help=text)
+
+
+def add_data_arguments(parser):
+    data = parser.add_argument_group("data")
+    data.add_argument("--dataset", choices=DATASETS,
+                      help="mnist (60k/10k, labelled; default), binarized-mnist (the static binarization of "
+                           "Larochelle & Murray 2011, 50k/10k/10k, the split published NLLs use), fashion-mnist")
+    data.add_argument("--binarize", choices=BINARIZATIONS,
+                      help="for grayscale datasets: threshold (pixel > 127, the seed's rule; default), dynamic (a "
+                           "fresh Bernoulli draw every epoch), static (one Bernoulli draw with a fixed seed)")
+    data.add_argument("--data-dir", help="where data lives; searched before $PPL_MODELS_DATA and ~/.cache/ppl_models")
+    data.add_argument("--no-download", action="store_true", help="never touch the network; use local files only")
+    data.add_argument("--train-subset", type=int, help="train on the first N training digits only (quick runs)")
+
+
+def add_optimisation_arguments(parser):
+    opt = parser.add_argument_group("optimisation (defaults depend on the model: the seed template's)")
+
+    def defaults(setting):
+        return "; ".join(f"{name}: {family.training_defaults[setting]}" for name, family in FAMILIES.items())
+
+    opt.add_argument("--optimizer", choices=sorted(OPTIMIZERS),
+                     help=f"one PyTorch optimizer over every param ({defaults('optimizer')})")
+    opt.add_argument("--lr", type=float, help=f"learning rate ({defaults('lr')})")
+    opt.add_argument("--batch-size", type=int, help=f"digits per SVI step ({defaults('batch_size')})")
+    opt.add_argument("--epochs", type=int, help=f"passes over the training digits ({defaults('epochs')})")
+    opt.add_argument("--seed", type=int, help="random seed; CPU runs are bit-reproducible (default: 0)")
+    opt.add_argument("--patience", type=int,
+                     help="early stopping: after each epoch score the --eval-digits fixed valid digits (exact "
+                          "log-likelihood where the model has one, else iwae-k for a k-sample objective (--elbo iwae, "
+                          "vimco), else the ELBO), stop after this many epochs "
+                          "without a better score, and report and plot the best epoch's model (needs a valid "
+                          "split: binarized-mnist; default: train every epoch and keep the last)")
+    opt.add_argument("--jit", action="store_true", help="use Pyro's JIT-compiled ELBOs (faster steps, slower start)")
+    opt.add_argument("--detect-anomaly", action="store_true",
+                     help="PyTorch's autograd anomaly detection: names the operation that made a NaN (slow; debugging)")
+
+
+def add_running_arguments(parser):
+    run = parser.add_argument_group("running")
+    run.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
+                     help="auto picks cuda when a GPU is visible (default: auto)")
+    run.add_argument("--eval-every", type=int,
+                     help="evaluate the learning curves every N steps on --eval-digits digits of every split, the "
+                          "same fixed random digits in every run (default: 200)")
+    run.add_argument("--eval-digits", type=int,
+                     help="digits per learning-curve point, per split (default: 1000, as seed problem 8)")
+    run.add_argument("--eval-samples", type=int,
+                     help="k of the final importance-sampled estimate of test log p(x), iwae-k, with q as proposal "
+                          "(" + "; ".join(f"{name}: {family.training_defaults['eval_samples']}" for name, family in
+                                          FAMILIES.items()) + "; 0 skips it; exact guides need none)")
+    run.add_argument("--out", help="run directory (default: figures/<model>)")
+    run.add_argument("--resume", metavar="RUN_DIR",
+                     help="continue the run in RUN_DIR with its own settings (give --epochs to train a finished "
+                          "run for longer, --patience to go on after early stopping, --lr to go on at another learning "
+                          "rate); it ends exactly where an uninterrupted run would")
+    run.add_argument("--overwrite", action="store_true",
+                     help="let a new run (or experiment) replace the one in --out; without it, a folder holding a "
+                          "run is refused, and --resume continues that run instead")
+    run.add_argument("--quiet", action="store_true", help="no progress bars (metrics files are unchanged)")
+
+
+def resolve_device(name):
+    import torch
+
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda was asked for but PyTorch sees no CUDA GPU; use --device cpu (or auto)")
+    return name
+
+
+def check_family_flags(args, model):
+    """Refuse a hyperparameter flag that is not the chosen family's, or any on --resume."""
+    for name in dict.fromkeys(name for family in FAMILIES.values() for name in family.hyperparameters):
+        if getattr(args, name) is None:
+            continue
+        if args.resume:
+            raise ValueError(f"{flag(name)} cannot change when resuming: a resumed run keeps its own settings")
+        if name not in FAMILIES[model].hyperparameters:
+            owners = " and ".join(family.name for family in FAMILIES.values() if name in family.hyperparameters)
+            raise ValueError(f"{flag(name)} is a setting of model {owners}, not of model {model}; drop it")
+
+
+# What --resume may change: how long and how fast it trains, where it runs and reads data, and its final evaluation.
+RESUME_MAY_CHANGE = ("epochs", "patience", "lr", "device", "data_dir", "eval_samples", "detect_anomaly")
+
+
+def config_from_args(args):
+    if args.resume:
+        return resumed_config(args)
+    args.model = args.model or DEFAULT_MODEL
+    check_family_flags(args, args.model)
+    family = FAMILIES[args.model]
+    # Flags have no value unless given (so that --resume can tell what was given): the rest is the
+    # family's training defaults and default guide, then Config's own defaults.
+    given = {name: value for name, value in vars(args).items() if value is not None}
+    model_args = {**family.hyperparameter_defaults(), **{name: given[name] for name in family.hyperparameters
+                                                          if name in given}}
+    settings = {**family.training_defaults, "guide": family.default_guide,
+                **{f.name: given[f.name] for f in fields(Config) if f.name in given}}
+    return Config(**{**settings, "model_args": {name: list(value) if isinstance(value, tuple) else value
+                                                for name, value in model_args.items()},
+                     "device": resolve_device(args.device)})
+
+
+def resumed_config(args):
+    """The run's own settings from its checkpoint; only RESUME_MAY_CHANGE may be given."""
+    checkpoint = load_checkpoint(Path(args.resume) / "checkpoint.pt")
+    saved = checkpoint["config"]
+    if args.model and args.model != saved["model"]:
+        raise ValueError(f"{args.resume} is a run of model {saved['model']!r}, not {args.model!r}; "
+                         f"drop --model to resume it, or start a new run with another --out")
+    check_family_flags(args, saved["model"])
+    for name in ("out", "experiment", *(f.name for f in fields(Config) if f.name != "model")):
+        if name not in RESUME_MAY_CHANGE and getattr(args, name, None) not in (None, False):
+            raise ValueError(f"{flag(name)} cannot change when resuming: a resumed run keeps its own settings (only "
+                             f"{', '.join(map(flag, RESUME_MAY_CHANGE))} may be given)")
+    trained = checkpoint["progress"]["epoch"]
+    if args.epochs is not None and args.epochs < trained:
+        raise ValueError(f"--epochs {args.epochs} is fewer than the {trained} epochs {args.resume} has trained; "
+                         "give more, or drop --epochs")
+    cfg = Config(**{f.name: saved[f.name] for f in fields(Config) if f.name in saved})
+    cfg.device = resolve_device(args.device)
+    for setting in RESUME_MAY_CHANGE:
+        if setting != "device" and getattr(args, setting) not in (None, False):
+            setattr(cfg, setting, getattr(args, setting))
+    return cfg
+
+
+def main(argv=None, prog=None):
+    warnings.formatwarning = lambda message, category, *rest: f"warning: {message}\n"
+    parser, args = parse_args(argv, prog)
+    out = None
+    try:
+        with sigterm_as_interrupt():
+            cfg = config_from_args(args)
+            cfg.validate()
+            out = Path(args.resume or args.out or Path("figures") / cfg.model)
+            run(cfg, out, experiment=args.experiment, resume=bool(args.resume), progress=not args.quiet,
+                download=not args.no_download, overwrite=args.overwrite)
+    except Interrupted as stop:  # in the training loop: a checkpoint was saved
+        print(f"error: {stop.what} at step {stop.step}; checkpoint saved. Resume with: python run.py --resume "
+              f"{stop.run_dir}", file=sys.stderr)
+        return 128 + stop.signum
+    except KeyboardInterrupt:  # before or after the training loop
+        print(f"error: interrupted; {resume_hint(out, args)}", file=sys.stderr)
+        return 128 + signal.SIGINT
+    except (ValueError, DataError, TrainingError, WriteError) as error:  # library errors name settings: as flags
+        print(f"error: {as_flags(str(error))}", file=sys.stderr)
+        return 2
+    return 0
+
+
+@contextmanager
+def sigterm_as_interrupt():
+    """SIGTERM outside the training loop (which checkpoints on it) ends the job like Ctrl-C."""
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def resume_hint(out, args):
+    if out is not None and (out / "checkpoint.pt").exists():
+        return f"the last checkpoint is kept. Resume with: python run.py --resume {out}"
+    return "no checkpoint was written: start the run again"
+

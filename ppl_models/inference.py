@@ -1,0 +1,219 @@
+"""Queries about a trained model answered by inference, for any family: the posterior over the
+latents given the observed pixels, and the posterior predictive of the missing ones.
+
+Which algorithm answers what:
+  exact       enumeration of every latent state (the family's `exact_posterior`, where it has one)
+  importance  self-normalised importance sampling, the trained guide q(z | x) as proposal. The guide
+              sees the digit with its missing pixels set to 0: it was never trained on partial
+              digits, so it is a proposal, not the answer; the weights correct for it, and the
+              effective sample size says how well
+  prior       the same with the prior p(z) as proposal: the baseline that shows what q is worth
+  nuts        Pyro's MCMC(NUTS) on continuous latents with the networks fixed, every digit's z in one
+              chain (independent latents); split R-hat and the effective sample size per coordinate
+
+Every method gives the posterior as weighted latent values (`Posterior.weighted`): all states with
+their posterior probabilities (exact), proposal draws with normalised importance weights, or MCMC
+draws with equal weights. The fill-in is then one formula whatever the method:
+    p(x_missing | x_observed) = sum_s w_s p(x_missing | z_s)
+exact where the weighted values are every state, an estimate otherwise.
+"""
+
+import math
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from pyro import poutine
+from pyro.infer import MCMC, NUTS
+from pyro.infer.autoguide.initialization import init_to_sample, init_to_value
+
+from .distributions import table_log_likelihood
+from .evaluate import importance_traces, log_densities
+
+LOW_ESS = 10  # an importance estimate resting on fewer effective samples than this is flagged
+HIGH_R_HAT = 1.1  # an MCMC chain whose split R-hat exceeds this has not mixed
+
+
+@dataclass
+class Posterior:
+    """p(z | x_observed) for each of N digits, and how it was found.
+
+    method       which algorithm (see the module's docstring), with its sizes
+    exact        whether the numbers are exact (every latent state summed) or estimates
+    weighted     () -> iterator of (latent values (S, N or 1, ...), log weights (S, N) normalised over
+                 all chunks): the posterior as weighted values, in chunks so 2^20 states fit in memory
+    samples      (num_samples, N, ...) draws of z from the posterior
+    summary      {name: (N, ...) tensor}: what the family reports of it (probabilities, means, modes)
+    diagnostics  {name: (N,) tensor}: effective sample sizes, R-hat
+    """
+
+    method: str
+    exact: bool
+    weighted: Callable | None
+    samples: torch.Tensor
+    summary: dict
+    diagnostics: dict = field(default_factory=dict)
+
+    def warnings(self):
+        """Sentences on the digits whose estimate should not be trusted (few effective samples, a
+        chain that has not mixed)."""
+        checks = {"effective sample size": (lambda v: v < LOW_ESS, f"rest on fewer than {LOW_ESS} effective samples"),
+                  "effective sample size, worst coordinate": (lambda v: v < LOW_ESS, f"have fewer than {LOW_ESS} "
+                                                                                     "effective samples"),
+                  "split R-hat, worst coordinate": (lambda v: v > HIGH_R_HAT, f"have a split R-hat above {HIGH_R_HAT}: "
+                                                                              "the chain has not mixed")}
+        found = []
+        for name, (bad, what) in checks.items():
+            flagged = bad(self.diagnostics[name]).nonzero().flatten().tolist() if name in self.diagnostics else []
+            if flagged:
+                found.append(f"{self.method}: digits {short_list(flagged)} {what}; their estimates are unreliable "
+                             "(use more draws, or another method)")
+        return found
+
+
+@dataclass
+class FillIn:
+    """The posterior predictive of the missing pixels of N digits given their observed ones.
+
+    probabilities     (N, D): p(x_d = 1 | x_observed); the observed pixels keep their values
+    samples           (num_samples, N, D) completed digits, observed pixels as given
+    log_prob_missing  (N,) log p(x_missing | x_observed) of the digits' own missing pixels, or None
+                      when they were not given
+    estimator         "exact", or the estimate's name
+    posterior         the Posterior it came from
+    """
+
+    probabilities: torch.Tensor
+    samples: torch.Tensor
+    log_prob_missing: torch.Tensor | None
+    estimator: str
+    posterior: Posterior
+
+
+# ---- importance sampling -------------------------------------------------------------------
+def prior_proposal(model):
+    """The prior p(z) as a proposal: the model with its observed site hidden, so only the latents
+    are sampled (and scored) from it. The importance weights are then p(x_observed | z)."""
+    return poutine.block(model, hide=["x"])
+
+
+def importance_posterior(model, proposal, x, observed, particles, num_samples, latent_site, method, summarise):
+    """Self-normalised importance sampling with `particles` proposal draws per digit. The proposal
+    sees x with its missing pixels set to 0; the model scores the observed pixels only.
+    `summarise(values, weights)` says what the weighted draws estimate ({name: (N, ...)})."""
+    seen = torch.where(observed, x, torch.zeros_like(x))
+    proposal_trace, model_trace = importance_traces(model, proposal, seen, particles, observed=observed)
+    values = proposal_trace.nodes[latent_site]["value"].detach()  # (particles, N, ...)
+    log_joint = log_densities(model_trace, x).detach()  # log p(x_observed, z)
+    log_weights = log_joint - log_densities(proposal_trace, x).detach()
+    normalised = log_weights - torch.logsumexp(log_weights, 0)
+    ess = 1 / normalised.mul(2).exp().sum(0)
+    draws = torch.multinomial(normalised.T.exp(), num_samples, replacement=True).T  # (num_samples, N)
+    digit = torch.arange(x.shape[0], device=x.device)
+    return Posterior(
+        method=f"{method}, {particles} draws per digit", exact=False,
+        weighted=lambda: iter([(values, normalised)]),
+        samples=values[draws, digit],
+        summary={**summarise(values, normalised.exp()), "most probable draw": values[log_joint.argmax(0), digit]},
+        diagnostics={"effective sample size": ess},
+    )
+
+
+# ---- MCMC -----------------------------------------------------------------------------------
+def nuts_posterior(model, x, observed, draws, num_samples, warmup, init, latent_site, progress=False):
+    """Pyro's NUTS on the latents of all N digits at once (they are independent given the fixed
+    networks, so one chain over N x dims coordinates with a diagonal mass matrix adapted per
+    coordinate), started at `init` (the proposal's mean; a prior draw if None): `draws` samples after
+    `warmup` steps, `num_samples` of them returned. One chain: R-hat is the split R-hat. NUTS
+    differentiates the potential in z only, so the networks stay as they are."""
+    conditioned = partial(model, torch.where(observed, x, torch.zeros_like(x)), observed=observed)
+    start = init_to_sample if init is None else init_to_value(values={latent_site: init})
+    mcmc = MCMC(NUTS(conditioned, init_strategy=start), num_samples=draws, warmup_steps=warmup, num_chains=1,
+                disable_progbar=not progress)
+    mcmc.run()
+    chain = mcmc.get_samples()[latent_site].detach()  # (draws, N, ...)
+    per_digit = tuple(range(1, chain.dim() - 1))  # the latent's own dims
+    diagnostics = {}
+    if draws >= 4:  # split R-hat halves the chain, and needs two draws a half
+        stats = mcmc.diagnostics()[latent_site]
+        diagnostics = {"split R-hat, worst coordinate": stats["r_hat"].amax(per_digit),
+                       "effective sample size, worst coordinate": stats["n_eff"].amin(per_digit)}
+    return Posterior(
+        method=f"NUTS, {draws} draws after {warmup} warm-up steps", exact=False,
+        weighted=lambda: iter([(chain, torch.full(chain.shape[:2], -math.log(draws), device=x.device))]),
+        samples=chain[torch.randint(draws, (num_samples,))],
+        summary={"posterior mean": chain.mean(0), "posterior sd": chain.std(0)},
+        diagnostics=diagnostics,
+    )
+
+
+# ---- the posterior predictive ------------------------------------------------------------------
+def fill_in(pixel_logits, x, observed, posterior, num_samples, missing_given=True):
+    """The fill-in from any `Posterior`: sum over its weighted latent values of p(x | z), for the
+    probabilities and for log p(x_missing | x_observed); completions drawn from its samples."""
+    missing = ~observed
+    probabilities = torch.zeros(x.shape, device=x.device)
+    log_prob_missing = torch.full(x.shape[:1], -math.inf, device=x.device)
+    for values, log_weights in posterior.weighted():
+        logits = pixel_logits(values)  # (S, N or 1, D)
+        weights = log_weights.exp()
+        if logits.shape[1] == 1:  # the same states for every digit: matrix products
+            probabilities += weights.T @ torch.sigmoid(logits[:, 0])
+            log_lik = table_log_likelihood(x, logits[:, 0], missing).T
+        else:
+            probabilities += torch.einsum("sn,snd->nd", weights, torch.sigmoid(logits))
+            log_lik = ((x * logits - F.softplus(logits)) * missing).sum(-1)
+        log_prob_missing = torch.logaddexp(log_prob_missing, torch.logsumexp(log_weights + log_lik, 0))
+    drawn = torch.bernoulli(torch.sigmoid(pixel_logits(posterior.samples[:num_samples])))
+    return FillIn(
+        probabilities=torch.where(observed, x, probabilities.clamp(0, 1)),
+        samples=torch.where(observed, x, drawn),
+        log_prob_missing=log_prob_missing if missing_given else None,
+        estimator="exact" if posterior.exact else f"estimate: {posterior.method}",
+        posterior=posterior,
+    )
+
+
+def short_list(indices, shown=8):
+    """'0, 3, 7' or '0, 3, ... (12 digits)'."""
+    text = ", ".join(map(str, indices[:shown]))
+    return text if len(indices) <= shown else f"{text}, ... ({len(indices)} digits)"
+
+
+def join_posteriors(parts):
+    """One Posterior from those of consecutive chunks of digits (digits are dim 0 of summaries and
+    diagnostics, dim 1 of samples); the weighted values stay with the chunks."""
+    first = parts[0]
+    return Posterior(
+        method=first.method, exact=first.exact, weighted=first.weighted if len(parts) == 1 else None,
+        samples=torch.cat([part.samples for part in parts], 1),
+        summary={name: torch.cat([part.summary[name] for part in parts]) for name in first.summary},
+        diagnostics={name: torch.cat([part.diagnostics[name] for part in parts]) for name in first.diagnostics},
+    )
+
+
+def join_fill_ins(parts):
+    """One FillIn from those of consecutive chunks of digits."""
+    first = parts[0]
+    return FillIn(
+        probabilities=torch.cat([part.probabilities for part in parts]),
+        samples=torch.cat([part.samples for part in parts], 1),
+        log_prob_missing=None if first.log_prob_missing is None else torch.cat([p.log_prob_missing for p in parts]),
+        estimator=first.estimator,
+        posterior=join_posteriors([part.posterior for part in parts]),
+    )
+
+
+@torch.no_grad()
+def proposal_moments(guide, x, observed, latent_site, draws=1000):
+    """The mean and standard deviation of the guide's q(z | x) (x with missing pixels set to 0):
+    its own where the distribution has them, else from `draws` samples (e.g. a flow)."""
+    seen = torch.where(observed, x, torch.zeros_like(x))
+    q = poutine.trace(guide).get_trace(seen, observed=observed).nodes[latent_site]["fn"]
+    try:
+        return {"mean": q.mean, "sd": q.stddev}
+    except NotImplementedError:
+        z = q.sample((draws,))
+        return {"mean": z.mean(0), "sd": z.std(0)}

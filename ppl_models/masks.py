@@ -1,0 +1,60 @@
+"""Which pixels of a digit are observed: the masks of filling in and of inference from part of a
+digit. A mask is a boolean tensor like the digits (True = observed), or one (D,) mask for all."""
+
+import math
+
+import torch
+
+from .config import SettingError
+
+SIDES = ("top", "bottom", "left", "right")
+
+
+def observe(spec, shape=(784,), device=None, generator=None):
+    """The mask `spec` names, of `shape` (..., D) for square digits of D pixels:
+      top, bottom, left, right   that half of the image is observed
+      random:F                   each digit observes a random fraction F of its pixels (0 < F < 1)
+    """
+    side = math.isqrt(shape[-1])
+    if side * side != shape[-1]:
+        raise SettingError(f"`observe={spec}` needs square digits, got {shape[-1]} pixels")
+    if spec in SIDES:
+        rows, cols = torch.meshgrid(torch.arange(side, device=device), torch.arange(side, device=device),
+                                    indexing="ij")
+        half = {"top": rows < side // 2, "bottom": rows >= side // 2, "left": cols < side // 2,
+                "right": cols >= side // 2}[spec]
+        return half.flatten().expand(shape)
+    if spec.startswith("random:"):
+        fraction = parse_fraction(spec)
+        scores = torch.rand(shape, generator=generator).to(device)
+        keep = max(1, min(shape[-1] - 1, round(fraction * shape[-1])))  # exactly that many per digit
+        return scores.argsort(-1).argsort(-1) < keep
+    raise SettingError(f"unknown `observe={spec}`; use one of {', '.join(SIDES)}, or random:F with F the fraction "
+                       "observed, e.g. random:0.5")
+
+
+def parse_fraction(spec):
+    try:
+        fraction = float(spec.split(":", 1)[1])
+    except ValueError:
+        fraction = math.nan
+    if not 0 < fraction < 1:
+        raise SettingError(f"`observe={spec}`: the fraction observed must be a number between 0 and 1, e.g. random:0.5")
+    return fraction
+
+
+def check_mask(observed, num_digits, num_pixels, to_fill=True):
+    """A boolean (N, D) mask from any (D,) or (N, D) mask of 0/1 values, refusing one that observes
+    no pixel of some digit (nothing to condition on) or, `to_fill`, every pixel (nothing to fill in)."""
+    observed = torch.as_tensor(observed)
+    if observed.shape[-1] != num_pixels or observed.dim() > 2 or (observed.dim() == 2 and len(observed) != num_digits):
+        raise SettingError(f"the mask of observed pixels must be ({num_pixels},) or ({num_digits}, {num_pixels}) like "
+                           f"the digits, got shape {tuple(observed.shape)}")
+    if not ((observed == 0) | (observed == 1)).all():
+        raise SettingError("the mask of observed pixels must hold 0/1 or True/False values (True = observed)")
+    observed = observed.bool().expand(num_digits, num_pixels)
+    for what, bad in (("no pixel", ~observed.any(-1)), ("every pixel", observed.all(-1))):
+        if bad.any() and (to_fill or what == "no pixel"):
+            raise SettingError(f"the mask of observed pixels marks {what} of digit {bad.nonzero()[0].item()} as "
+                               f"observed: nothing to {'condition on' if what == 'no pixel' else 'fill in'}")
+    return observed

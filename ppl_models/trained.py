@@ -1,0 +1,218 @@
+"""A trained run as a model to use: `load(run_dir)`, then the four things a generative model is for.
+
+    model = ppl_models.load("figures/vae")
+    digits = model.sample(64, seed=0).digits                   # x ~ p(x)
+    scores = model.log_prob(x)                                 # log p(x): exact, or iwae-k
+    filled = model.fill_in(x, observe("top"))                  # p(x_missing | x_observed)
+    posterior = model.posterior(x)                             # p(z | x), or p(z | x_observed)
+
+Digits are (N, D) or one (D,) digit (28 x 28 images are flattened) of 0/1 values of any dtype
+(uint8 as the data files hold, bool, float). Masks say which pixels are observed (True), one (D,)
+mask for all digits or one per digit (`ppl_models.masks.observe` makes the usual ones). Every
+query is seeded (`seed=`) and leaves the global RNG as it was.
+"""
+
+import json
+import math
+from contextlib import contextmanager
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+import pyro
+import torch
+from pyro import poutine
+
+from .config import Config, SettingError
+from .data import check_binary
+from .evaluate import per_digit_estimate
+from .inference import fill_in, join_fill_ins, join_posteriors
+from .masks import check_mask
+from .models import family_of
+from .rundir import TrainingError, load_checkpoint, read_snapshot, restore_snapshot
+
+NUTS_DIGITS = 100  # digits per NUTS chain: their latents are sampled jointly, one step size for all
+MEMORY_FLOATS = 2**25  # importance draws x digits x pixels held at once: 128 MB
+
+
+@dataclass
+class Samples:
+    """Digits drawn from the model: `digits` (n, D) binary draws, `probabilities` (n, D) the Bernoulli
+    means they were drawn from, `latents` {site: value} the latents that made them."""
+
+    digits: torch.Tensor
+    probabilities: torch.Tensor
+    latents: dict
+
+
+@dataclass
+class Scores:
+    """log p(x) (or log p(x_observed)) per digit by `estimator`, and its mean with the standard error
+    over digits (a spread over digits, not the estimator's own error)."""
+
+    log_prob: torch.Tensor
+    estimator: str
+    mean: float
+    stderr: float
+
+
+class TrainedModel:
+    """A trained model family with its params, which live in their own Pyro param store scope: several
+    trained models can be used side by side, and loading one does not touch the global param store.
+
+    family   the Family (an nn.Module, on the device it was loaded to)
+    cfg      the run's Config (model, guide, data set, ...)
+    source   which saved file the params came from, in words
+    """
+
+    def __init__(self, family, cfg, params, source):
+        self.family, self.cfg, self._params, self.source = family, cfg, params, source
+
+    @contextmanager
+    def active(self, seed=0):
+        """Its params in Pyro's param store, and a seeded RNG that leaves the caller's untouched: the
+        context in which to call `family`'s own methods."""
+        devices = [self.family.device] if self.family.device.type == "cuda" else []
+        with pyro.get_param_store().scope(self._params), torch.random.fork_rng(devices=devices):
+            torch.manual_seed(seed)
+            yield
+
+    def __repr__(self):
+        return f"<trained {self.family.summary()}, guide {self.cfg.guide!r}, from {self.source}>"
+
+    @property
+    def inference_methods(self):
+        """{method: what it is} for `posterior` and `fill_in`; the first is the default."""
+        return self.family.inference_methods(self.cfg.guide)
+
+    # ---- the four queries ----------------------------------------------------------------------
+    @torch.no_grad()
+    def sample(self, n, seed=0):
+        """n digits x ~ p(x) by ancestral sampling from the Pyro model."""
+        if not isinstance(n, int) or n < 1:
+            raise SettingError(f"the number of samples must be a positive integer, got {n!r}")
+        with self.active(seed):
+            latents, digits = self.family.sample(n)
+            probabilities = torch.sigmoid(self.family.pixel_logits(latents[self.family.latent_site]))
+        return Samples(digits, probabilities, latents)
+
+    def log_prob(self, x, observed=None, estimator=None, samples=1000, seed=0, progress=False):
+        """log p(x) per digit (log p(x_observed) with a mask): `exact` where the model has it, else
+        `iwae-<samples>` (the trained guide as proposal); any estimator metrics.json names (exact,
+        elbo, iwae-k) may be asked for. With the run's seed on a whole split, metrics.json's number."""
+        x = self.digits(x)
+        observed = None if observed is None else check_mask(observed, len(x), x.shape[1], to_fill=False)
+        estimator = estimator or ("exact" if self.family.exact else f"iwae-{samples}")
+        self.check_estimator(estimator)
+        with self.active(seed), torch.no_grad():
+            values = per_digit_estimate(self.family, self.cfg.guide, x, estimator, progress, observed=observed)
+        spread = values.std().item() / math.sqrt(len(values)) if len(values) > 1 else math.nan
+        return Scores(values, estimator, values.mean().item(), spread)
+
+    def posterior(self, x, observed=None, method=None, num_samples=100, draws=1000, warmup=200, seed=0,
+                  progress=False):
+        """p(z | x) (p(z | x_observed) with a mask) by `method` (see `inference_methods`): an
+        `inference.Posterior` with `num_samples` draws of z per digit, the family's summary of it and
+        the diagnostics of an estimate (effective sample size, R-hat)."""
+        x = self.digits(x)
+        observed = torch.ones_like(x, dtype=torch.bool) if observed is None else \
+            check_mask(observed, len(x), x.shape[1], to_fill=False)
+        return join_posteriors(self._per_chunk(x, observed, method, num_samples, draws, warmup, seed, progress,
+                                               answer=lambda posterior, chunk, mask: posterior))
+
+    def fill_in(self, x, observed, method=None, num_samples=16, draws=1000, warmup=200, seed=0,
+                progress=False):
+        """The posterior predictive of the missing pixels: per-pixel probabilities, `num_samples`
+        completed digits, and log p(x_missing | x_observed) of the values x holds there (exact where
+        the posterior is; its `estimator` says which). Missing pixels of x may hold anything 0/1."""
+        x = self.digits(x)
+        observed = check_mask(observed, len(x), x.shape[1])
+        def answer(posterior, chunk, mask):
+            return fill_in(self.family.pixel_logits, chunk, mask, posterior, num_samples)
+
+        return join_fill_ins(self._per_chunk(x, observed, method, num_samples, draws, warmup, seed, progress,
+                                             answer))
+
+    def _per_chunk(self, x, observed, method, num_samples, draws, warmup, seed, progress, answer):
+        """[answer(posterior, digits, mask)] for chunks of digits sized so the method's draws fit in memory."""
+        method = method or next(iter(self.inference_methods))
+        if method not in self.inference_methods:
+            raise SettingError(f"`method={method}` cannot answer this model trained with guide {self.cfg.guide!r}; "
+                               f"choose one of: {', '.join(self.inference_methods)}")
+        for value, name in ((num_samples, "num_samples"), (draws, "draws"), (warmup, "warmup")):
+            if not isinstance(value, int) or value < (0 if name == "warmup" else 1):
+                raise SettingError(f"`{name}` must be a positive integer, got {value!r}")
+        size = {"nuts": NUTS_DIGITS, "exact": len(x)}.get(method, max(1, MEMORY_FLOATS // (draws * x.shape[1])))
+        answers = []
+        with self.active(seed):
+            for chunk, mask in zip(x.split(size), observed.split(size)):
+                with torch.set_grad_enabled(method == "nuts"):  # NUTS needs gradients in z
+                    posterior = self.family.infer(chunk, mask, self.cfg.guide, method, num_samples, draws, warmup,
+                                                  progress)
+                with torch.no_grad():
+                    answers.append(answer(posterior, chunk, mask))
+        return answers
+
+    # ---- inputs ------------------------------------------------------------------------------
+    def digits(self, x):
+        """(N, D) float digits on the model's device from any array of 0/1 values; one digit, or
+        28 x 28 images, are reshaped."""
+        x = torch.as_tensor(x)
+        pixels = self.family.num_pixels
+        if x.dim() >= 2 and x.shape[-2] == x.shape[-1] and x.shape[-1] ** 2 == pixels:
+            x = x.flatten(-2)  # images
+        if x.dim() == 1:
+            x = x[None]
+        if x.dim() != 2 or x.shape[1] != pixels or len(x) == 0:
+            raise SettingError(f"digits must be ({pixels},) or (N, {pixels}) arrays, or 28 x 28 images, got shape "
+                               f"{tuple(x.shape)}")
+        x = x.to(self.family.device, torch.float32)
+        check_binary(x, "digits", pixels)
+        return x
+
+    def check_estimator(self, name):
+        sampled = name == "elbo" or (name.startswith("iwae-") and name[5:].isdigit() and int(name[5:]) > 0)
+        if name == "exact" and not self.family.exact:
+            raise SettingError(f"`estimator=exact`: {self.family.summary()} has no exact log-likelihood; use iwae-k")
+        if sampled and self.cfg.guide in self.family.exact_guides:
+            raise SettingError(f"`estimator={name}` needs a trained guide, and guide {self.cfg.guide!r} is exact; "
+                               "use exact")
+        if name != "exact" and not sampled:
+            raise SettingError(f"unknown `estimator={name}`; use exact, elbo or iwae-k (e.g. iwae-1000)")
+
+
+def load(run_dir, device="cpu"):
+    """The trained model in `run_dir` (a training run's folder): the params of its best valid epoch
+    under early stopping (best.pt, as metrics.json reports), else of its last checkpoint."""
+    run_dir = Path(run_dir)
+    if (run_dir / "experiment.json").exists():
+        raise TrainingError(f"{run_dir} holds an experiment, which trains several models; load one training run's "
+                            "folder")
+    if not (run_dir / "config.json").is_file() or not (run_dir / "checkpoint.pt").is_file():
+        raise TrainingError(f"{run_dir} is not a training run (no config.json and checkpoint.pt): give the folder "
+                            "`python run.py ... --out DIR` wrote, after at least one epoch")
+    checkpoint = load_checkpoint(run_dir / "checkpoint.pt")
+    cfg = Config(**{f.name: checkpoint["config"][f.name] for f in fields(Config) if f.name in checkpoint["config"]})
+    saved, source = checkpoint, f"{run_dir / 'checkpoint.pt'} (epoch {checkpoint['progress']['epoch']})"
+    if cfg.patience and (run_dir / "best.pt").is_file():
+        saved = read_snapshot(run_dir / "best.pt")
+        best = json.loads((run_dir / "metrics.json").read_text()).get("early_stopping", {}).get("best_epoch", "?") \
+            if (run_dir / "metrics.json").is_file() else "?"
+        source = f"{run_dir / 'best.pt'} (the best valid epoch, {best})"
+    family = family_of(cfg.model)(**cfg.model_args).to(device)
+    with pyro.get_param_store().scope() as params:
+        register_networks(family, cfg.guide)
+        unknown = set(saved["params"]) - set(pyro.get_param_store().keys())
+        if unknown:
+            raise TrainingError(f"{run_dir} holds params this model does not have ({', '.join(sorted(unknown)[:3])}); "
+                                "was it written by another version of ppl_models?")
+        restore_snapshot(family, saved, device)
+    return TrainedModel(family, cfg, params, source)
+
+
+def register_networks(family, guide):
+    """Run the model and the guide once, so that every pyro.param and pyro.module is in the param
+    store: the saved values are then copied into the very tensors the networks use (restoring into
+    an empty store would leave the networks untrained)."""
+    blank = torch.zeros(2, family.num_pixels, device=family.device)
+    guide_trace = poutine.trace(family.guide(guide)).get_trace(blank)
+    poutine.trace(poutine.replay(family.model, trace=guide_trace)).get_trace(blank)
