@@ -1,10 +1,11 @@
 """Fill-in quality of trained runs on binarized-mnist test digits: the README's table.
 
-    PPL_MODELS_DATA=../shared/data python bench/fill_in.py RUN_DIR[:METHOD[:DIGITS]] ... [--json FILE]
+    PPL_MODELS_DATA=../shared/data python bench/fill_in.py RUN_DIR[:METHOD[:DIGITS[:DRAWS]]] ... [--json FILE]
 
 For each run (and inference method: exact, importance, prior, nuts; default the run's first) and
 each mask (the bottom half missing given the top half; a random 50% of the pixels missing), on the
-first DIGITS test digits (default 1000): the mean log p(x_missing | x_observed) in nats per digit
+first DIGITS test digits (default 1000), with DRAWS importance samples or NUTS draws per digit
+(default --draws): the mean log p(x_missing | x_observed) in nats per digit
 with its standard error over digits, the mean absolute error of the predictive mean
 E[x_d | x_observed] on the missing pixels, and the seconds it took. For estimates, the median
 effective sample size (importance) or the worst split R-hat (NUTS). Not a test: needs trained runs.
@@ -46,25 +47,24 @@ def measure(model, x, method, mask_spec, seed=0, draws=1000, warmup=200):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("runs", nargs="+", help="RUN_DIR[:METHOD[:DIGITS]]")
+    parser.add_argument("runs", nargs="+", help="RUN_DIR[:METHOD[:DIGITS[:DRAWS]]]")
     parser.add_argument("--draws", type=int, default=1000, help="importance samples, or NUTS draws, per digit")
     parser.add_argument("--warmup", type=int, default=200, help="NUTS warm-up steps")
     parser.add_argument("--json", help="also write the rows here")
     args = parser.parse_args()
-    data = None
     rows = []
     for spec in args.runs:
-        run_dir, method, digits = (spec.split(":") + [None, None])[:3]
+        run_dir, method, digits, draws = (spec.split(":") + [None, None, None])[:4]
         model = load(run_dir)
-        data = data or load_dataset(model.cfg.dataset, binarize=model.cfg.binarize, data_dir=model.cfg.data_dir,
-                                    progress=False)
-        x = data.binary("test")[: int(digits or 1000)]
+        cfg = model.cfg
+        x = load_dataset(cfg.dataset, binarize=cfg.binarize, data_dir=cfg.data_dir, seed=cfg.seed,
+                         progress=False).binary("test")[: int(digits or 1000)]
         method = method or next(iter(model.inference_methods))
         for label, mask in MASKS.items():
             row = {"run": run_dir, "model": model.family.summary(), "guide": model.cfg.guide, "method": method,
-                   "mask": label, **measure(model, x, method, mask, draws=args.draws, warmup=args.warmup)}
+                   "mask": label, **measure(model, x, method, mask, draws=int(draws or args.draws), warmup=args.warmup)}
             rows.append(row)
-            print(f"| {row['model']}, guide {row['guide']} | {method} | {label} | "
+            print(f"| {row['model']}, guide {row['guide']} | {method}, {draws or args.draws} draws | {label} | "
                   f"{row['mean log p(x_missing | x_observed)']:.2f} ± {row['standard error']:.2f} | "
                   f"{row['mean abs error']:.3f} | {row['seconds'] / len(x) * 1000:.0f} ms/digit "
                   f"({len(x)} digits) | {row.get('median effective sample size', row.get('worst split R-hat', ''))}",

@@ -169,13 +169,12 @@ def load_dataset(
     if name == "binarized-mnist":
         splits = _binarized_mnist_splits(roots, download, progress)
         images = {split: torch.tensor(s.pixels, dtype=torch.float32) for split, s in splits.items()}
-        binarize = "static"
     else:
         splits = _grayscale_splits(name, roots, download, progress)
         images = {split: _binarize(_intensities(s.pixels), binarize, split, seed) for split, s in splits.items()}
     dataset = Dataset(
         name=name,
-        binarize=binarize,
+        binarize=binarization_of(name, binarize),
         images=images,
         labels={split: None if s.labels is None else torch.tensor(s.labels, dtype=torch.int64)
                 for split, s in splits.items()},
@@ -239,6 +238,12 @@ def check_binary(x: torch.Tensor, what: str = "data", pixels: int = PIXELS) -> N
 
 
 # --- binarization ---------------------------------------------------------------------------------
+
+
+def binarization_of(name: str, binarize: str) -> str:
+    """The rule a data set's digits are binarized by: binarized-mnist's were drawn once (static),
+    whatever `binarize` asks."""
+    return "static" if name == "binarized-mnist" else binarize
 
 
 def binarize_new(intensities: torch.Tensor, rule: str, seed: int) -> torch.Tensor:

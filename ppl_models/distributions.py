@@ -37,6 +37,12 @@ def table_log_likelihood(x, logits_table, pixel_mask=None):
     return (x * mask) @ logits_table.T - mask @ log_normaliser.T
 
 
+def bernoulli_log_likelihood(x, logits, pixel_mask=None):
+    """log p(x | logits) summed over the pixels (the last dim), only where `pixel_mask` is 1."""
+    terms = x * logits - F.softplus(logits)
+    return (terms if pixel_mask is None else terms * pixel_mask.to(x.dtype)).sum(-1)
+
+
 class IndexedBernoulli(TorchDistribution):
     """``Bernoulli(logits=logits_table[index]).to_event(1)``, scored by a matrix product.
 
@@ -96,9 +102,7 @@ class IndexedBernoulli(TorchDistribution):
             return table.movedim(-1, 0).reshape((num_states,) + padding + digit_shape).expand(index.shape)
         if math.prod(index.shape) < num_states * num_digits:
             # Few (state, digit) pairs, e.g. z sampled by a guide: score only the chosen rows.
-            logits = self.logits_table[index]
-            mask = 1.0 if self.pixel_mask is None else self.pixel_mask.to(value.dtype)
-            return ((value * logits - F.softplus(logits)) * mask).sum(-1)
+            return bernoulli_log_likelihood(value, self.logits_table[index], self.pixel_mask)
         # Enumerated z: every (digit, state) pair is needed, so compute them all with one product,
         # then pick entries by advanced indexing (its backward scatters into (N, S), never (S, N, S)).
         table = table_log_likelihood(value, self.logits_table, self.pixel_mask).reshape(num_digits, num_states)
@@ -200,9 +204,7 @@ class LinearBernoulli(TorchDistribution):
             states = self.z.reshape(-1, self.z.shape[-1])  # the same states for every digit
             table = chunked_table_log_likelihood(value, states, self.w, self.c, self.pixel_mask)  # (N, S)
             return table.T.reshape(self.z.shape[:-2] + value.shape[:1]).expand(shape)
-        logits = self.z @ self.w + self.c
-        mask = 1.0 if self.pixel_mask is None else self.pixel_mask.to(value.dtype)
-        return ((value * logits - F.softplus(logits)) * mask).sum(-1).expand(shape)
+        return bernoulli_log_likelihood(value, self.z @ self.w + self.c, self.pixel_mask).expand(shape)
 
 
 class StraightThroughBernoulli(dist.RelaxedBernoulliStraightThrough):

@@ -87,7 +87,8 @@ def per_digit_estimate(model, guide_name, x, name, progress=False, memory_floats
     if observed is not None:
         x = torch.where(observed, x, torch.zeros_like(x))
     values = []
-    batches = list(zip(x.split(batch_size), x.split(batch_size) if observed is None else observed.split(batch_size)))
+    batches = x.split(batch_size)
+    batches = list(zip(batches, [None] * len(batches) if observed is None else observed.split(batch_size)))
     for batch, mask in tqdm(batches, desc=f"{name} on {len(x):,} digits", unit="batch", leave=False,
                             disable=not progress or len(batches) < 2):
         masked = {} if observed is None else {"observed": mask}

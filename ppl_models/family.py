@@ -27,7 +27,7 @@ from pyro.poutine.util import site_is_subsample
 from torch import nn
 
 from .config import SettingError
-from .inference import importance_posterior, nuts_posterior, prior_proposal, proposal_moments
+from .inference import importance_posterior, nuts_posterior, prior_proposal, proposal, proposal_summary
 from .report import draw_learning_curves
 
 
@@ -276,18 +276,18 @@ class Family(nn.Module):
         not exact."""
         if method == "exact":
             return self.exact_posterior(x, observed, num_samples)
-        proposal = None if guide in self.exact_guides else self.guide(guide)
+        trained = None if guide in self.exact_guides else self.guide(guide)
+        q = None if trained is None else proposal(trained, x, observed, self.latent_site)
         if method == "nuts":
-            init = None if proposal is None else proposal_moments(proposal, x, observed, self.latent_site)["mean"]
+            init = None if q is None else proposal_summary(q)["q(z | x) mean"]
             posterior = nuts_posterior(self.model, x, observed, draws, num_samples, warmup, init, self.latent_site,
                                        progress)
         else:
-            chosen = proposal if method == "importance" else prior_proposal(self.model)
+            chosen = trained if method == "importance" else prior_proposal(self.model)
             posterior = importance_posterior(self.model, chosen, x, observed, draws, num_samples, self.latent_site,
                                              self.inference_methods(guide)[method], self.weighted_summary)
-        if proposal is not None:
-            moments = proposal_moments(proposal, x, observed, self.latent_site)
-            posterior.summary.update({"q(z | x) mean": moments["mean"], "q(z | x) sd": moments["sd"]})
+        if q is not None:
+            posterior.summary.update(proposal_summary(q))
         return posterior
 
     def weighted_summary(self, values, weights):

@@ -24,12 +24,11 @@ from functools import partial
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 from pyro import poutine
 from pyro.infer import MCMC, NUTS
 from pyro.infer.autoguide.initialization import init_to_sample, init_to_value
 
-from .distributions import table_log_likelihood
+from .distributions import bernoulli_log_likelihood, table_log_likelihood
 from .evaluate import importance_traces, log_densities
 
 LOW_ESS = 10  # an importance estimate resting on fewer effective samples than this is flagged
@@ -43,7 +42,8 @@ class Posterior:
     method       which algorithm (see the module's docstring), with its sizes
     exact        whether the numbers are exact (every latent state summed) or estimates
     weighted     () -> iterator of (latent values (S, N or 1, ...), log weights (S, N) normalised over
-                 all chunks): the posterior as weighted values, in chunks so 2^20 states fit in memory
+                 all chunks): the posterior as weighted values, in chunks so 2^20 states fit in memory;
+                 None once the posteriors of several batches of digits are joined
     samples      (num_samples, N, ...) draws of z from the posterior
     summary      {name: (N, ...) tensor}: what the family reports of it (probabilities, means, modes)
     diagnostics  {name: (N,) tensor}: effective sample sizes, R-hat
@@ -63,7 +63,8 @@ class Posterior:
                   "effective sample size, worst coordinate": (lambda v: v < LOW_ESS, f"have fewer than {LOW_ESS} "
                                                                                      "effective samples"),
                   "split R-hat, worst coordinate": (lambda v: v > HIGH_R_HAT, f"have a split R-hat above {HIGH_R_HAT}: "
-                                                                              "the chain has not mixed")}
+                                                                              "the chain has not mixed"),
+                  "divergent transitions of the chain": (lambda v: v > 0, "share a chain with divergent transitions")}
         found = []
         for name, (bad, what) in checks.items():
             flagged = bad(self.diagnostics[name]).nonzero().flatten().tolist() if name in self.diagnostics else []
@@ -79,8 +80,8 @@ class FillIn:
 
     probabilities     (N, D): p(x_d = 1 | x_observed); the observed pixels keep their values
     samples           (num_samples, N, D) completed digits, observed pixels as given
-    log_prob_missing  (N,) log p(x_missing | x_observed) of the digits' own missing pixels, or None
-                      when they were not given
+    log_prob_missing  (N,) log p(x_missing | x_observed) of the values the digits hold at their
+                      missing pixels (their truth, where it is known)
     estimator         "exact", or the estimate's name
     posterior         the Posterior it came from
     """
@@ -116,7 +117,7 @@ def importance_posterior(model, proposal, x, observed, particles, num_samples, l
         method=f"{method}, {particles} draws per digit", exact=False,
         weighted=lambda: iter([(values, normalised)]),
         samples=values[draws, digit],
-        summary={**summarise(values, normalised.exp()), "most probable draw": values[log_joint.argmax(0), digit]},
+        summary={**summarise(values, normalised.exp()), "most probable z": values[log_joint.argmax(0), digit]},
         diagnostics={"effective sample size": ess},
     )
 
@@ -135,22 +136,23 @@ def nuts_posterior(model, x, observed, draws, num_samples, warmup, init, latent_
     mcmc.run()
     chain = mcmc.get_samples()[latent_site].detach()  # (draws, N, ...)
     per_digit = tuple(range(1, chain.dim() - 1))  # the latent's own dims
-    diagnostics = {}
+    report = mcmc.diagnostics()
+    divergent = sum(len(steps) for steps in report["divergences"].values())
+    diagnostics = {"divergent transitions of the chain": torch.full(x.shape[:1], float(divergent))}
     if draws >= 4:  # split R-hat halves the chain, and needs two draws a half
-        stats = mcmc.diagnostics()[latent_site]
-        diagnostics = {"split R-hat, worst coordinate": stats["r_hat"].amax(per_digit),
-                       "effective sample size, worst coordinate": stats["n_eff"].amin(per_digit)}
+        diagnostics.update({"split R-hat, worst coordinate": report[latent_site]["r_hat"].amax(per_digit),
+                            "effective sample size, worst coordinate": report[latent_site]["n_eff"].amin(per_digit)})
     return Posterior(
         method=f"NUTS, {draws} draws after {warmup} warm-up steps", exact=False,
         weighted=lambda: iter([(chain, torch.full(chain.shape[:2], -math.log(draws), device=x.device))]),
         samples=chain[torch.randint(draws, (num_samples,))],
-        summary={"posterior mean": chain.mean(0), "posterior sd": chain.std(0)},
+        summary={"posterior mean": chain.mean(0), "posterior sd": chain.std(0) if draws > 1 else chain[0] * math.nan},
         diagnostics=diagnostics,
     )
 
 
 # ---- the posterior predictive ------------------------------------------------------------------
-def fill_in(pixel_logits, x, observed, posterior, num_samples, missing_given=True):
+def fill_in(pixel_logits, x, observed, posterior, num_samples):
     """The fill-in from any `Posterior`: sum over its weighted latent values of p(x | z), for the
     probabilities and for log p(x_missing | x_observed); completions drawn from its samples."""
     missing = ~observed
@@ -164,13 +166,13 @@ def fill_in(pixel_logits, x, observed, posterior, num_samples, missing_given=Tru
             log_lik = table_log_likelihood(x, logits[:, 0], missing).T
         else:
             probabilities += torch.einsum("sn,snd->nd", weights, torch.sigmoid(logits))
-            log_lik = ((x * logits - F.softplus(logits)) * missing).sum(-1)
+            log_lik = bernoulli_log_likelihood(x, logits, missing)
         log_prob_missing = torch.logaddexp(log_prob_missing, torch.logsumexp(log_weights + log_lik, 0))
     drawn = torch.bernoulli(torch.sigmoid(pixel_logits(posterior.samples[:num_samples])))
     return FillIn(
         probabilities=torch.where(observed, x, probabilities.clamp(0, 1)),
         samples=torch.where(observed, x, drawn),
-        log_prob_missing=log_prob_missing if missing_given else None,
+        log_prob_missing=log_prob_missing,
         estimator="exact" if posterior.exact else f"estimate: {posterior.method}",
         posterior=posterior,
     )
@@ -200,20 +202,27 @@ def join_fill_ins(parts):
     return FillIn(
         probabilities=torch.cat([part.probabilities for part in parts]),
         samples=torch.cat([part.samples for part in parts], 1),
-        log_prob_missing=None if first.log_prob_missing is None else torch.cat([p.log_prob_missing for p in parts]),
+        log_prob_missing=torch.cat([part.log_prob_missing for part in parts]),
         estimator=first.estimator,
         posterior=join_posteriors([part.posterior for part in parts]),
     )
 
 
 @torch.no_grad()
-def proposal_moments(guide, x, observed, latent_site, draws=1000):
-    """The mean and standard deviation of the guide's q(z | x) (x with missing pixels set to 0):
-    its own where the distribution has them, else from `draws` samples (e.g. a flow)."""
+def proposal(guide, x, observed, latent_site):
+    """The guide's q(z | x) for x with its missing pixels set to 0 (a distribution over the digits)."""
     seen = torch.where(observed, x, torch.zeros_like(x))
-    q = poutine.trace(guide).get_trace(seen, observed=observed).nodes[latent_site]["fn"]
+    return poutine.trace(guide).get_trace(seen, observed=observed).nodes[latent_site]["fn"]
+
+
+@torch.no_grad()
+def proposal_summary(q, draws=1000):
+    """What q(z | x) is, per digit: a categorical's probabilities, else its mean and standard
+    deviation (its own where the distribution has them, else from `draws` samples, e.g. a flow)."""
+    if q.support.is_discrete and not q.event_shape:
+        return {"q(z = k | x)": q.probs}
     try:
-        return {"mean": q.mean, "sd": q.stddev}
+        return {"q(z | x) mean": q.mean, "q(z | x) sd": q.stddev}
     except NotImplementedError:
         z = q.sample((draws,))
-        return {"mean": z.mean(0), "sd": z.std(0)}
+        return {"q(z | x) mean": z.mean(0), "q(z | x) sd": z.std(0)}

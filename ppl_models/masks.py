@@ -47,7 +47,8 @@ def check_mask(observed, num_digits, num_pixels, to_fill=True):
     """A boolean (N, D) mask from any (D,) or (N, D) mask of 0/1 values, refusing one that observes
     no pixel of some digit (nothing to condition on) or, `to_fill`, every pixel (nothing to fill in)."""
     observed = torch.as_tensor(observed)
-    if observed.shape[-1] != num_pixels or observed.dim() > 2 or (observed.dim() == 2 and len(observed) != num_digits):
+    shapes = [(num_pixels,), (num_digits, num_pixels)]
+    if tuple(observed.shape) not in shapes:
         raise SettingError(f"the mask of observed pixels must be ({num_pixels},) or ({num_digits}, {num_pixels}) like "
                            f"the digits, got shape {tuple(observed.shape)}")
     if not ((observed == 0) | (observed == 1)).all():

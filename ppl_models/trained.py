@@ -29,6 +29,7 @@ from .inference import fill_in, join_fill_ins, join_posteriors
 from .masks import check_mask
 from .models import family_of
 from .rundir import TrainingError, load_checkpoint, read_snapshot, restore_snapshot
+from .train import evaluation_rng
 
 NUTS_DIGITS = 100  # digits per NUTS chain: their latents are sampled jointly, one step size for all
 MEMORY_FLOATS = 2**25  # importance draws x digits x pixels held at once: 128 MB
@@ -68,12 +69,11 @@ class TrainedModel:
         self.family, self.cfg, self._params, self.source = family, cfg, params, source
 
     @contextmanager
-    def active(self, seed=0):
-        """Its params in Pyro's param store, and a seeded RNG that leaves the caller's untouched: the
-        context in which to call `family`'s own methods."""
-        devices = [self.family.device] if self.family.device.type == "cuda" else []
-        with pyro.get_param_store().scope(self._params), torch.random.fork_rng(devices=devices):
-            torch.manual_seed(seed)
+    def active(self, seed=None):
+        """Its params in Pyro's param store, and the RNG seeded by `seed` (the run's if None) in a
+        stream that leaves the caller's untouched: the context in which to call `family`'s methods."""
+        with pyro.get_param_store().scope(self._params), \
+                evaluation_rng(self.cfg.seed if seed is None else seed, self.family.device):
             yield
 
     def __repr__(self):
@@ -86,7 +86,7 @@ class TrainedModel:
 
     # ---- the four queries ----------------------------------------------------------------------
     @torch.no_grad()
-    def sample(self, n, seed=0):
+    def sample(self, n, seed=None):
         """n digits x ~ p(x) by ancestral sampling from the Pyro model."""
         if not isinstance(n, int) or n < 1:
             raise SettingError(f"the number of samples must be a positive integer, got {n!r}")
@@ -95,20 +95,22 @@ class TrainedModel:
             probabilities = torch.sigmoid(self.family.pixel_logits(latents[self.family.latent_site]))
         return Samples(digits, probabilities, latents)
 
-    def log_prob(self, x, observed=None, estimator=None, samples=1000, seed=0, progress=False):
+    def log_prob(self, x, observed=None, estimator=None, draws=1000, seed=None, progress=False):
         """log p(x) per digit (log p(x_observed) with a mask): `exact` where the model has it, else
-        `iwae-<samples>` (the trained guide as proposal); any estimator metrics.json names (exact,
-        elbo, iwae-k) may be asked for. With the run's seed on a whole split, metrics.json's number."""
+        `iwae-<draws>` (the trained guide as proposal); any estimator metrics.json names (exact,
+        elbo, iwae-k) may be asked for. With the run's seed (the default) on a whole split,
+        metrics.json's number."""
         x = self.digits(x)
         observed = None if observed is None else check_mask(observed, len(x), x.shape[1], to_fill=False)
-        estimator = estimator or ("exact" if self.family.exact else f"iwae-{samples}")
+        check_counts(draws=draws)
+        estimator = estimator or ("exact" if self.family.exact else f"iwae-{draws}")
         self.check_estimator(estimator)
         with self.active(seed), torch.no_grad():
             values = per_digit_estimate(self.family, self.cfg.guide, x, estimator, progress, observed=observed)
         spread = values.std().item() / math.sqrt(len(values)) if len(values) > 1 else math.nan
         return Scores(values, estimator, values.mean().item(), spread)
 
-    def posterior(self, x, observed=None, method=None, num_samples=100, draws=1000, warmup=200, seed=0,
+    def posterior(self, x, observed=None, method=None, num_samples=100, draws=1000, warmup=200, seed=None,
                   progress=False):
         """p(z | x) (p(z | x_observed) with a mask) by `method` (see `inference_methods`): an
         `inference.Posterior` with `num_samples` draws of z per digit, the family's summary of it and
@@ -119,13 +121,14 @@ class TrainedModel:
         return join_posteriors(self._per_chunk(x, observed, method, num_samples, draws, warmup, seed, progress,
                                                answer=lambda posterior, chunk, mask: posterior))
 
-    def fill_in(self, x, observed, method=None, num_samples=16, draws=1000, warmup=200, seed=0,
+    def fill_in(self, x, observed, method=None, num_samples=16, draws=1000, warmup=200, seed=None,
                 progress=False):
         """The posterior predictive of the missing pixels: per-pixel probabilities, `num_samples`
         completed digits, and log p(x_missing | x_observed) of the values x holds there (exact where
         the posterior is; its `estimator` says which). Missing pixels of x may hold anything 0/1."""
         x = self.digits(x)
         observed = check_mask(observed, len(x), x.shape[1])
+
         def answer(posterior, chunk, mask):
             return fill_in(self.family.pixel_logits, chunk, mask, posterior, num_samples)
 
@@ -138,10 +141,11 @@ class TrainedModel:
         if method not in self.inference_methods:
             raise SettingError(f"`method={method}` cannot answer this model trained with guide {self.cfg.guide!r}; "
                                f"choose one of: {', '.join(self.inference_methods)}")
-        for value, name in ((num_samples, "num_samples"), (draws, "draws"), (warmup, "warmup")):
-            if not isinstance(value, int) or value < (0 if name == "warmup" else 1):
-                raise SettingError(f"`{name}` must be a positive integer, got {value!r}")
-        size = {"nuts": NUTS_DIGITS, "exact": len(x)}.get(method, max(1, MEMORY_FLOATS // (draws * x.shape[1])))
+        check_counts(num_samples=num_samples, draws=draws)
+        if not isinstance(warmup, int) or warmup < 0:
+            raise SettingError(f"`warmup` must be 0 or a positive integer, got {warmup!r}")
+        fits = max(1, MEMORY_FLOATS // (draws * x.shape[1]))  # the draws' pixel logits of a batch of digits
+        size = {"nuts": min(NUTS_DIGITS, fits), "exact": len(x)}.get(method, fits)
         answers = []
         with self.active(seed):
             for chunk, mask in zip(x.split(size), observed.split(size)):
@@ -189,7 +193,7 @@ def load(run_dir, device="cpu"):
                             "folder")
     if not (run_dir / "config.json").is_file() or not (run_dir / "checkpoint.pt").is_file():
         raise TrainingError(f"{run_dir} is not a training run (no config.json and checkpoint.pt): give the folder "
-                            "`python run.py ... --out DIR` wrote, after at least one epoch")
+                            "`ppl-models train ... --out DIR` (or python run.py) wrote, after at least one epoch")
     checkpoint = load_checkpoint(run_dir / "checkpoint.pt")
     cfg = Config(**{f.name: checkpoint["config"][f.name] for f in fields(Config) if f.name in checkpoint["config"]})
     saved, source = checkpoint, f"{run_dir / 'checkpoint.pt'} (epoch {checkpoint['progress']['epoch']})"
@@ -201,12 +205,18 @@ def load(run_dir, device="cpu"):
     family = family_of(cfg.model)(**cfg.model_args).to(device)
     with pyro.get_param_store().scope() as params:
         register_networks(family, cfg.guide)
-        unknown = set(saved["params"]) - set(pyro.get_param_store().keys())
-        if unknown:
-            raise TrainingError(f"{run_dir} holds params this model does not have ({', '.join(sorted(unknown)[:3])}); "
-                                "was it written by another version of ppl_models?")
+        missing = set(pyro.get_param_store().keys()) - set(saved["params"])  # (Pyro's own extras are restored)
+        if missing:
+            raise TrainingError(f"{run_dir} lacks params this model needs ({', '.join(sorted(missing)[:3])}); was it "
+                                "written by another version of ppl_models?")
         restore_snapshot(family, saved, device)
     return TrainedModel(family, cfg, params, source)
+
+
+def check_counts(**counts):
+    for name, value in counts.items():
+        if not isinstance(value, int) or value < 1:
+            raise SettingError(f"`{name}` must be a positive integer, got {value!r}")
 
 
 def register_networks(family, guide):

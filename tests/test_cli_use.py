@@ -96,7 +96,7 @@ def test_fill_in_writes_the_completion_figure_and_exact_numbers(trained_run, tmp
 
 def test_infer_reports_the_posterior_and_its_method(trained_run, tmp_path, capsys):
     exact = answer(capsys, "infer", trained_run, "test:5", "--out", tmp_path / "i.png")
-    assert exact["exact"] and set(exact["posterior"]) == {"p(z_m = 1 | x)", "most probable code"}
+    assert exact["exact"] and set(exact["posterior"]) == {"p(z_m = 1 | x)", "most probable z"}
     assert len(exact["posterior"]["p(z_m = 1 | x)"]["test:5"]) == 4
     estimate = answer(capsys, "infer", trained_run, "test:5", "--observe", "random:0.5", "--method", "prior")
     assert not estimate["exact"] and "q(z | x) mean" in estimate["posterior"]
@@ -106,7 +106,7 @@ def test_infer_reports_the_posterior_and_its_method(trained_run, tmp_path, capsy
     (["score", "{missing}", "test:0"], "is not a training run"),
     (["score", "{run}", "{tmp}/nothing.png"], "no file"),
     (["score", "{run}", "{tmp}/garbage.png"], "cannot read"),
-    (["score", "{run}", "{tmp}/wrong.npy"], "holds an array of shape (3, 5)"),
+    (["score", "{run}", "{tmp}/wrong.npy"], "wrong.npy: digits must be (784,) or (N, 784) arrays, or 28 x 28 images"),
     (["score", "{run}", "test:60"], "has 50 digits"),
     (["score", "{run}", "test:3-1"], "give digit indices as 0-15"),
     (["score", "{run}", "test:0", "--estimator", "iwae"], "unknown --estimator iwae"),

@@ -104,7 +104,7 @@ def test_exact_posterior_equals_brute_force_given_all_or_part_of_a_digit(name, g
             else:
                 marginals = truth["posterior"] @ truth["states"]
                 assert torch.allclose(posterior.summary["p(z_m = 1 | x)"][n].double(), marginals, atol=1e-5)
-                assert torch.equal(posterior.summary["most probable code"][n].double(),
+                assert torch.equal(posterior.summary["most probable z"][n].double(),
                                    truth["states"][truth["posterior"].argmax()])
     assert model.log_prob(x, observed).log_prob.double() == pytest.approx(
         torch.stack([brute_force(model, d, m)["log_p_observed"] for d, m in zip(x, observed)]), abs=1e-4)
@@ -132,7 +132,7 @@ def test_importance_estimates_converge_to_the_exact_answers(method):
     assert estimate.estimator.startswith(f"estimate: importance sampling, the {proposal}")
     assert torch.allclose(estimate.log_prob_missing, exact.log_prob_missing, atol=0.05)
     assert torch.allclose(estimate.probabilities, exact.probabilities, atol=0.02)
-    marginals = model.posterior(x, observed, method=method, draws=20000).summary["posterior mean"]
+    marginals = model.posterior(x, observed, method=method, draws=20000).summary["p(z_m = 1 | x)"]
     assert torch.allclose(marginals, exact.posterior.summary["p(z_m = 1 | x)"], atol=0.02)
     assert (estimate.posterior.diagnostics["effective sample size"] > 50).all()
 

@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 from ..config import SettingError
-from ..data import DataError, binarize_new, load_dataset
+from ..data import DataError, binarization_of, binarize_new, load_dataset
 from ..masks import observe
 
 SPLIT_DIGITS = re.compile(r"^(?P<split>[a-z]+):(?P<indices>[0-9][0-9,\-]*)$")
@@ -57,18 +57,17 @@ def npy_digits(path, model, log):
         array = np.load(path, allow_pickle=False)
     except (OSError, ValueError) as error:
         raise DataError(f"cannot read {path} as a .npy array ({type(error).__name__}: {error})") from None
-    images = array.ndim >= 2 and array.shape[-1] == array.shape[-2]
-    pixels = array.shape[-1] ** 2 if images else (array.shape[-1] if array.ndim else 0)
-    if pixels != model.family.num_pixels or array.ndim > 3 or not np.issubdtype(array.dtype, np.number):
-        raise DataError(f"{path} holds an array of shape {array.shape} ({array.dtype}): give digits as "
-                        f"(N, {model.family.num_pixels}) or (N, 28, 28) numbers")
-    x = torch.as_tensor(array.astype(np.float32)).reshape(-1, pixels)
-    if ((x == 0) | (x == 1)).all():
-        return x
-    if x.max() > 1:
-        x = x / 255
-    log(f"{path}: grayscale values, binarized as the run's data were ({binarization(model)})")
-    return binarize_new(x.clamp(0, 1), binarization(model), model.cfg.seed)
+    if not (np.issubdtype(array.dtype, np.number) or array.dtype == bool) or not array.size:
+        raise DataError(f"{path} holds {array.dtype} values of shape {array.shape}: give digits as 0/1 or grayscale "
+                        "numbers")
+    x = torch.as_tensor(array.astype(np.float32))
+    if not ((x == 0) | (x == 1)).all():
+        log(f"{path}: grayscale values, binarized as the run's data were ({binarization(model)})")
+        x = binarize_new((x / 255 if x.max() > 1 else x).clamp(0, 1), binarization(model), model.cfg.seed)
+    try:
+        return model.digits(x)
+    except SettingError as error:
+        raise DataError(f"{path}: {error}") from None
 
 
 def image_digit(path, model, log):
@@ -95,8 +94,7 @@ def image_digit(path, model, log):
 
 
 def binarization(model):
-    """How the run's data were binarized: binarized-mnist was drawn once (static)."""
-    return "static" if model.cfg.dataset == "binarized-mnist" else model.cfg.binarize
+    return binarization_of(model.cfg.dataset, model.cfg.binarize)
 
 
 def read_mask(spec, shape, seed):

@@ -229,8 +229,10 @@ def resumed_config(args):
 
 
 def main(argv=None, prog=None):
+    """`prog` is how the user called it ("ppl-models train"; run.py's name by default), for its hints."""
     warnings.formatwarning = lambda message, category, *rest: f"warning: {message}\n"
     parser, args = parse_args(argv, prog)
+    command = prog or "python run.py"
     out = None
     try:
         with sigterm_as_interrupt():
@@ -240,11 +242,11 @@ def main(argv=None, prog=None):
             run(cfg, out, experiment=args.experiment, resume=bool(args.resume), progress=not args.quiet,
                 download=not args.no_download, overwrite=args.overwrite)
     except Interrupted as stop:  # in the training loop: a checkpoint was saved
-        print(f"error: {stop.what} at step {stop.step}; checkpoint saved. Resume with: python run.py --resume "
+        print(f"error: {stop.what} at step {stop.step}; checkpoint saved. Resume with: {command} --resume "
               f"{stop.run_dir}", file=sys.stderr)
         return 128 + stop.signum
     except KeyboardInterrupt:  # before or after the training loop
-        print(f"error: interrupted; {resume_hint(out, args)}", file=sys.stderr)
+        print(f"error: interrupted; {resume_hint(out, command)}", file=sys.stderr)
         return 128 + signal.SIGINT
     except (ValueError, DataError, TrainingError, WriteError) as error:  # library errors name settings: as flags
         print(f"error: {as_flags(str(error))}", file=sys.stderr)
@@ -265,8 +267,8 @@ def sigterm_as_interrupt():
         signal.signal(signal.SIGTERM, previous)
 
 
-def resume_hint(out, args):
+def resume_hint(out, command):
     if out is not None and (out / "checkpoint.pt").exists():
-        return f"the last checkpoint is kept. Resume with: python run.py --resume {out}"
+        return f"the last checkpoint is kept. Resume with: {command} --resume {out}"
     return "no checkpoint was written: start the run again"
 

@@ -37,7 +37,7 @@ def sample(model, args, log):
 def score(model, args, log):
     x, names = read_digits(args.inputs, model, log, download=not args.no_download)
     observed = None if args.observe is None else read_mask(args.observe, x.shape, args.seed)
-    scores = model.log_prob(x, observed, estimator=args.estimator, samples=args.draws, seed=args.seed,
+    scores = model.log_prob(x, observed, estimator=args.estimator, draws=args.draws, seed=args.seed,
                             progress=not args.quiet)
     save_array(args.npy, scores.log_prob)
     what = "log p(x)" if observed is None else f"log p(x_observed), observed: {args.observe}"
@@ -122,7 +122,7 @@ def parser():
         command = commands.add_parser(name, help=help_text, description=help_text)
         command.add_argument("run_dir", type=Path, help="a training run's folder (what `ppl-models train --out` wrote)")
         add_inputs(command, name)
-        command.add_argument("--seed", type=int, default=0, help="seed of every random draw (default: 0)")
+        command.add_argument("--seed", type=int, help="seed of every random draw (default: the run's)")
         command.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default: cpu)")
         command.add_argument("--json", type=Path, help="write the numbers to this file instead of stdout")
         command.add_argument("--npy", help="save the result array here: samples, per-digit log p, fill-in "
@@ -153,7 +153,7 @@ def add_inputs(command, name):
                          "trained guide as proposal), prior (the prior as proposal), nuts (MCMC, continuous latents); "
                          "default: the first the model offers")
     command.add_argument("--num-samples", type=int, default=8 if name == "fill-in" else 100,
-                         help="completed digits / posterior draws of z returned per digit")
+                         help="completed digits / posterior draws of z returned per digit (default: %(default)s)")
     command.add_argument("--warmup", type=int, default=200, help="NUTS warm-up steps (default: 200)")
     command.add_argument("--out", help="a PNG of the digits and the answer")
 
@@ -163,6 +163,7 @@ def main(argv=None):
     log = (lambda message: None) if args.quiet else (lambda message: print(message, file=sys.stderr))
     try:
         model = load(args.run_dir, device=resolve_device(args.device))
+        args.seed = model.cfg.seed if args.seed is None else args.seed
         answer = {"command": args.command, "run": str(args.run_dir), "model": model.family.summary(),
                   "guide": model.cfg.guide, "params": model.source, **COMMANDS[args.command][0](model, args, log)}
         if args.json:

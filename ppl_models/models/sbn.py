@@ -167,14 +167,14 @@ class SigmoidBeliefNet(Family):
         (digits x 2^M)."""
         check_binary(x, "digits to score", self.num_pixels)
         total = torch.full(x.shape[:1], -math.inf, device=x.device)
-        for _, log_joint in self.code_chunks(x, observed):
+        for _, log_joint in self.code_chunks(x, observed, self.params()):
             total = torch.logaddexp(total, torch.logsumexp(log_joint, -1))
         return total
 
-    def code_chunks(self, x, observed=None):
+    def code_chunks(self, x, observed, params):
         """(codes (S, M), log p(z = code, x_observed) (N, S)) for all 2^M codes, STATE_CHUNK at a time."""
         check_enumerable(self.latents)
-        b, w, c = self.params()
+        b, w, c = (param.detach() for param in params)
         for codes in all_codes(self.latents, x.device).split(distributions.STATE_CHUNK):
             yield codes, IndependentBits(b).log_prob(codes) + table_log_likelihood(x, codes @ w + c, observed)
 
@@ -184,16 +184,16 @@ class SigmoidBeliefNet(Family):
         the posterior): the marginals p(z_m = 1 | x), the most probable code, and exact posterior
         draws by inverting the cumulative distribution over codes. (Pyro's infer_discrete cannot
         draw this site: its support has an event dimension, which its packed tensors refuse.)"""
-        log_evidence = self.log_likelihood(x, observed)
+        log_evidence, params = self.log_likelihood(x, observed), self.params()  # (weighted() may run later)
 
         def weighted():
-            for codes, log_joint in self.code_chunks(x, observed):
+            for codes, log_joint in self.code_chunks(x, observed, params):
                 yield codes[:, None], (log_joint - log_evidence[:, None]).T
 
-        # (shrunk a hair, so float32 rounding of the total mass below 1 cannot leave a draw unplaced)
-        uniforms = torch.rand(len(x), num_samples, device=x.device, dtype=torch.float64) * (1 - 1e-5)
+        uniforms = torch.rand(len(x), num_samples, device=x.device, dtype=torch.float64)
         samples = torch.zeros(len(x), num_samples, self.latents, device=x.device)
         marginals, mode = torch.zeros(len(x), self.latents, device=x.device), torch.zeros_like(samples[:, 0])
+        last = torch.zeros_like(mode)  # the last code with any mass: float rounding may leave the total just below 1
         best, below = torch.full_like(log_evidence, -math.inf), torch.zeros_like(uniforms[:, 0])
         for codes, log_posterior in weighted():
             probs = log_posterior.T.exp()  # (N, S)
@@ -205,11 +205,19 @@ class SigmoidBeliefNet(Family):
             inside = (uniforms > below[:, None]) & (uniforms <= cumulative[:, -1:])
             index = torch.searchsorted(cumulative, uniforms).clamp(max=len(codes) - 1)
             samples = torch.where(inside[..., None], codes[index, 0], samples)
+            positive = probs > 0
+            last_positive = codes[(positive * torch.arange(len(codes), device=x.device)).argmax(-1), 0]
+            last = torch.where(positive.any(-1, keepdim=True), last_positive, last)
             below = cumulative[:, -1]
+        samples = torch.where((uniforms > below[:, None])[..., None], last[:, None], samples)
         return Posterior(
             method=f"exact: enumeration of all 2^{self.latents} codes", exact=True, weighted=weighted,
-            samples=samples.transpose(0, 1), summary={"p(z_m = 1 | x)": marginals, "most probable code": mode},
+            samples=samples.transpose(0, 1), summary={"p(z_m = 1 | x)": marginals, "most probable z": mode},
         )
+
+    def weighted_summary(self, values, weights):
+        """p(z_m = 1 | x) estimated from weighted draws of the codes."""
+        return {"p(z_m = 1 | x)": (weights[..., None] * values).sum(0)}
 
     def pixel_logits(self, z):
         """z @ w + c: the pixel logits of codes z of any leading shape."""
