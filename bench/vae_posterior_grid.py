@@ -66,9 +66,10 @@ def main():
     args = parser.parse_args()
     models = [load(run) for run in args.runs]
     cfg = models[0].cfg
-    x = load_dataset(cfg.dataset, binarize=cfg.binarize, data_dir=cfg.data_dir, progress=False).binary("test")
-    fig, axes = plt.subplots(len(args.digits), len(models) + 1, figsize=(3 * (len(models) + 1), 3 * len(args.digits)),
-                             squeeze=False)
+    x = load_dataset(cfg.dataset, binarize=cfg.binarize, data_dir=cfg.data_dir, seed=cfg.seed,
+                     progress=False).binary("test")
+    rows, cols = len(args.digits), len(models) + 1
+    fig, axes = plt.subplots(rows, cols, figsize=(2.4 * cols, 2.4 * rows), squeeze=False)
     for row, index in enumerate(args.digits):
         digit = x[index]
         axes[row, 0].imshow(digit.reshape(28, 28), cmap="gray_r")
