@@ -18,6 +18,8 @@ def observe(spec, shape=(784,), device=None, generator=None):
     side = math.isqrt(shape[-1])
     if side * side != shape[-1]:
         raise SettingError(f"`observe={spec}` needs square digits, got {shape[-1]} pixels")
+    if not isinstance(spec, str):
+        raise SettingError(f"`observe={spec}` is not a mask name; use one of {', '.join(SIDES)}, or random:F")
     if spec in SIDES:
         rows, cols = torch.meshgrid(torch.arange(side, device=device), torch.arange(side, device=device),
                                     indexing="ij")
@@ -44,8 +46,13 @@ def parse_fraction(spec):
 
 
 def check_mask(observed, num_digits, num_pixels, to_fill=True):
-    """A boolean (N, D) mask from any (D,) or (N, D) mask of 0/1 values, refusing one that observes
-    no pixel of some digit (nothing to condition on) or, `to_fill`, every pixel (nothing to fill in)."""
+    """A boolean (N, D) mask from any (D,) or (N, D) mask of 0/1 values or an `observe` spec ("top"),
+    refusing one that observes no pixel of some digit (nothing to condition on) or, `to_fill`, every
+    pixel (nothing to fill in)."""
+    if isinstance(observed, str):
+        observed = observe(observed, (num_digits, num_pixels))
+    if observed is None:
+        raise SettingError("a mask of observed pixels is needed, e.g. `observed='top'`")
     observed = torch.as_tensor(observed)
     shapes = [(num_pixels,), (num_digits, num_pixels)]
     if tuple(observed.shape) not in shapes:

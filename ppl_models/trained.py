@@ -33,6 +33,7 @@ from .train import evaluation_rng
 
 NUTS_DIGITS = 100  # digits per NUTS chain: their latents are sampled jointly, one step size for all
 MEMORY_FLOATS = 2**25  # importance draws x digits x pixels held at once: 128 MB
+MAX_IWAE_SAMPLES = 10**6
 
 
 @dataclass
@@ -142,6 +143,8 @@ class TrainedModel:
             raise SettingError(f"`method={method}` cannot answer this model trained with guide {self.cfg.guide!r}; "
                                f"choose one of: {', '.join(self.inference_methods)}")
         check_counts(num_samples=num_samples, draws=draws)
+        if method == "nuts" and draws < 4:
+            raise SettingError("`draws` must be at least 4 for `method=nuts`: split R-hat needs two halves of two")
         if not isinstance(warmup, int) or warmup < 0:
             raise SettingError(f"`warmup` must be 0 or a positive integer, got {warmup!r}")
         fits = max(1, MEMORY_FLOATS // (draws * x.shape[1]))  # the draws' pixel logits of a batch of digits
@@ -177,6 +180,8 @@ class TrainedModel:
         sampled = name == "elbo" or (name.startswith("iwae-") and name[5:].isdigit() and int(name[5:]) > 0)
         if name == "exact" and not self.family.exact:
             raise SettingError(f"`estimator=exact`: {self.family.summary()} has no exact log-likelihood; use iwae-k")
+        if sampled and name != "elbo" and int(name[5:]) > MAX_IWAE_SAMPLES:
+            raise SettingError(f"`estimator={name}`: at most iwae-{MAX_IWAE_SAMPLES:,} (days of computing past that)")
         if sampled and self.cfg.guide in self.family.exact_guides:
             raise SettingError(f"`estimator={name}` needs a trained guide, and guide {self.cfg.guide!r} is exact; "
                                "use exact")
@@ -202,8 +207,9 @@ def load(run_dir, device="cpu"):
         best = json.loads((run_dir / "metrics.json").read_text()).get("early_stopping", {}).get("best_epoch", "?") \
             if (run_dir / "metrics.json").is_file() else "?"
         source = f"{run_dir / 'best.pt'} (the best valid epoch, {best})"
-    family = family_of(cfg.model)(**cfg.model_args).to(device)
-    with pyro.get_param_store().scope() as params:
+    # Building the networks draws initial weights, registering them draws latents: the caller's RNG is left alone.
+    with torch.random.fork_rng(), pyro.get_param_store().scope() as params:
+        family = family_of(cfg.model)(**cfg.model_args).to(device)
         register_networks(family, cfg.guide)
         missing = set(pyro.get_param_store().keys()) - set(saved["params"])  # (Pyro's own extras are restored)
         if missing:

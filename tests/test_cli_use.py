@@ -36,8 +36,12 @@ def answer(capsys, *argv):
 
 
 def refused(capsys, *argv):
-    """The one line a bad input ends with."""
-    assert main([str(a) for a in argv]) == 2
+    """The one line a bad input ends with (argparse's own errors exit through SystemExit)."""
+    try:
+        status = main([str(a) for a in argv])
+    except SystemExit as exit:
+        status = exit.code
+    assert status == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and err.startswith("error: "), err
     return err
@@ -116,12 +120,22 @@ def test_infer_reports_the_posterior_and_its_method(trained_run, tmp_path, capsy
     (["fill-in", "{run}", "test:0", "--observe", "top", "--method", "nuts"], "choose one of: exact, importance, prior"),
     (["infer", "{run}", "test:0", "--draws", "0", "--method", "prior"], "--draws must be a positive integer"),
     (["sample", "{run}", "-n", "0"], "must be a positive integer"),
+    (["sample", "{run}", "-n", "2", "--npy", "{tmp}/missing/x.npy"], "x.npy"),
+    (["sample", "{run}", "--device", "bogus"], "--device bogus is not a device"),
+    (["score", "{run}", "test:1-"], "give digit indices as 0-15"),
+    (["score", "{run}", "{tmp}/negative.npy"], "give digits as 0/1 or grayscale"),
+    (["score", "{run}", "{tmp}/tiny.png"], "too small to hold a digit"),
+    (["score", "{run}", "test:0", "--estimator", "iwae-99999999999"], "at most iwae-1,000,000"),
+    (["score", "{run}", "test:0", "--draws", "1.5"], "argument --draws: invalid int value"),
+    (["bogus"], "invalid choice: 'bogus'"),
 ])
 def test_every_bad_input_ends_with_one_line(trained_run, tmp_path, capsys, argv, message):
     (tmp_path / "garbage.png").write_bytes(b"not an image")
     np.save(tmp_path / "wrong.npy", np.zeros((3, 5)))
     Image.fromarray(np.zeros((28, 28), np.uint8)).save(tmp_path / "none.png")
     Image.fromarray(np.full((28, 28), 255, np.uint8)).save(tmp_path / "all.png")
+    Image.fromarray(np.zeros((1, 1), np.uint8)).save(tmp_path / "tiny.png")
+    np.save(tmp_path / "negative.npy", -np.ones(784))
     filled = [a.format(run=trained_run, tmp=tmp_path, missing=tmp_path / "missing") for a in argv]
     assert message in refused(capsys, *filled)
 

@@ -197,6 +197,8 @@ def test_bad_inputs_are_refused_with_what_to_do():
         model.fill_in(x, observed, method="prior", draws=0)
     with pytest.raises(SettingError, match="unknown `observe=middle`"):
         observe("middle")
+    with pytest.raises(SettingError, match="a mask of observed pixels is needed"):
+        model.fill_in(x, None)
 
 
 def test_masks_observe_halves_and_random_fractions():
@@ -226,8 +228,10 @@ def test_load_gives_the_trained_model_and_the_numbers_metrics_json_has(offline, 
         assert run_cli(*args) == 0
     pyro.clear_param_store()
     pyro.get_param_store()["unrelated"] = torch.ones(2)
+    rng = torch.get_rng_state()
     model = load(out)
-    assert set(pyro.get_param_store().keys()) == {"unrelated"}  # the global store is left alone
+    assert set(pyro.get_param_store().keys()) == {"unrelated"}  # the global store is left alone, and the RNG
+    assert torch.equal(torch.get_rng_state(), rng)
     final = json.loads((out / "metrics.json").read_text())["final"]["test"]
     test_digits = np.load(tiny_binarized / "binarized_mnist.npz")["test"]  # uint8, as the data file holds them
     for estimator, value in final.items():

@@ -37,8 +37,8 @@ def read_digits(specs, model, log, download=True):
 def split_digits(model, split, text, download):
     indices = []
     for part in text.split(","):
-        first, _, last = part.partition("-")
-        if not first.isdigit() or (last and not last.isdigit()) or (last and int(last) < int(first)):
+        first, dash, last = part.partition("-")
+        if not first.isdigit() or (dash and not last.isdigit()) or (last and int(last) < int(first)):
             raise SettingError(f"{split}:{text}: give digit indices as 0-15 or 3,7,9")
         indices += range(int(first), int(last or first) + 1)
     cfg = model.cfg
@@ -57,9 +57,10 @@ def npy_digits(path, model, log):
         array = np.load(path, allow_pickle=False)
     except (OSError, ValueError) as error:
         raise DataError(f"cannot read {path} as a .npy array ({type(error).__name__}: {error})") from None
-    if not (np.issubdtype(array.dtype, np.number) or array.dtype == bool) or not array.size:
+    real = array.dtype == bool or np.issubdtype(array.dtype, np.integer) or np.issubdtype(array.dtype, np.floating)
+    if not real or not array.size or not (np.isfinite(array).all() and 0 <= array.min() and array.max() <= 255):
         raise DataError(f"{path} holds {array.dtype} values of shape {array.shape}: give digits as 0/1 or grayscale "
-                        "numbers")
+                        "(0..255, or 0..1) numbers")
     x = torch.as_tensor(array.astype(np.float32))
     if not ((x == 0) | (x == 1)).all():
         log(f"{path}: grayscale values, binarized as the run's data were ({binarization(model)})")
@@ -77,6 +78,8 @@ def image_digit(path, model, log):
 
     try:
         with Image.open(path) as image:
+            if min(image.size) < 8:
+                raise DataError(f"{path} is {image.size[0]} x {image.size[1]} pixels: too small to hold a digit")
             gray = image.convert("L").resize((28, 28), Image.Resampling.LANCZOS)
     except FileNotFoundError:
         raise DataError(f"no file {path}: give image files, .npy arrays, or digits of the run's data like test:0-15") \

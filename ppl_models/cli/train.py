@@ -167,6 +167,10 @@ def resolve_device(name):
         return "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda was asked for but PyTorch sees no CUDA GPU; use --device cpu (or auto)")
+    try:
+        torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"--device {name} is not a device; use cpu, cuda, cuda:N or auto") from None
     return name
 
 

@@ -14,11 +14,11 @@ import torch
 from .. import plots
 from ..config import as_flags
 from ..data import DataError
-from ..files import WriteError, write_json
+from ..files import WriteError, atomic_write, write_json
 from ..rundir import TrainingError
 from ..trained import load
 from .inputs import read_digits, read_mask
-from .train import resolve_device
+from .train import OneLineErrors, resolve_device
 
 SHOWN = 16  # digits drawn in a figure
 
@@ -96,7 +96,7 @@ def finite(value):
 
 def save_array(path, values):
     if path:
-        np.save(path, values.detach().cpu().numpy())
+        atomic_write(path, lambda file: np.save(file, values.detach().cpu().numpy()))
 
 
 COMMANDS = {
@@ -108,14 +108,14 @@ COMMANDS = {
 
 
 def parser():
-    top = argparse.ArgumentParser(
+    top = OneLineErrors(
         prog="ppl-models", description="Train generative models of binary digits with Pyro, then use them.",
         epilog="Examples:\n  ppl-models train --model vae\n  ppl-models sample figures/vae -n 64 --out samples.png\n"
                "  ppl-models score figures/vae my_digit.png\n"
                "  ppl-models fill-in figures/vae test:0-15 --observe top --out filled.png\n"
                "  ppl-models infer figures/vae my_digit.png",
         formatter_class=argparse.RawDescriptionHelpFormatter)
-    commands = top.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    commands = top.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=OneLineErrors)
     commands.add_parser("train", help="train a model (python run.py's flags; ppl-models train --help)",
                         add_help=False)
     for name, (_, help_text) in COMMANDS.items():
@@ -172,5 +172,11 @@ def main(argv=None):
             print(json.dumps(answer, indent=1))
     except (ValueError, DataError, TrainingError, WriteError) as error:
         print(f"error: {as_flags(str(error)).splitlines()[0]}", file=sys.stderr)
+        return 2
+    except RuntimeError as error:  # torch's allocator: sizes past the machine's memory
+        if "allocate" not in str(error):
+            raise
+        print("error: not enough memory for these sizes (-n, --draws, --num-samples or the number of digits); use "
+              "fewer", file=sys.stderr)
         return 2
     return 0
