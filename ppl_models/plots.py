@@ -53,7 +53,8 @@ def learning_curves(rows, path, title, steps_per_epoch, early_stopping=None):
     fig, ax = plt.subplots(figsize=(6.5, 4))
     for (split, estimator), points in sorted(series.items()):
         steps, values = zip(*sorted(points))
-        ax.plot(steps, values, SPLIT_STYLE.get(split, "-"), label=f"{split}: {estimator}")
+        ax.plot(steps, values, SPLIT_STYLE.get(split, "-"), marker="o" if len(steps) <= 12 else None, markersize=3,
+                label=f"{split}: {estimator}")
     shown = [point for points in series.values() for point in points]
     if early_stopping:
         estimator, scores, chosen_epoch = early_stopping
@@ -75,11 +76,14 @@ def learning_curves(rows, path, title, steps_per_epoch, early_stopping=None):
 
 def focus_on_training(ax, points):
     """Clip the y-axis to the (x, y) points past the first tenth of the x range (steps or seconds),
-    so the untrained model's points do not squash the part of the curve worth reading."""
+    so the untrained model's points do not squash the part of the curve worth reading; a run with
+    fewer than three evaluations past that point keeps them all (else it would be a sliver)."""
     if points:
         last = max(x for x, _ in points)
-        later = [y for x, y in points if x >= 0.1 * last] or [y for _, y in points]
-        low, high = min(later), max(later)
+        later = [(x, y) for x, y in points if x >= 0.1 * last]
+        if len({x for x, _ in later}) < 3:  # too few evaluations to read a curve from: show every point
+            return
+        low, high = min(y for _, y in later), max(y for _, y in later)
         ax.set_ylim(low - 0.15 * (high - low) - 0.5, high + 0.1 * (high - low) + 0.5)
 
 
