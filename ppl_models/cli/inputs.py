@@ -74,19 +74,7 @@ def npy_digits(path, model, log):
 def image_digit(path, model, log):
     """One digit from an image file of any size: grayscale, resized to 28 x 28, inverted if it is
     dark on light (the training digits are light on dark), binarized as the run's data were."""
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        with Image.open(path) as image:
-            if min(image.size) < 8:
-                raise DataError(f"{path} is {image.size[0]} x {image.size[1]} pixels: too small to hold a digit")
-            gray = image.convert("L").resize((28, 28), Image.Resampling.LANCZOS)
-    except FileNotFoundError:
-        raise DataError(f"no file {path}: give image files, .npy arrays, or digits of the run's data like test:0-15") \
-            from None
-    except (UnidentifiedImageError, OSError) as error:
-        raise DataError(f"cannot read {path} as an image ({type(error).__name__}); give a PNG or JPEG") from None
-    x = torch.as_tensor(np.asarray(gray, dtype=np.float32) / 255).flatten()
+    x = read_gray(path, "LANCZOS").flatten()
     if x.shape[-1] != model.family.num_pixels:
         raise DataError(f"{path}: this model's digits have {model.family.num_pixels} pixels, not 28 x 28")
     border = x.reshape(28, 28)[[0, -1]].mean() / 2 + x.reshape(28, 28)[:, [0, -1]].mean() / 2
@@ -94,6 +82,23 @@ def image_digit(path, model, log):
         x = 1 - x
         log(f"{path}: dark on light, inverted to the training data's light on dark")
     return binarize_new(x[None], binarization(model), model.cfg.seed)
+
+
+def read_gray(path, resample):
+    """An image file as (28, 28) grayscale intensities in [0, 1], resized by PIL's `resample` filter."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as image:
+            if min(image.size) < 8:
+                raise DataError(f"{path} is {image.size[0]} x {image.size[1]} pixels: too small to hold a digit")
+            gray = image.convert("L").resize((28, 28), getattr(Image.Resampling, resample))
+    except FileNotFoundError:
+        raise DataError(f"no file {path}: give image files, .npy arrays, or digits of the run's data like test:0-15") \
+            from None
+    except (UnidentifiedImageError, OSError) as error:
+        raise DataError(f"cannot read {path} as an image ({type(error).__name__}); give a PNG or JPEG") from None
+    return torch.as_tensor(np.asarray(gray, dtype=np.float32) / 255)
 
 
 def binarization(model):
@@ -104,12 +109,5 @@ def read_mask(spec, shape, seed):
     """The observed pixels `spec` names (top, bottom, left, right, random:F) or a mask image (white
     = observed), for digits of `shape` (N, D)."""
     if Path(spec).suffix.lower() in (".png", ".jpg", ".jpeg", ".bmp", ".gif"):
-        from PIL import Image, UnidentifiedImageError
-
-        try:
-            with Image.open(spec) as image:
-                mask = np.asarray(image.convert("L").resize((28, 28), Image.Resampling.NEAREST)) > 127
-        except (FileNotFoundError, UnidentifiedImageError, OSError) as error:
-            raise DataError(f"cannot read the mask image {spec} ({type(error).__name__})") from None
-        return torch.as_tensor(mask).flatten().expand(shape)
+        return (read_gray(spec, "NEAREST") > 0.5).flatten().expand(shape)
     return observe(spec, shape, generator=torch.Generator().manual_seed(seed))
