@@ -64,7 +64,9 @@ class Config:
     detect_anomaly: bool = False
     eval_every: int = 200
     eval_digits: int = 1000
-    eval_samples: int = 0  # k of the final IWAE-k estimate of test log p(x); 0: none
+    # k of the final iwae-k estimate of test log p(x); 0: none; None: AUTO_EVAL_SAMPLES where the model
+    # has no exact log-likelihood, none where it has (then iwae-k would only check the exact number)
+    eval_samples: int | None = None
     train_subset: int | None = None
     patience: int | None = None  # early stopping: epochs without a better validation score before stopping
 
@@ -77,13 +79,17 @@ class Config:
             (self.eval_every > 0, "`eval_every` must be a positive integer"),
             (self.eval_digits > 0, "`eval_digits` must be a positive integer"),
             (self.particles > 0, "`particles` must be a positive integer"),
-            (self.eval_samples >= 0, "`eval_samples` must be 0 (none) or a positive integer"),
+            (self.eval_samples is None or self.eval_samples >= 0,
+             "`eval_samples` must be 0 (none) or a positive integer"),
             (self.train_subset is None or self.train_subset > 0, "`train_subset` must be a positive integer"),
             (self.patience is None or self.patience > 0, "`patience` must be a positive integer"),
         ]
         for ok, message in checks:
             if not ok:
                 raise SettingError(message)
+
+
+AUTO_EVAL_SAMPLES = 1000  # the k of `eval_samples=None` for a model without an exact log-likelihood
 
 
 def steps_per_epoch(cfg, data):

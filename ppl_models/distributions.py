@@ -9,8 +9,9 @@ so all S x N log-likelihoods cost one (N, D) x (D, S) product (`table_log_likeli
 
   IndexedBernoulli   x | z ~ Bernoulli(logits = theta[z]) for a table theta: the mixture (theta = w + c)
   IndependentBits    the SBN prior: M independent bits, enumerable as one site over all 2^M codes
-  LinearBernoulli    the SBN likelihood x | z ~ Bernoulli(logits = z @ w + c), scored over enumerated
-                     codes in chunks of states (`chunked_table_log_likelihood`)
+  LinearBernoulli    x | z ~ Bernoulli(logits = z @ w + c): the SBN likelihood, scored over enumerated
+                     codes in chunks of states (`chunked_table_log_likelihood`), and the VAE's last
+                     layer, scored for many z per digit at one pass over the logits
   StraightThroughBernoulli  hard Bernoulli samples with relaxed (Concrete) gradients
 """
 
@@ -41,6 +42,21 @@ def bernoulli_log_likelihood(x, logits, pixel_mask=None):
     """log p(x | logits) summed over the pixels (the last dim), only where `pixel_mask` is 1."""
     terms = x * logits - F.softplus(logits)
     return (terms if pixel_mask is None else terms * pixel_mask.to(x.dtype)).sum(-1)
+
+
+def linear_bernoulli_log_likelihood(x, z, w, c, pixel_mask=None):
+    """log p(x | z) for x | z ~ Bernoulli(logits = z @ w + c), summed over the (observed) pixels,
+    for z of any leading shape that broadcasts against x's digits, e.g. (samples, N, M).
+
+    Since x . logits = z . (w x) + c . x, the data term costs one (N, D) x (D, M) product per
+    batch of digits; only the log-normaliser sum_d softplus(logits_d) passes over the (..., N, D)
+    logits. Scoring many samples per digit (iwae-k) is then one GEMM and one softplus per sample."""
+    observed = x if pixel_mask is None else x * pixel_mask.to(x.dtype)
+    data_term = (z * (observed @ w.T)).sum(-1) + observed @ c
+    log_normaliser = F.softplus(z @ w + c)
+    if pixel_mask is not None:
+        log_normaliser = log_normaliser * pixel_mask.to(x.dtype)
+    return data_term - log_normaliser.sum(-1)
 
 
 class IndexedBernoulli(TorchDistribution):
@@ -170,7 +186,8 @@ class IndependentBits(TorchDistribution):
 
 
 class LinearBernoulli(TorchDistribution):
-    """x | z ~ Bernoulli(logits = z @ w + c).to_event(1): the sigmoid belief net's likelihood.
+    """x | z ~ Bernoulli(logits = z @ w + c).to_event(1): the sigmoid belief net's likelihood, and
+    the VAE's, with z the decoder's last hidden features and (w, c) its last layer.
 
     When z is the same for every digit of the batch (Pyro enumerating z: shape (S, 1, M)), all
     S x N log-likelihoods come from `chunked_table_log_likelihood`; a z drawn per digit is scored
@@ -200,11 +217,11 @@ class LinearBernoulli(TorchDistribution):
         if self._validate_args:
             self._validate_sample(value)
         shape = torch.broadcast_shapes(self.batch_shape, value.shape[:-1])
-        if value.dim() == 2 and self.z.dim() >= 2 and self.z.shape[-2] == 1 and value.shape[0] > 1:
+        if value.dim() == 2 and self.z.dim() >= 3 and self.z.shape[-2] == 1 and value.shape[0] > 1:
             states = self.z.reshape(-1, self.z.shape[-1])  # the same states for every digit
             table = chunked_table_log_likelihood(value, states, self.w, self.c, self.pixel_mask)  # (N, S)
             return table.T.reshape(self.z.shape[:-2] + value.shape[:1]).expand(shape)
-        return bernoulli_log_likelihood(value, self.z @ self.w + self.c, self.pixel_mask).expand(shape)
+        return linear_bernoulli_log_likelihood(value, self.z, self.w, self.c, self.pixel_mask).expand(shape)
 
 
 class StraightThroughBernoulli(dist.RelaxedBernoulliStraightThrough):

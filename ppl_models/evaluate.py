@@ -8,6 +8,7 @@ All are in nats per digit.
 """
 
 import math
+import time
 
 import pyro
 import torch
@@ -76,14 +77,19 @@ def estimators(model, guide_name, iwae_samples=0, split="test"):
     return names
 
 
-def per_digit_estimate(model, guide_name, x, name, progress=False, memory_floats=2**25, observed=None):
+# Samples x digits x pixels scored at once (16 MB of logits). Small enough that a chunk's logits
+# stay in cache between the decoder's last product and the softplus that reads them: iwae-k runs
+# ~1.2x its floor with it, ~2x with 2^25 (bench/iwae_speed.py, BENCHMARKS.md).
+CHUNK_FLOATS = 2**22
+
+
+def per_digit_estimate(model, guide_name, x, name, progress=False, memory_floats=CHUNK_FLOATS, observed=None):
     """One estimator's (N,) per-digit values, in batches of digits sized so that the samples of a
     batch (samples x digits x pixels) stay under `memory_floats` numbers; past one digit's worth,
     the samples of a digit are drawn in chunks too, so any k fits in memory. With a boolean mask
     `observed` like x, of log p(x_observed) (the guide sees the missing pixels as 0)."""
     check_binary(x, "digits to score", x.shape[-1])
-    samples = 1 if name in ("exact", "elbo") else int(name.split("-")[1])
-    batch_size = max(1, memory_floats // (samples * x.shape[1]))
+    batch_size = max(1, memory_floats // (samples_of(name) * x.shape[1]))
     if observed is not None:
         x = torch.where(observed, x, torch.zeros_like(x))
     values = []
@@ -97,8 +103,31 @@ def per_digit_estimate(model, guide_name, x, name, progress=False, memory_floats
         elif name == "elbo":
             values.append(importance_log_weights(model.model, model.guide(guide_name), batch, **masked)[0])
         else:
-            values.append(chunked_iwae_bound(model, guide_name, batch, samples, memory_floats, **masked))
+            values.append(chunked_iwae_bound(model, guide_name, batch, samples_of(name), memory_floats, **masked))
     return torch.cat(values)
+
+
+def samples_of(name):
+    """Draws of z per digit an estimator takes: k for iwae-k, one for the ELBO (and exact)."""
+    return int(name.split("-")[1]) if name.startswith("iwae-") else 1
+
+
+def seconds_to_estimate(model, guide_name, x, name):
+    """About how long `per_digit_estimate` takes on all of x: its time on 1% of the digits (at
+    least 20), scaled, after a call on one digit has paid the first call's one-off costs."""
+    probe = min(len(x), max(20, len(x) // 100))
+    with torch.no_grad():
+        per_digit_estimate(model, guide_name, x[:1], name)
+        started = time.perf_counter()
+        per_digit_estimate(model, guide_name, x[:probe], name)
+    return (time.perf_counter() - started) * len(x) / probe
+
+
+def duration(seconds):
+    """A duration as a person says it: '40 s', '6 min', '1.5 h'."""
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    return f"{seconds / 60:.0f} min" if seconds < 5400 else f"{seconds / 3600:.1f} h"
 
 
 def chunked_iwae_bound(model, guide_name, x, samples, memory_floats, **kwargs):

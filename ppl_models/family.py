@@ -110,6 +110,7 @@ class Family(nn.Module):
                            selects on iwae-k, not on the one-sample ELBO
       hyperparameters      {constructor argument: Hyperparameter}: what users set (CLI flags)
       training_defaults    optimizer, lr, batch_size, epochs and eval_samples when none are given
+                           (eval_samples None: iwae-1000 unless the exact log-likelihood is reported)
                            (any it leaves out come from Family's)
       experiments          {name: Experiment} it offers besides a training run
     and implements `model(x, *step_args, observed=None)` (observed site "x" in a plate "data" at dim
@@ -131,7 +132,7 @@ class Family(nn.Module):
     elbos: ClassVar[dict] = {}
     importance_weighted_elbos: ClassVar[tuple] = ()
     hyperparameters: ClassVar[dict] = {}
-    training_defaults: ClassVar[dict] = dict(optimizer="adam", lr=1e-3, batch_size=100, epochs=10, eval_samples=1000)
+    training_defaults: ClassVar[dict] = dict(optimizer="adam", lr=1e-3, batch_size=100, epochs=10, eval_samples=None)
     experiments: ClassVar[dict] = {}
 
     #: the sample site of the latents, in the model and in every guide

@@ -20,9 +20,9 @@ import torch
 from pyro import poutine
 from tqdm.auto import tqdm
 
-from .config import OPTIMIZERS, SettingError, steps_per_epoch
+from .config import AUTO_EVAL_SAMPLES, OPTIMIZERS, SettingError, steps_per_epoch
 from .data import DataError, random_digits
-from .evaluate import estimators, mean_estimates, per_digit_estimate
+from .evaluate import duration, estimators, mean_estimates, per_digit_estimate, seconds_to_estimate
 from .files import atomic_torch_save, write_json
 from .rundir import (
     CHECKPOINT_FORMAT,
@@ -101,7 +101,8 @@ def train(model, data, cfg, run_dir, resume=False, progress=True, log=print, aft
         run.metrics.flush()
         if run.best:
             run.restore_best_epoch()
-        summary = summarise(model, data, cfg, run.at.epoch, run.at.seconds / max(run.at.epoch, 1), run.device, progress)
+        summary = summarise(model, data, cfg, run.at.epoch, run.at.seconds / max(run.at.epoch, 1), run.device, progress,
+                            log)
         if run.best:
             summary["early_stopping"] = run.early_stopping_summary()
         write_json(summary, run.dir / "metrics.json")
@@ -325,18 +326,30 @@ def selection_estimator(model, cfg, names):
     return names[0]
 
 
-def summarise(model, data, cfg, epochs, seconds_per_epoch, device, progress=True):
+LONG_EVALUATION_SECONDS = 20  # a final estimate expected to take longer is announced with its cost
+
+
+def summarise(model, data, cfg, epochs, seconds_per_epoch, device, progress=True, log=print):
     """metrics.json: final -> split -> estimator -> mean log-likelihood per digit (nats), on every
-    digit of each split (`final_digits` says how many); iwae-k with `eval_samples=k` on test only.
-    Each estimate draws from its own stream seeded by the run's seed."""
+    digit of each split (`final_digits` says how many); iwae-k with `eval_samples=k` on test only
+    (`eval_samples=None`: iwae-1000 where no exact log-likelihood is reported). Each estimate draws
+    from its own stream seeded by the run's seed; one that will take long is announced first."""
     def final_estimate(split, name):  # each from the run's seed: `ppl_models.load(run).log_prob` says the same
+        x = data.binary(split)
+        with evaluation_rng(cfg.seed, device):
+            seconds = seconds_to_estimate(model, cfg.guide, x, name)
+        if seconds > LONG_EVALUATION_SECONDS:
+            log(f"final {name} on {len(x):,} {split} digits: about {duration(seconds)} on this machine"
+                + ("; `eval_samples=0` skips it" if name.startswith("iwae-") else ""))
         with evaluation_rng(cfg.seed, device), torch.no_grad():
-            return per_digit_estimate(model, cfg.guide, data.binary(split), name, progress).mean().item()
+            return per_digit_estimate(model, cfg.guide, x, name, progress).mean().item()
 
     final = {split: {name: final_estimate(split, name) for name in estimators(model, cfg.guide, split=split)}
              for split in data.splits}
-    if cfg.eval_samples and cfg.guide not in model.exact_guides:
-        final["test"][f"iwae-{cfg.eval_samples}"] = final_estimate("test", f"iwae-{cfg.eval_samples}")
+    samples = cfg.eval_samples if cfg.eval_samples is not None else 0 if "exact" in final["test"] else \
+        AUTO_EVAL_SAMPLES
+    if samples and cfg.guide not in model.exact_guides:
+        final["test"][f"iwae-{samples}"] = final_estimate("test", f"iwae-{samples}")
     return {
         "model": cfg.model,
         "guide": cfg.guide,

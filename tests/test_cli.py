@@ -46,6 +46,18 @@ def test_training_run_writes_metrics_and_every_figure(offline, tiny_binarized, t
     assert "<td>test</td><td>exact</td>" in page and "roc_auc" in page
 
 
+def test_a_long_final_estimate_is_announced_with_the_flag_that_skips_it(offline, tiny_binarized, tmp_path, capsys,
+                                                                        monkeypatch):
+    import ppl_models.train
+
+    monkeypatch.setattr(ppl_models.train, "LONG_EVALUATION_SECONDS", 0.0)  # every estimate counts as long
+    code = run_cli("--model", "vae", "--hidden", "8", "--dataset", "binarized-mnist", "--data-dir",
+                   str(tiny_binarized), "--epochs", "1", "--eval-samples", "20", "--out", str(tmp_path / "run"))
+    assert code == 0
+    assert re.search(r"^final iwae-20 on 100 test digits: about \d+ s on this machine; --eval-samples 0 skips it$",
+                     capsys.readouterr().out, re.MULTILINE)
+
+
 def test_resume_through_the_cli_finishes_the_run(offline, tiny_binarized, tmp_path):
     out = tmp_path / "run"
     with mixture_report_offline():

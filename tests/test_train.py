@@ -311,3 +311,36 @@ def test_checkpoint_from_an_older_format_is_refused(tiny_dataset, tmp_path):
     torch.save(checkpoint, tmp_path / "checkpoint.pt")
     with pytest.raises(TrainingError, match=r"written by an older ppl_models \(format 1\).*start the run again"):
         train(BernoulliMixture(4), tiny_dataset, config(epochs=2), tmp_path, resume=True, **QUIET)
+
+
+def test_iwae_k_is_reported_by_default_only_where_no_exact_log_likelihood_is(tiny_dataset, tmp_path):
+    from ppl_models.models.sbn import SigmoidBeliefNet
+    from ppl_models.models.vae import VAE
+
+    def final_test_estimators(family, **settings):
+        cfg = Config(**{"epochs": 1, "batch_size": 100, "eval_digits": 50, "eval_samples": None, **settings})
+        return set(train(family, tiny_dataset, cfg, tmp_path / cfg.model, overwrite=True, **QUIET)["final"]["test"])
+
+    assert final_test_estimators(SigmoidBeliefNet(latents=4), model="sbn", guide="bernoulli") == {"exact", "elbo"}
+    assert final_test_estimators(VAE(z_dim=2, hidden=(8,)), model="vae", guide="normal") == {"elbo", "iwae-1000"}
+    assert final_test_estimators(SigmoidBeliefNet(latents=4), model="sbn", guide="bernoulli", eval_samples=10) == \
+        {"exact", "elbo", "iwae-10"}  # asked for: a check of the exact number
+
+
+def test_a_long_final_estimate_is_announced_with_its_cost_and_how_to_skip_it(tiny_dataset, tmp_path, monkeypatch):
+    from ppl_models.models.vae import VAE
+
+    monkeypatch.setattr(train_module, "LONG_EVALUATION_SECONDS", 0.0)  # every estimate counts as long
+    lines = []
+    cfg = Config(model="vae", guide="normal", epochs=1, eval_digits=50, eval_samples=10)
+    train(VAE(z_dim=2, hidden=(8,)), tiny_dataset, cfg, tmp_path / "run", progress=False, log=lines.append)
+    announced = [line for line in lines if line.startswith("final iwae-10 on 200 test digits: about ")]
+    assert len(announced) == 1 and announced[0].endswith("on this machine; `eval_samples=0` skips it"), lines
+    assert any(re.fullmatch(r"final elbo on 600 train digits: about \d+ s on this machine", line) for line in lines)
+
+
+@pytest.mark.parametrize("seconds, said", [(4.2, "4 s"), (89, "89 s"), (360, "6 min"), (5400, "1.5 h")])
+def test_durations_are_said_as_a_person_says_them(seconds, said):
+    from ppl_models.evaluate import duration
+
+    assert duration(seconds) == said

@@ -32,6 +32,25 @@ def test_closed_form_kl_of_seed_problem_14_equals_monte_carlo():
     assert abs(monte_carlo - closed_form) < 0.05
 
 
+@pytest.mark.parametrize("masked", [False, True])
+def test_the_likelihood_site_scores_as_pyros_bernoulli_on_the_decoder_logits(masked):
+    """The model's x site folds x into the decoder's last layer (LinearBernoulli); it must score
+    exactly as the generic Bernoulli(logits = decoder(z)), for many z per digit, values and gradients."""
+    vae, x = VAE(z_dim=3, hidden=(16, 8)), digits(5)
+    observed = torch.rand(5, 784, generator=torch.Generator().manual_seed(1)) < 0.5 if masked else None
+    z = torch.randn(7, 5, 3)  # 7 draws for each of 5 digits, as under an iwae-k particles plate
+    trace = pyro.poutine.trace(pyro.poutine.condition(vae.model, data={"z": z})).get_trace(x, observed=observed)
+    fast = trace.nodes["x"]["fn"].log_prob(x)
+    generic = dist.Bernoulli(logits=vae.decoder(z))
+    generic = (generic if observed is None else generic.mask(observed)).to_event(1).log_prob(x)
+    assert fast.shape == generic.shape == (7, 5)
+    assert torch.allclose(fast, generic, atol=1e-4, rtol=1e-5)
+    weight = vae.decoder[1].weight
+    fast_grad, = torch.autograd.grad(fast.sum(), weight)
+    generic_grad, = torch.autograd.grad(generic.sum(), weight)
+    assert torch.allclose(fast_grad, generic_grad, atol=1e-4, rtol=1e-4)
+
+
 def test_meanfield_and_trace_elbos_agree_in_expectation():
     vae, x = VAE(z_dim=3, hidden=(32,)), digits()
     pyro.module("encoder", vae.encoder)

@@ -24,7 +24,7 @@ from contextlib import contextmanager
 from dataclasses import fields
 from pathlib import Path
 
-from ..config import OPTIMIZERS, Config, as_flags, flag
+from ..config import AUTO_EVAL_SAMPLES, OPTIMIZERS, Config, as_flags, flag
 from ..data import BINARIZATIONS, DATASETS, DataError
 from ..files import WriteError
 from ..job import run
@@ -147,8 +147,9 @@ def add_running_arguments(parser):
                      help="digits per learning-curve point, per split (default: 1000, as seed problem 8)")
     run.add_argument("--eval-samples", type=int,
                      help="k of the final importance-sampled estimate of test log p(x), iwae-k, with q as proposal "
-                          "(" + "; ".join(f"{name}: {family.training_defaults['eval_samples']}" for name, family in
-                                          FAMILIES.items()) + "; 0 skips it; exact guides need none)")
+                          f"(default: {AUTO_EVAL_SAMPLES} where no exact log-likelihood is reported, none where it "
+                          "is: there iwae-k only checks the exact number; 0 skips it; exact guides need none). A "
+                          "final estimate that will take long says so, with its cost, before it starts")
     run.add_argument("--out", help="run directory (default: figures/<model>)")
     run.add_argument("--resume", metavar="RUN_DIR",
                      help="continue the run in RUN_DIR with its own settings (give --epochs to train a finished "
@@ -244,7 +245,7 @@ def main(argv=None, prog=None):
             cfg.validate()
             out = Path(args.resume or args.out or Path("figures") / cfg.model)
             run(cfg, out, experiment=args.experiment, resume=bool(args.resume), progress=not args.quiet,
-                download=not args.no_download, overwrite=args.overwrite)
+                download=not args.no_download, overwrite=args.overwrite, log=lambda line: print(as_flags(line)))
     except Interrupted as stop:  # in the training loop: a checkpoint was saved
         print(f"error: {stop.what} at step {stop.step}; checkpoint saved. Resume with: {command} --resume "
               f"{stop.run_dir}", file=sys.stderr)

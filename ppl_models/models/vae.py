@@ -33,6 +33,7 @@ from pyro.nn import AutoRegressiveNN
 from torch import nn
 
 from ..config import SettingError, positive
+from ..distributions import LinearBernoulli
 from ..family import Family, Hyperparameter, pyro_elbo
 from . import vae_report
 
@@ -133,7 +134,7 @@ class VAE(Family):
                                     "many epochs, with `elbo='trace'` or meanfield; reported numbers always use the "
                                     "full ELBO; 0: none", float),
     }
-    training_defaults = dict(optimizer="adam", lr=1e-3, batch_size=100, epochs=5, eval_samples=1000)  # seed template's
+    training_defaults = dict(optimizer="adam", lr=1e-3, batch_size=100, epochs=5, eval_samples=None)  # seed template's
     experiments = {"prior-vs-importance": vae_report.PRIOR_VS_IMPORTANCE}
 
     def __init__(self, z_dim=2, hidden=(200, 200), activation="relu", flows=2, rank=2, kl_warmup=0, num_pixels=784):
@@ -183,8 +184,10 @@ class VAE(Family):
             prior = dist.Normal(x.new_zeros(self.z_dim), x.new_ones(self.z_dim)).to_event(1)
             with kl_weighted(kl_weight):
                 z = pyro.sample("z", prior)
-            pixels = dist.Bernoulli(logits=self.decoder(z))
-            pyro.sample("x", (pixels if observed is None else pixels.mask(observed)).to_event(1), obs=x)
+            # Bernoulli(logits = decoder(z)) with the decoder's last layer, a linear one, left to the
+            # distribution: it folds x into that layer, so scoring costs one pass over the logits
+            features, to_logits = self.decoder
+            pyro.sample("x", LinearBernoulli(features(z), to_logits.weight.T, to_logits.bias, observed), obs=x)
 
     def posterior_normal(self, x):
         """N(mu(x), diag sigma(x)^2), sigma from an exponential at the last layer (seed equation 23)."""
