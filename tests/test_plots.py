@@ -1,4 +1,8 @@
-"""Figures a person can read: the learning curves' axes."""
+"""Figures a person can read: the learning curves' axes, grids no wider than report.html's page."""
+
+import numpy as np
+import torch
+from PIL import Image
 
 from ppl_models import plots
 
@@ -23,3 +27,24 @@ def test_a_long_run_zooms_past_the_untrained_point(monkeypatch, tmp_path):
     points = [(0, -545.0)] + [(step, -200.0 + step / 100) for step in range(200, 4001, 200)]
     low, high = drawn_axes(monkeypatch, curve(points), tmp_path).get_ylim()
     assert -545 < low < -200 and high >= -160
+
+
+def png_size(path):
+    with Image.open(path) as image:
+        return image.size
+
+
+def test_a_grid_of_many_columns_fits_the_report_page(tmp_path):
+    plots.image_grid(torch.rand(40, 784), tmp_path / "grid.png", "title", ncols=20)
+    assert png_size(tmp_path / "grid.png")[0] <= 1100  # report.html is 1100 px wide: wider is shrunk to fit
+
+
+def test_mean_and_draw_rows_put_each_blocks_means_above_its_draws():
+    means, draws = torch.rand(5, 784), torch.bernoulli(torch.full((5, 784), 0.5))
+    images, captions, row_labels = plots.mean_and_draw_rows(means, draws, ncols=3, captions=list("abcde"))
+    rows = images.reshape(4, 3, 784)
+    assert np.array_equal(rows[0], means[:3]) and np.array_equal(rows[1], draws[:3])
+    assert np.array_equal(rows[2, :2], means[3:]) and np.array_equal(rows[3, :2], draws[3:])
+    assert np.isnan(rows[2:, 2]).all()  # the last block's missing sample: an empty cell
+    assert captions == ["a", "b", "c", "", "", "", "d", "e", "", "", "", ""]
+    assert row_labels == list(plots.MEAN_AND_DRAW) * 2
