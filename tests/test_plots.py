@@ -1,7 +1,10 @@
-"""Figures a person can read: the learning curves' axes, grids no wider than report.html's page."""
+"""Figures a person can read: the learning curves' axes, grids no wider than report.html's page,
+sampled digits shown with the Bernoulli means they were drawn from."""
 
 import numpy as np
+import pytest
 import torch
+from conftest import run_cli
 from PIL import Image
 
 from ppl_models import plots
@@ -48,3 +51,19 @@ def test_mean_and_draw_rows_put_each_blocks_means_above_its_draws():
     assert np.isnan(rows[2:, 2]).all()  # the last block's missing sample: an empty cell
     assert captions == ["a", "b", "c", "", "", "", "d", "e", "", "", "", ""]
     assert row_labels == list(plots.MEAN_AND_DRAW) * 2
+
+
+@pytest.mark.parametrize("model, flags", [("sbn", ["--latents", "3"]),
+                                          ("vae", ["--hidden", "16", "--eval-samples", "5"])])
+def test_sampled_digits_are_drawn_with_the_bernoulli_means_they_came_from(offline, tiny_binarized, tmp_path,
+                                                                          monkeypatch, model, flags):
+    drawn, draw = [], plots.means_and_draws
+    monkeypatch.setattr(plots, "means_and_draws", lambda means, draws, *args, **options: drawn.append(
+        (means, draws)) or draw(means, draws, *args, **options))
+    out = tmp_path / model
+    assert run_cli("--model", model, *flags, "--dataset", "binarized-mnist", "--data-dir", str(tiny_binarized),
+                   "--epochs", "1", "--batch-size", "50", "--out", str(out)) == 0
+    [(means, draws)] = drawn
+    assert set(draws.unique().tolist()) <= {0.0, 1.0} and ((means > 0) & (means < 1)).all()
+    assert (out / "samples.png").stat().st_size > 1000
+    assert '<img src="samples.png"' in (out / "report.html").read_text()

@@ -52,6 +52,7 @@ def report(model, run):
     cfg = run.cfg
     draw_learning_curves(run, f"{model.summary()}, guide {cfg.guide}: {cfg.eval_digits} fixed random digits per split")
     draw_samples_through_training(run.out)
+    draw_samples(model, run)
     draw_manifold(model, run.out, cfg.device)
     draw_reconstructions_and_latents(model, run)
     return Report([
@@ -59,6 +60,8 @@ def report(model, run):
          "(seed problem 22): a lower bound on log p(x); the untrained model starts near -544 nats."),
         ("samples_through_training.png", "The decoder's mean image for the same 20 draws of z ~ N(0, I) before, "
          "part way through and after training (seed problem 23)."),
+        ("samples.png", f"16 digits sampled from the model of epoch {run.reported_epoch}: z ~ N(0, I), then the "
+         "decoder's mean p(x_d = 1 | z) (rows 1 and 3) and a binary draw x ~ p(x | z) from it (rows 2 and 4)."),
         ("manifold.png", "The learned manifold (seed problem 24): the decoder's mean over a grid of the latent "
          "plane, placed through the inverse Normal CDF so each cell holds equal prior mass."),
         ("reconstructions.png", "Test digits and the decoder's mean at a z drawn from q(z | x): what the "
@@ -76,6 +79,15 @@ def draw_samples_through_training(out):
     plots.image_grid(torch.cat([history[e] for e in shown_epochs]), out / "samples_through_training.png",
                      "Mean of p(x | z) for 20 fixed z ~ N(0, I), through training", ncols=20,
                      row_labels=[f"epoch {e}" if e else "untrained" for e in shown_epochs])
+
+
+def draw_samples(model, run):
+    with torch.random.fork_rng():
+        torch.manual_seed(run.cfg.seed)
+        drawn = model.sample(16)
+    plots.means_and_draws(drawn.probabilities, drawn.digits, run.out / "samples.png",
+                          f"16 samples of the model of epoch {run.reported_epoch}: z ~ N(0, I),\nthe decoder's means "
+                          "p(x_d = 1 | z) and a binary draw x ~ p(x | z) from them")
 
 
 def draw_manifold(model, out, device):
@@ -101,7 +113,8 @@ def draw_reconstructions_and_latents(model, run):
         z_digits = poutine.trace(model.guide(guide)).get_trace(digits).nodes["z"]["value"]
         z_all = latent_means(model, guide, x_test[:5000])
     plots.image_grid(torch.cat([digits, model.decode(z_digits)]), run.out / "reconstructions.png",
-                     "Test digits and the decoder mean at one z ~ q(z | x)", ncols=10,
+                     f"{len(digits)} random test digits (top) and the decoder mean p(x_d = 1 | z) at one z ~ q(z | x) "
+                     "of each (bottom)", ncols=10,
                      row_labels=["digit", "reconstruction"])
     labels = run.data.labels["test"]
     shown = z_all[:, :2] if model.z_dim > 1 else torch.cat([z_all, torch.zeros_like(z_all)], 1)
