@@ -8,6 +8,7 @@ from conftest import run_cli
 from PIL import Image
 
 from ppl_models import plots
+from ppl_models.models import vae_report
 
 
 def drawn_axes(monkeypatch, rows, tmp_path):
@@ -40,6 +41,16 @@ def png_size(path):
 def test_a_grid_of_many_columns_fits_the_report_page(tmp_path):
     plots.image_grid(torch.rand(40, 784), tmp_path / "grid.png", "title", ncols=20)
     assert png_size(tmp_path / "grid.png")[0] <= 1100  # report.html is 1100 px wide: wider is shrunk to fit
+
+
+def test_samples_through_training_stay_legible_after_many_epochs(tmp_path):
+    # a history as older runs wrote it, 20 draws an epoch
+    torch.save({epoch: torch.rand(20, 784) for epoch in range(301)}, tmp_path / "samples_through_training.pt")
+    epochs = vae_report.draw_samples_through_training(tmp_path, reported_epoch=123)
+    assert epochs[0] == 0 and epochs[-1] == 300 and 123 in epochs and len(epochs) <= 8
+    width, height = png_size(tmp_path / "samples_through_training.png")
+    columns = vae_report.DRAWS_THROUGH_TRAINING
+    assert width <= 1100 and height <= 1300 and width / columns >= 90  # each digit's cell ~100 px at report size
 
 
 def test_mean_and_draw_rows_put_each_blocks_means_above_its_draws():
