@@ -51,6 +51,16 @@ class Experiment:
 
 
 @dataclass
+class Samples:
+    """Digits drawn from the model: `digits` (n, D) binary draws, `probabilities` (n, D) the Bernoulli
+    means they were drawn from, `latents` {site: value} the latents that made them."""
+
+    digits: torch.Tensor
+    probabilities: torch.Tensor
+    latents: dict
+
+
+@dataclass
 class RunContext:
     """What a family's report reads: the data, the settings, the run directory, the final summary
     (metrics.json, not to be changed: findings are returned), and whether data may be downloaded."""
@@ -61,6 +71,11 @@ class RunContext:
     summary: dict
     download: bool = True
     log: Callable = print
+
+    @property
+    def reported_epoch(self):
+        """The epoch whose model the report shows: the best one under early stopping, else the last."""
+        return self.summary.get("early_stopping", {}).get("best_epoch", self.summary["epochs"])
 
 
 @dataclass
@@ -250,12 +265,13 @@ class Family(nn.Module):
     @torch.no_grad()
     def sample(self, num_samples):
         """Ancestral samples from the Pyro model itself (`poutine.uncondition`), so they cannot drift
-        from `model()`: returns ({latent site: value}, digits (num_samples, num_pixels))."""
+        from `model()`: `Samples` with the mean of the distribution site "x" was drawn from."""
         blank = torch.zeros(num_samples, self.num_pixels, device=self.device)
         trace = poutine.trace(poutine.uncondition(self.model)).get_trace(blank)
         latents = {name: site["value"] for name, site in trace.nodes.items()
                    if site["type"] == "sample" and name != "x" and not site_is_subsample(site)}
-        return latents, trace.nodes["x"]["value"]
+        pixels = trace.nodes["x"]
+        return Samples(pixels["value"], pixels["fn"].mean, latents)
 
     def inference_methods(self, guide):
         """{method: what it is}: the algorithms that can find p(z | x_observed) for this model trained

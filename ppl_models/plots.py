@@ -23,15 +23,32 @@ def save(fig, path):
         plt.close(fig)
 
 
+MAX_WIDTH = 10  # inches: 1100 px at dpi 110, the width of report.html's page, so no grid is shrunk to fit it
+MEAN_AND_DRAW = ("mean\np(x_d = 1 | z)", "draw\nx ~ p(x | z)")  # the row labels of `means_and_draws`
+
+
+def fill(title, width):
+    """The title's lines (\n where it says) wrapped to `width` characters: 12 an inch at fontsize 10."""
+    return "\n".join(textwrap.fill(line, int(width)) for line in title.split("\n"))
+
+
+def as_rows(images):
+    """Digits as a float array (N, 784), from a tensor (on any device) or an array."""
+    images = images.detach().cpu() if hasattr(images, "detach") else images
+    return np.asarray(images, dtype=float).reshape(len(images), -1)
+
+
 def image_grid(images, path, title, captions=None, ncols=10, row_labels=None):
-    """Digits (N, 784) with values in [0, 1] as a grid of 28 x 28 images, black on white."""
-    images = np.asarray(images.detach().cpu() if hasattr(images, "detach") else images).reshape(-1, 28, 28)
+    """Digits (N, 784) with values in [0, 1] as a grid of 28 x 28 images, black on white; an image
+    of NaNs is an empty cell."""
+    images = as_rows(images).reshape(-1, 28, 28)
     nrows = int(np.ceil(len(images) / ncols))
-    fig, axes = plt.subplots(nrows, ncols, figsize=(1.1 * ncols, 1.25 * nrows + 0.5), squeeze=False)
+    cell = min(1.1, MAX_WIDTH / ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(cell * ncols, (cell + 0.15) * nrows + 0.5), squeeze=False)
     for i, ax in enumerate(axes.flat):
         ax.set_xticks([])
         ax.set_yticks([])
-        if i >= len(images):
+        if i >= len(images) or np.isnan(images[i]).all():
             ax.axis("off")
             continue
         ax.imshow(images[i], cmap="gray_r", vmin=0, vmax=1)
@@ -39,8 +56,30 @@ def image_grid(images, path, title, captions=None, ncols=10, row_labels=None):
             ax.set_title(captions[i], fontsize=8)
         if row_labels is not None and i % ncols == 0:
             ax.set_ylabel(row_labels[i // ncols], fontsize=8)
-    fig.suptitle(title, fontsize=10)
+    fig.suptitle(fill(title, 12 * cell * ncols), fontsize=10)
     save(fig, path)
+
+
+def mean_and_draw_rows(means, draws, ncols, captions=None):
+    """The cells of `means_and_draws`: (images, captions, row labels), each `ncols` samples as a row
+    of their means above the row of their draws; a last, shorter block ends in empty cells."""
+    means, draws = as_rows(means), as_rows(draws)
+    captions = [""] * len(means) if captions is None else list(captions)
+    images, cell_captions = [], []
+    for start in range(0, len(means), ncols):
+        block = slice(start, start + ncols)
+        empty = np.full((ncols - len(means[block]), means.shape[1]), np.nan)
+        images += [means[block], empty, draws[block], empty]
+        cell_captions += captions[block] + [""] * (2 * ncols - len(captions[block]))
+    return np.concatenate(images), cell_captions, list(MEAN_AND_DRAW) * (len(cell_captions) // (2 * ncols))
+
+
+def means_and_draws(means, draws, path, title, captions=None, ncols=8):
+    """Samples of binary digits: the Bernoulli means p(x_d = 1 | z) each was drawn from, above the
+    binary draw x ~ p(x | z) itself (alone, a draw from a blurry mean is speckle); `captions` (one per
+    sample) go above the means."""
+    images, cell_captions, row_labels = mean_and_draw_rows(means, draws, ncols, captions)
+    image_grid(images, path, title, cell_captions, ncols, row_labels)
 
 
 def learning_curves(rows, path, title, steps_per_epoch, early_stopping=None):
@@ -119,12 +158,12 @@ def manifold(images, grid_values, path, title):
     """A square grid of decoder mean images; grid_values label the latent value of each row/column."""
     n = len(grid_values)
     canvas = np.asarray(images.detach().cpu()).reshape(n, n, 28, 28).transpose(0, 2, 1, 3).reshape(n * 28, n * 28)
-    fig, ax = plt.subplots(figsize=(7, 7))
+    fig, ax = plt.subplots(figsize=(MAX_WIDTH, MAX_WIDTH))
     ax.imshow(canvas, cmap="gray_r", vmin=0, vmax=1)
     ticks = np.arange(n) * 28 + 14
     labels = [f"{v:.1f}" for v in np.asarray(grid_values)]
-    ax.set_xticks(ticks[::2], labels[::2], fontsize=7)
-    ax.set_yticks(ticks[::2], labels[::-1][::2], fontsize=7)  # rows run from high z_2 (top) to low
+    ax.set_xticks(ticks[::2], labels[::2], fontsize=9)
+    ax.set_yticks(ticks[::2], labels[::-1][::2], fontsize=9)  # rows run from high z_2 (top) to low
     ax.set_xlabel("z_1")
     ax.set_ylabel("z_2")
     ax.set_title(title, fontsize=10)

@@ -37,16 +37,6 @@ MAX_IWAE_SAMPLES = 10**6
 
 
 @dataclass
-class Samples:
-    """Digits drawn from the model: `digits` (n, D) binary draws, `probabilities` (n, D) the Bernoulli
-    means they were drawn from, `latents` {site: value} the latents that made them."""
-
-    digits: torch.Tensor
-    probabilities: torch.Tensor
-    latents: dict
-
-
-@dataclass
 class Scores:
     """log p(x) (or log p(x_observed)) per digit by `estimator`, and its mean with the standard error
     over digits (a spread over digits, not the estimator's own error)."""
@@ -88,13 +78,12 @@ class TrainedModel:
     # ---- the four queries ----------------------------------------------------------------------
     @torch.no_grad()
     def sample(self, n, seed=None):
-        """n digits x ~ p(x) by ancestral sampling from the Pyro model."""
+        """n digits x ~ p(x) by ancestral sampling from the Pyro model: `family.Samples` (the digits, the
+        Bernoulli means they were drawn from, the latents)."""
         if not isinstance(n, int) or n < 1:
             raise SettingError(f"the number of samples must be a positive integer, got {n!r}")
         with self.active(seed):
-            latents, digits = self.family.sample(n)
-            probabilities = torch.sigmoid(self.family.pixel_logits(latents[self.family.latent_site]))
-        return Samples(digits, probabilities, latents)
+            return self.family.sample(n)
 
     def log_prob(self, x, observed=None, estimator=None, draws=1000, seed=None, progress=False):
         """log p(x) per digit (log p(x_observed) with a mask): `exact` where the model has it, else

@@ -115,9 +115,18 @@ def test_two_families_share_a_flag_and_each_gets_its_own_default(registered, off
 
 def test_sampling_comes_from_the_model_itself(registered):
     family = IndependentPixels(init_logit=3.0)
-    latents, x = family.sample(500)
-    assert latents == {} and x.shape == (500, 784)
-    assert abs(x.mean().item() - torch.sigmoid(torch.tensor(3.0)).item()) < 0.01
+    drawn = family.sample(500)
+    assert drawn.latents == {} and drawn.digits.shape == (500, 784)
+    assert abs(drawn.digits.mean().item() - torch.sigmoid(torch.tensor(3.0)).item()) < 0.01
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_samples_come_with_the_bernoulli_means_they_were_drawn_from(name):
+    family = FAMILIES[name]()
+    drawn = family.sample(8)
+    z = drawn.latents[family.latent_site]
+    assert torch.allclose(drawn.probabilities, torch.sigmoid(family.pixel_logits(z)))
+    assert drawn.digits.shape == drawn.probabilities.shape == (8, 784)
 
 
 @pytest.mark.parametrize("args, message", [

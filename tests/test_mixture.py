@@ -125,8 +125,8 @@ def test_masked_log_likelihood_is_the_marginal_of_the_observed_pixels():
 
 def test_samples_are_binary_digits_from_valid_components():
     model = BernoulliMixture(components=5)
-    latents, x = model.sample(32)
-    z = latents["z"]
+    drawn = model.sample(32)
+    x, z = drawn.digits, drawn.latents["z"]
     assert x.shape == (32, 784) and set(x.unique().tolist()) <= {0.0, 1.0}
     assert z.shape == (32,) and z.min() >= 0 and z.max() < 5
 

@@ -141,12 +141,12 @@ def test_every_guide_trains_through_the_cli_and_draws_its_figures(offline, tiny_
     assert code == 0
     summary = json.loads((out / "metrics.json").read_text())
     assert set(summary["final"]["test"]) == {"elbo", "iwae-20"} and set(summary["final"]["train"]) == {"elbo"}
-    for figure in ("learning_curves", "samples_through_training", "manifold", "reconstructions", "latent_means"):
+    figures = ("learning_curves", "samples_through_training", "samples", "manifold", "reconstructions", "latent_means")
+    for figure in figures:
         assert (out / f"{figure}.png").stat().st_size > 1000, figure
     assert sorted(torch.load(out / "samples_through_training.pt", weights_only=True)) == [0, 1, 2]
     page = (out / "report.html").read_text()
-    assert all(f'<img src="{figure}.png"' in page for figure in
-               ("learning_curves", "samples_through_training", "manifold", "reconstructions", "latent_means"))
+    assert all(f'<img src="{figure}.png"' in page for figure in figures)
     assert "<td>test</td><td>iwae-20</td>" in page
 
 

@@ -5,6 +5,7 @@ Monte Carlo from the prior against importance sampling from q (seed problem 13).
 import warnings
 from dataclasses import replace
 
+import numpy as np
 import pyro
 import torch
 from pyro import poutine
@@ -17,11 +18,17 @@ from ..files import atomic_torch_save, write_json
 from ..report import draw_learning_curves
 from ..train import train
 
+DRAWS_THROUGH_TRAINING = 10  # fixed z draws followed through training: the columns of its figure
+EPOCHS_SHOWN = 8  # at most, rows of that figure
+MANIFOLD_SIDE = 16  # digits along each side of the manifold: 16 fill the report's page at about 60 px each
+
 
 def sample_recorder(model, out, cfg):
-    """Epoch hook: the decoder's mean image at 20 fixed z ~ N(0, I), kept per epoch in
+    """Epoch hook: the decoder's mean image at 10 fixed z ~ N(0, I), kept per epoch in
     samples_through_training.pt (atomically rewritten, so a resumed run keeps its history)."""
-    z = torch.randn(20, model.z_dim, generator=torch.Generator().manual_seed(cfg.seed)).to(cfg.device)
+    # 20 drawn and the first 10 kept: the draws of runs that recorded all 20, so their histories resume
+    z = torch.randn(20, model.z_dim, generator=torch.Generator().manual_seed(cfg.seed))[:DRAWS_THROUGH_TRAINING]
+    z = z.to(cfg.device)
     path = out / "samples_through_training.pt"
 
     def record(epoch):
@@ -51,14 +58,18 @@ def read_history(path):
 def report(model, run):
     cfg = run.cfg
     draw_learning_curves(run, f"{model.summary()}, guide {cfg.guide}: {cfg.eval_digits} fixed random digits per split")
-    draw_samples_through_training(run.out)
+    shown_epochs = draw_samples_through_training(run.out, run.reported_epoch)
+    draw_samples(model, run)
     draw_manifold(model, run.out, cfg.device)
     draw_reconstructions_and_latents(model, run)
     return Report([
         ("learning_curves.png", f"ELBO of {cfg.eval_digits} fixed random digits of each split during training "
          "(seed problem 22): a lower bound on log p(x); the untrained model starts near -544 nats."),
-        ("samples_through_training.png", "The decoder's mean image for the same 20 draws of z ~ N(0, I) before, "
-         "part way through and after training (seed problem 23)."),
+        ("samples_through_training.png", f"The decoder's mean image p(x_d = 1 | z) for the same "
+         f"{DRAWS_THROUGH_TRAINING} draws of z ~ N(0, I) (columns) before, part way through and after training "
+         f"(seed problem 23): one row for each of epochs {', '.join(map(str, shown_epochs))}."),
+        ("samples.png", f"16 digits sampled from the model of epoch {run.reported_epoch}: z ~ N(0, I), then the "
+         "decoder's mean p(x_d = 1 | z) (rows 1 and 3) and a binary draw x ~ p(x | z) from it (rows 2 and 4)."),
         ("manifold.png", "The learned manifold (seed problem 24): the decoder's mean over a grid of the latent "
          "plane, placed through the inverse Normal CDF so each cell holds equal prior mass."),
         ("reconstructions.png", "Test digits and the decoder's mean at a z drawn from q(z | x): what the "
@@ -67,30 +78,52 @@ def report(model, run):
          "where labels exist.")])
 
 
-def draw_samples_through_training(out):
+def draw_samples_through_training(out, reported_epoch):
+    """The recorded decoder means, one row per chosen epoch (`chosen_epochs`); returns those epochs."""
     history = read_history(out / "samples_through_training.pt")
     if not history:
-        return
-    epochs = sorted(history)
-    shown_epochs = sorted({epochs[0], epochs[len(epochs) // 2], epochs[-1]})
-    plots.image_grid(torch.cat([history[e] for e in shown_epochs]), out / "samples_through_training.png",
-                     "Mean of p(x | z) for 20 fixed z ~ N(0, I), through training", ncols=20,
-                     row_labels=[f"epoch {e}" if e else "untrained" for e in shown_epochs])
+        return []
+    epochs = chosen_epochs(sorted(history), reported_epoch)
+    # [:DRAWS_THROUGH_TRAINING]: histories recorded before it was 10 hold 20 draws an epoch
+    plots.image_grid(torch.cat([history[e][:DRAWS_THROUGH_TRAINING] for e in epochs]),
+                     out / "samples_through_training.png",
+                     f"Decoder mean p(x_d = 1 | z) for {DRAWS_THROUGH_TRAINING} fixed z ~ N(0, I) (columns) through "
+                     f"training; the report's model is that of epoch {reported_epoch}",
+                     ncols=DRAWS_THROUGH_TRAINING,
+                     row_labels=[f"epoch {e}" + ("\nuntrained" if e == 0 else "") for e in epochs])
+    return epochs
+
+
+def chosen_epochs(epochs, reported_epoch):
+    """At most EPOCHS_SHOWN of the recorded epochs: spread evenly from the first to the last, and
+    the epoch whose model the report shows (early stopping's best)."""
+    spread = {epochs[round(i)] for i in np.linspace(0, len(epochs) - 1, EPOCHS_SHOWN - 1)}
+    return sorted(spread | ({reported_epoch} & set(epochs)))
+
+
+def draw_samples(model, run):
+    with torch.random.fork_rng():
+        torch.manual_seed(run.cfg.seed)
+        drawn = model.sample(16)
+    plots.means_and_draws(drawn.probabilities, drawn.digits, run.out / "samples.png",
+                          f"16 samples of the model of epoch {run.reported_epoch}: z ~ N(0, I),\nthe decoder's means "
+                          "p(x_d = 1 | z) and a binary draw x ~ p(x | z) from them")
 
 
 def draw_manifold(model, out, device):
     """A grid over (z_1, z_2) through the inverse Normal CDF, the rest of z at 0 (with one latent,
     a line over z_1)."""
-    grid = torch.distributions.Normal(0.0, 1.0).icdf(torch.linspace(0.05, 0.95, 20))
+    grid = torch.distributions.Normal(0.0, 1.0).icdf(torch.linspace(0.05, 0.95, MANIFOLD_SIDE))
     if model.z_dim == 1:
         plots.image_grid(model.decode(grid[:, None].to(device)), out / "manifold.png",
-                         "Decoder mean along the latent line (z-dim 1)", captions=[f"{v:.1f}" for v in grid], ncols=10)
+                         "Decoder mean along the latent line (z-dim 1)", captions=[f"{v:.1f}" for v in grid], ncols=8)
         return
-    z = torch.zeros(20, 20, model.z_dim)
+    z = torch.zeros(MANIFOLD_SIDE, MANIFOLD_SIDE, model.z_dim)
     z[..., 0], z[..., 1] = grid[None, :], grid.flip(0)[:, None]  # z_2 grows upwards
+    others = "" if model.z_dim == 2 else f" (z_1, z_2; the other {model.z_dim - 2} at 0)"
     plots.manifold(model.decode(z.reshape(-1, model.z_dim).to(device)), grid, out / "manifold.png",
-                   "Decoder mean over the latent plane" + ("" if model.z_dim == 2 else
-                                                            f" (z_1, z_2; the other {model.z_dim - 2} at 0)"))
+                   f"Decoder mean p(x_d = 1 | z) over a {MANIFOLD_SIDE} x {MANIFOLD_SIDE} grid of the latent plane"
+                   + others)
 
 
 def draw_reconstructions_and_latents(model, run):
@@ -101,7 +134,8 @@ def draw_reconstructions_and_latents(model, run):
         z_digits = poutine.trace(model.guide(guide)).get_trace(digits).nodes["z"]["value"]
         z_all = latent_means(model, guide, x_test[:5000])
     plots.image_grid(torch.cat([digits, model.decode(z_digits)]), run.out / "reconstructions.png",
-                     "Test digits and the decoder mean at one z ~ q(z | x)", ncols=10,
+                     f"{len(digits)} random test digits (top) and the decoder mean p(x_d = 1 | z) at one z ~ q(z | x) "
+                     "of each (bottom)", ncols=10,
                      row_labels=["digit", "reconstruction"])
     labels = run.data.labels["test"]
     shown = z_all[:, :2] if model.z_dim > 1 else torch.cat([z_all, torch.zeros_like(z_all)], 1)
