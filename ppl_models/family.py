@@ -295,8 +295,9 @@ class Family(nn.Module):
         normalised weights (S, N): the posterior mean by default."""
         return {"posterior mean": (weights.reshape(weights.shape + (1,) * (values.dim() - 2)) * values).sum(0)}
 
-    def summary(self):
-        """One line saying what this model is, with its size."""
+    def summary(self, guide=None):
+        """One line saying what this model is, with its size: that of the networks `guide` trains
+        too, where it is given."""
         return f"model {self.name}"
 
     # ---- after training ----------------------------------------------------------------------
@@ -307,8 +308,8 @@ class Family(nn.Module):
     def report(self, run: RunContext) -> Report:
         """The figures and findings of a trained run (seed-problem figures and more). By default the
         learning curves alone."""
-        draw_learning_curves(run, f"{self.summary()}, guide {run.cfg.guide}: {run.cfg.eval_digits} fixed random "
-                                  "digits per split")
+        bound = draw_learning_curves(run, f"{self.summary(run.cfg.guide)}, guide {run.cfg.guide}: "
+                                          f"{run.cfg.eval_digits} fixed random digits per split")
         return Report([("learning_curves.png", f"Log-likelihood figures of {run.cfg.eval_digits} fixed random digits "
-                        "of each split during training.")])
+                        f"of each split during training.{bound}")])
 

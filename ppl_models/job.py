@@ -36,7 +36,7 @@ def run(cfg, out, experiment=None, resume=False, progress=True, download=True, l
         data = load_dataset(cfg.dataset, binarize=cfg.binarize, data_dir=cfg.data_dir, device=cfg.device,
                             seed=cfg.seed, download=download, progress=progress)
         splits = [f"{split} {data.images[split].shape[0]:,} digits from {data.sources[split]}" for split in data.splits]
-        log(f"{model.summary()}, guide '{cfg.guide}'; {cfg.dataset} ({data.binarize} binarization): "
+        log(f"{model.summary(cfg.guide)}, guide '{cfg.guide}'; {cfg.dataset} ({data.binarize} binarization): "
             + ", ".join(splits))
         if experiment:
             return family.experiments[experiment].run(family, cfg, data, out, progress, log)

@@ -79,11 +79,15 @@ def write_report(run_dir, config, summary, figures):
 
 def draw_learning_curves(run, title):
     """learning_curves.png of a run (a family.RunContext) from its metrics.csv, with early stopping's
-    validation scores and the epoch it chose."""
+    validation scores and the epoch it chose. Returns what the caption must add about its lines: the
+    k-sample bound the run trained on, where it is drawn (the only iwae-k a learning curve has)."""
     chosen = run.summary.get("early_stopping")
-    plots.learning_curves(read_metrics(run.out), run.out / "learning_curves.png", title,
-                          steps_per_epoch(run.cfg, run.data),
+    rows = read_metrics(run.out)
+    plots.learning_curves(rows, run.out / "learning_curves.png", title, steps_per_epoch(run.cfg, run.data),
                           chosen and (chosen["estimator"], chosen["valid_scores"], chosen["best_epoch"]))
+    bounds = sorted({row["estimator"] for row in rows if row["estimator"].startswith("iwae-")})
+    return "".join(f" The {bound} lines are the {bound.split('-')[1]}-sample importance-weighted bound this run "
+                   f"trained on (elbo {run.cfg.elbo}, {run.cfg.particles} particles)." for bound in bounds)
 
 
 def describe(summary, out):

@@ -139,7 +139,8 @@ class Training:
         self.device = torch.device(cfg.device)
         self.num_train, self.steps = check_training_data(data, cfg)
         self.curves = {split: random_digits(scored_digits(data, cfg, split), cfg.eval_digits) for split in data.splits}
-        self.curve_estimators = estimators(model, cfg.guide, split="curves")
+        bound = trained_bound(model, cfg)
+        self.curve_estimators = estimators(model, cfg.guide, split="curves") + ([bound] if bound else [])
 
         pyro.clear_param_store()
         pyro.set_rng_seed(cfg.seed)
@@ -328,13 +329,18 @@ def scored_digits(data, cfg, split):
     return data.binary(split)[: cfg.train_subset if split == "train" else None]
 
 
+def trained_bound(model, cfg):
+    """The k-sample bound a run trains on, iwae-k, for an importance-weighted objective with k > 1
+    particles (its one-sample ELBO can fall while the bound it trains rises); else None."""
+    if cfg.elbo in model.importance_weighted_elbos and cfg.particles > 1:
+        return f"iwae-{cfg.particles}"
+    return None
+
+
 def selection_estimator(model, cfg, names):
     """What early stopping maximises on the valid digits: the exact log-likelihood where the model
-    has one; else the training objective's own bound, iwae-k for a k-sample objective (its one-sample
-    ELBO can fall while the bound it trains rises); else the ELBO."""
-    if "exact" not in names and cfg.elbo in model.importance_weighted_elbos:
-        return f"iwae-{cfg.particles}"
-    return names[0]
+    has one; else the training objective's own bound (`trained_bound`); else the ELBO."""
+    return "exact" if "exact" in names else trained_bound(model, cfg) or names[0]
 
 
 def summarise(model, data, cfg, epochs, seconds_per_epoch, device, progress=True):

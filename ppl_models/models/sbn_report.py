@@ -19,7 +19,8 @@ from ..train import SVI
 def report(model, run):
     cfg, out = run.cfg, run.out
     estimates = "exact log-likelihood" if model.exact else "ELBO"
-    draw_learning_curves(run, f"{model.summary()}, guide {cfg.guide}: {cfg.eval_digits} fixed random digits per split")
+    bound = draw_learning_curves(run, f"{model.summary(cfg.guide)}, guide {cfg.guide}: {cfg.eval_digits} fixed random "
+                                      "digits per split")
     with torch.random.fork_rng():
         torch.manual_seed(cfg.seed)
         latents, samples = model.sample(16)
@@ -31,7 +32,7 @@ def report(model, run):
                      "What each binary cause draws: row m of w (grey 0, dark adds ink, light removes it)",
                      captions=[f"m={m}" for m in range(len(causes))], ncols=10)
     return Report([("learning_curves.png", f"The {estimates} of {cfg.eval_digits} fixed random digits of each split "
-                    "during training."),
+                    f"during training.{bound}"),
                    ("samples.png", "Digits sampled from the model: the binary causes z first, then the pixels."),
                    ("causes.png", "Row m of w as an image: the pixel logits that binary cause m adds when it is on.")])
 

@@ -50,13 +50,14 @@ def read_history(path):
 
 def report(model, run):
     cfg = run.cfg
-    draw_learning_curves(run, f"{model.summary()}, guide {cfg.guide}: {cfg.eval_digits} fixed random digits per split")
+    bound = draw_learning_curves(run, f"{model.summary(cfg.guide)}, guide {cfg.guide}: {cfg.eval_digits} fixed random "
+                                      "digits per split")
     draw_samples_through_training(run.out)
     draw_manifold(model, run.out, cfg.device)
     draw_reconstructions_and_latents(model, run)
     return Report([
         ("learning_curves.png", f"ELBO of {cfg.eval_digits} fixed random digits of each split during training "
-         "(seed problem 22): a lower bound on log p(x); the untrained model starts near -544 nats."),
+         f"(seed problem 22): a lower bound on log p(x); the untrained model starts near -544 nats.{bound}"),
         ("samples_through_training.png", "The decoder's mean image for the same 20 draws of z ~ N(0, I) before, "
          "part way through and after training (seed problem 23)."),
         ("manifold.png", "The learned manifold (seed problem 24): the decoder's mean over a grid of the latent "
