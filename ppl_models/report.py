@@ -29,15 +29,66 @@ def _table(rows, header):
     return f"<table><tr>{head}</tr>{body}</table>"
 
 
-def _number(value):
-    return f"{value:.4g}" if isinstance(value, float) else value
+def _text(value):
+    """A finding's value as read: floats to 4 significant figures, lists spelled out."""
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, int) and not isinstance(value, bool):
+        return f"{value:,}"
+    if isinstance(value, (list, tuple)):
+        return ", ".join(f"({_text(item)})" if isinstance(item, (list, tuple)) else _text(item) for item in value)
+    return str(value)
 
 
-def _flatten(prefix, value):
-    """Nested dicts of extra findings as (name, value) rows."""
-    if isinstance(value, dict):
-        return [row for key, item in value.items() for row in _flatten(f"{prefix} / {key}" if prefix else key, item)]
-    return [(prefix, _number(value))]
+def _readable(key):
+    return str(key).replace("_", " ")
+
+
+def _heading(name, depth):
+    text = _readable(name)
+    return f"<h{depth}>{html.escape(text[:1].upper() + text[1:])}</h{depth}>"
+
+
+def _is_record(value):
+    """A dict of plain values (no nested dicts): one row, or one column, of a table."""
+    return isinstance(value, dict) and bool(value) and not any(isinstance(v, dict) for v in value.values())
+
+
+def _record_table(records, row_header):
+    """{row: {column: value}} as one table, a row per key and a column per field."""
+    columns = list(dict.fromkeys(column for record in records.values() for column in record))
+    rows = [[row, *(_text(record.get(column, "")) for column in columns)] for row, record in records.items()]
+    return _table(rows, [row_header, *map(_readable, columns)])
+
+
+def _finding_parts(name, findings, depth):
+    """Findings (nested dicts) as a person reads them, driven by their shape: a heading; the plain
+    values of this level in a what/value table; dicts of records (e.g. keyed by batch size) as one table,
+    a row per key; records that share their keys side by side in one table, a column each; any other
+    dict under a heading of its own, one level down."""
+    parts = [_heading(name, depth)]
+    plain = [(_readable(key), _text(value)) for key, value in findings.items() if not isinstance(value, dict)]
+    if plain:
+        parts.append(_table(plain, ["what", "value"]))
+    records = {key: value for key, value in findings.items() if _is_record(value)}
+    by_fields = {}
+    for key, record in records.items():  # records with the same fields: one table, a column each
+        by_fields.setdefault(tuple(record), {})[key] = record
+    for fields, group in by_fields.items():
+        if len(group) == 1:  # a record of its own: under its name, what/value
+            (key, record), = group.items()
+            parts += [_heading(key, depth + 1), _table([(_readable(f), _text(v)) for f, v in record.items()],
+                                                       ["what", "value"])]
+        else:
+            parts.append(_record_table({_readable(f): {key: group[key][f] for key in group} for f in fields}, ""))
+    for key, value in findings.items():
+        if not isinstance(value, dict) or key in records:
+            continue
+        if all(_is_record(item) for item in value.values()):
+            parts += [_heading(key, depth + 1), _record_table(value, _readable(key).removeprefix("by "))]
+        else:
+            parts += _finding_parts(key, value, depth + 1)
+    return parts
 
 
 def write_report(run_dir, config, summary, figures):
@@ -47,7 +98,7 @@ def write_report(run_dir, config, summary, figures):
                   for split, values in summary["final"].items() for name, value in values.items()]
     standard = {"model", "guide", "dataset", "binarize", "epochs", "train_digits", "seconds_per_epoch", "units",
                 "final_digits", "final"}
-    findings = [row for key in summary if key not in standard for row in _flatten(key, summary[key])]
+    findings = {key: value for key, value in summary.items() if key not in standard}
     parts = [
         f"<h1>{html.escape(summary['model'])} / guide {html.escape(summary['guide'])} on "
         f"{html.escape(summary['dataset'])}</h1>",
@@ -65,7 +116,7 @@ def write_report(run_dir, config, summary, figures):
         _table(final_rows, ["split", "estimator", "value (nats)", "digits"]),
     ]
     if findings:
-        parts += ["<h2>Other findings</h2>", _table(findings, ["what", "value"])]
+        parts += _finding_parts("Other findings", findings, 2)
     parts.append("<h2>Figures</h2>")
     for name, caption in figures:
         parts.append(f'<figure><img src="{html.escape(name)}" alt="{html.escape(caption)}">'
@@ -75,6 +126,7 @@ def write_report(run_dir, config, summary, figures):
     page = (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(summary['model'])} run</title>"
             f"<style>{STYLE}</style></head><body>{''.join(parts)}</body></html>\n")
     write_text(page, run_dir / "report.html")
+
 
 
 def draw_learning_curves(run, title):
