@@ -39,12 +39,14 @@ class Hyperparameter:
     help: str
     type: Callable = int
     choices: tuple | None = None
+    guides: tuple | None = None  # the guides it shapes (a network only they train); None: every guide
 
 
 @dataclass(frozen=True)
 class Experiment:
     """An experiment run instead of one training run: `run(family, cfg, data, out, progress, log)`
-    (family: the Family subclass) writes its files into `out` and returns its results."""
+    (family: the Family subclass) writes its files into `out` and returns a `Report`: its figures with
+    captions and its results (findings), which report.html shows with `help`, saying what it is."""
 
     help: str
     run: Callable
@@ -65,8 +67,9 @@ class RunContext:
 
 @dataclass
 class Report:
-    """A family's report: figures [(file in the run directory, one sentence on what it shows)] and
-    findings {name: JSON-able value}, added to metrics.json and shown in report.html."""
+    """A family's report (or an experiment's): figures [(file in the run directory, one sentence on
+    what it shows)] and findings {name: JSON-able value}, shown in report.html (and for a training
+    run added to metrics.json)."""
 
     figures: list = field(default_factory=list)
     findings: dict = field(default_factory=dict)
@@ -108,7 +111,8 @@ class Family(nn.Module):
                            the guide decides the objective
       importance_weighted_elbos  which of those train the k-particle bound: early stopping then
                            selects on iwae-k, not on the one-sample ELBO
-      hyperparameters      {constructor argument: Hyperparameter}: what users set (CLI flags)
+      hyperparameters      {constructor argument: Hyperparameter}: what users set (CLI flags), and
+                           which guides each shapes (reports leave it out of the others' settings)
       training_defaults    optimizer, lr, batch_size, epochs and eval_samples when none are given
                            (any it leaves out come from Family's)
       experiments          {name: Experiment} it offers besides a training run
@@ -180,6 +184,19 @@ class Family(nn.Module):
                                "drop `elbo`")
         if elbo not in cls.elbos:
             raise SettingError(f"unknown `elbo={elbo}` for model {cls.name!r}; choose one of: {', '.join(cls.elbos)}")
+
+    @classmethod
+    def unused_settings(cls, guide=None):
+        """{setting: why it does not apply}: the settings a run with `guide` is given but does not use
+        (with no guide, as an experiment that trains several, those no guide uses)."""
+        unused = {name: f"used by guide {' and '.join(setting.guides)} only"
+                  for name, setting in cls.hyperparameters.items() if setting.guides and guide not in setting.guides}
+        if not cls.elbos:
+            unused["elbo"] = f"model {cls.name}'s guide decides its objective"
+        if guide in cls.exact_guides:
+            exact = f"guide {guide}'s objective is the exact log-likelihood: nothing is sampled"
+            unused |= {"particles": exact, "eval_samples": exact}
+        return unused
 
     @classmethod
     def memory_parts(cls, model_args, batch_size, particles):

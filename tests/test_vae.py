@@ -190,15 +190,16 @@ def test_prior_vs_importance_experiment_writes_its_estimates(tiny_dataset, tmp_p
 
     cfg = Config(model="vae", guide="normal", optimizer="adam", lr=3e-3, epochs=1, batch_size=50, eval_every=1000,
                  eval_digits=50, model_args={"z_dim": 2, "hidden": [32]})
-    results = prior_vs_importance(VAE, cfg, tiny_dataset, tmp_path, progress=False, log=lambda *a: None, z_dims=(2, 8),
-                                  sample_counts=(1, 100), digits=4, repeats=3)
+    report = prior_vs_importance(VAE, cfg, tiny_dataset, tmp_path, progress=False, log=lambda *a: None, z_dims=(2, 8),
+                                 sample_counts=(1, 100), digits=4, repeats=3)
     assert (tmp_path / "prior_vs_importance.png").stat().st_size > 1000
     saved = json.loads((tmp_path / "prior_vs_importance.json").read_text())["estimates"]
     assert set(saved) == {"z-dim 2", "z-dim 8"} and set(saved["z-dim 8"]) == {"prior", "normal"}
-    for by_proposal in results.values():
+    for by_proposal in saved.values():
         for estimate in by_proposal.values():
             assert estimate["samples"] == [1, 100] and all(np.isfinite(estimate["mean"]))
             assert all(sd >= 0 for sd in estimate["sd_over_repeats"])
+    assert set(report.findings["estimates"]["z-dim 8"]["by_samples_M"]) == {1, 100}
 
 
 def test_scoring_non_binary_digits_is_refused():

@@ -64,7 +64,14 @@ def cost_against_latents(family, cfg, data, out, progress, log=print, latents=(2
     plot_cost_against_latents(results, out / "cost_vs_latents.png", f"Cost of one training step (batch "
                               f"{cfg.batch_size}) against the number of binary latents")
     write_json({"batch_size": cfg.batch_size, "steps_timed": steps, "results": results}, out / "cost_vs_latents.json")
-    return results
+    by_latents = {M: {f"{guide} {what}": r[key][i] for guide, r in results.items()
+                      for key, what in (("seconds_per_step", "s per step"), ("peak_rss_mb", "peak MB"))}
+                  for i, M in enumerate(latents)}
+    return Report([("cost_vs_latents.png", f"Seconds per training step (batch {cfg.batch_size}, mean of {steps}) "
+                    "and the process's peak resident memory against M, each guide, with 2^M through enumeration's "
+                    "last point.")],
+                  {"by_latents_M": by_latents, "peak MB": "the whole process's peak resident memory so far (it "
+                   "only grows: guides run in the order of the columns)"})
 
 
 def gradient_variance(family, cfg, data, out, progress, log=print, draws=200):
@@ -100,7 +107,9 @@ def gradient_variance(family, cfg, data, out, progress, log=print, draws=200):
         log(f"guide {guide}: " + ", ".join(f"{k} {v:.4g}" for k, v in results[guide].items()))
     write_json({"latents": model.latents, "batch_size": cfg.batch_size, "draws": draws,
                 "exact_w_gradient_norm": exact_w.norm().item(), "results": results}, out / "gradient_variance.json")
-    return results
+    return Report([], {"gradients": f"{draws} draws of each guide's gradient estimator on one batch of "
+                       f"{cfg.batch_size} training digits, the untrained model of the seed, M = {model.latents}",
+                       "exact_w_gradient_norm": exact_w.norm().item(), **results})
 
 
 def plot_cost_against_latents(results, path, title):

@@ -131,8 +131,8 @@ class VAE(Family):
         "activation": Hyperparameter("nonlinearity of the hidden layers: relu, tanh (the IWAE paper's), gated: "
                                      "(W x) * sigmoid(V x), twice the weights (the VampPrior paper's)",
                                      str, ACTIVATIONS),
-        "flows": Hyperparameter("inverse-autoregressive flow layers of `guide='iaf'`"),
-        "rank": Hyperparameter("rank of the covariance factor of `guide='lowrank'`"),
+        "flows": Hyperparameter("inverse-autoregressive flow layers of `guide='iaf'`", guides=("iaf",)),
+        "rank": Hyperparameter("rank of the covariance factor of `guide='lowrank'`", guides=("lowrank",)),
         "kl_warmup": Hyperparameter("KL warm-up: weight the KL term by a factor growing linearly from 0 to 1 over this "
                                     "many epochs, with `elbo='trace'` or meanfield; reported numbers always use the "
                                     "full ELBO; 0: none", float),
