@@ -109,7 +109,7 @@ def gradient_variance(family, cfg, data, out, progress, log=print, draws=200):
                 "exact_w_gradient_norm": exact_w.norm().item(), "results": results}, out / "gradient_variance.json")
     return Report([], {"gradients": f"{draws} draws of each guide's gradient estimator on one batch of "
                        f"{cfg.batch_size} training digits, the untrained model of the seed, M = {model.latents}",
-                       "exact_w_gradient_norm": exact_w.norm().item(), **results})
+                       "exact_w_gradient_norm": exact_w.norm().item(), "by_guide": results})
 
 
 def plot_cost_against_latents(results, path, title):
