@@ -65,7 +65,8 @@ def main():
         "",
         "| benchmark | variant | s | x floor |",
         "| --- | --- | --- | --- |",
-        *(f"| {bench} | {variant} | {seconds:.1f} | {ratio:.2f} |" for bench, variant, seconds, ratio in evaluation_rows),
+        *(f"| {bench} | {variant} | {seconds:.1f} | {ratio:.2f} |"
+          for bench, variant, seconds, ratio in evaluation_rows),
         "",
     ]
     args.out.write_text("\n".join(lines))

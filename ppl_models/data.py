@@ -240,10 +240,15 @@ def check_binary(x: torch.Tensor, what: str = "data", pixels: int = PIXELS) -> N
 # --- binarization ---------------------------------------------------------------------------------
 
 
+def binarize_applies(name: str) -> bool:
+    """Whether the `binarize` setting changes a data set's digits: not binarized-mnist's, drawn once."""
+    return name != "binarized-mnist"
+
+
 def binarization_of(name: str, binarize: str) -> str:
     """The rule a data set's digits are binarized by: binarized-mnist's were drawn once (static),
     whatever `binarize` asks."""
-    return "static" if name == "binarized-mnist" else binarize
+    return binarize if binarize_applies(name) else "static"
 
 
 def binarize_new(intensities: torch.Tensor, rule: str, seed: int) -> torch.Tensor:

@@ -39,12 +39,14 @@ class Hyperparameter:
     help: str
     type: Callable = int
     choices: tuple | None = None
+    guides: tuple | None = None  # the guides it shapes (a network only they train); None: every guide
 
 
 @dataclass(frozen=True)
 class Experiment:
     """An experiment run instead of one training run: `run(family, cfg, data, out, progress, log)`
-    (family: the Family subclass) writes its files into `out` and returns its results."""
+    (family: the Family subclass) writes its files into `out` and returns a `Report`: its figures with
+    captions and its results (findings), which report.html shows with `help`, saying what it is."""
 
     help: str
     run: Callable
@@ -80,8 +82,9 @@ class RunContext:
 
 @dataclass
 class Report:
-    """A family's report: figures [(file in the run directory, one sentence on what it shows)] and
-    findings {name: JSON-able value}, added to metrics.json and shown in report.html."""
+    """A family's report (or an experiment's): figures [(file in the run directory, one sentence on
+    what it shows)] and findings {name: JSON-able value}, shown in report.html (and for a training
+    run added to metrics.json)."""
 
     figures: list = field(default_factory=list)
     findings: dict = field(default_factory=dict)
@@ -123,7 +126,8 @@ class Family(nn.Module):
                            the guide decides the objective
       importance_weighted_elbos  which of those train the k-particle bound: early stopping then
                            selects on iwae-k, not on the one-sample ELBO
-      hyperparameters      {constructor argument: Hyperparameter}: what users set (CLI flags)
+      hyperparameters      {constructor argument: Hyperparameter}: what users set (CLI flags), and
+                           which guides each shapes (reports leave it out of the others' settings)
       training_defaults    optimizer, lr, batch_size, epochs and eval_samples when none are given
                            (eval_samples None: iwae-1000 unless the exact log-likelihood is reported)
                            (any it leaves out come from Family's)
@@ -196,6 +200,19 @@ class Family(nn.Module):
                                "drop `elbo`")
         if elbo not in cls.elbos:
             raise SettingError(f"unknown `elbo={elbo}` for model {cls.name!r}; choose one of: {', '.join(cls.elbos)}")
+
+    @classmethod
+    def unused_settings(cls, guide=None):
+        """{setting: why it does not apply}: the settings a run with `guide` is given but does not use
+        (with no guide, as an experiment that trains several, those no guide uses)."""
+        unused = {name: f"used by guide {' and '.join(setting.guides)} only"
+                  for name, setting in cls.hyperparameters.items() if setting.guides and guide not in setting.guides}
+        if not cls.elbos:
+            unused["elbo"] = f"model {cls.name}'s guide decides its objective"
+        if guide in cls.exact_guides:
+            exact = f"guide {guide}'s objective is the exact log-likelihood: nothing is sampled"
+            unused |= {"particles": exact, "eval_samples": exact}
+        return unused
 
     @classmethod
     def memory_parts(cls, model_args, batch_size, particles):
@@ -312,8 +329,9 @@ class Family(nn.Module):
         normalised weights (S, N): the posterior mean by default."""
         return {"posterior mean": (weights.reshape(weights.shape + (1,) * (values.dim() - 2)) * values).sum(0)}
 
-    def summary(self):
-        """One line saying what this model is, with its size."""
+    def summary(self, guide=None):
+        """One line saying what this model is, with its size: that of the networks `guide` trains
+        too, where it is given."""
         return f"model {self.name}"
 
     # ---- after training ----------------------------------------------------------------------
@@ -324,8 +342,8 @@ class Family(nn.Module):
     def report(self, run: RunContext) -> Report:
         """The figures and findings of a trained run (seed-problem figures and more). By default the
         learning curves alone."""
-        draw_learning_curves(run, f"{self.summary()}, guide {run.cfg.guide}: {run.cfg.eval_digits} fixed random "
-                                  "digits per split")
+        bound = draw_learning_curves(run, f"{self.summary(run.cfg.guide)}, guide {run.cfg.guide}: "
+                                          f"{run.cfg.eval_digits} fixed random digits per split")
         return Report([("learning_curves.png", f"Log-likelihood figures of {run.cfg.eval_digits} fixed random digits "
-                        "of each split during training.")])
+                        f"of each split during training.{bound}")])
 

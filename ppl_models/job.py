@@ -7,19 +7,21 @@ from dataclasses import asdict
 import torch
 
 from .config import SettingError
-from .data import load_dataset
+from .data import binarize_applies, load_dataset
 from .family import RunContext
 from .files import write_json
 from .models import family_of
-from .report import describe, write_report
+from .report import describe, provenance, write_experiment_report, write_report
 from .rundir import TrainingError, check_new_run, exclusive, make_run_dir
 from .train import train
 
 
-def run(cfg, out, experiment=None, resume=False, progress=True, download=True, log=print, overwrite=False):
-    """One training run (or an experiment), its report, and a printed summary; returns the summary.
-    The run directory is this process's until the report is written (`rundir.exclusive`), and is
-    checked before any data is loaded."""
+def run(cfg, out, experiment=None, resume=False, progress=True, download=True, log=print, overwrite=False,
+        command=None):
+    """One training run (or an experiment), its report, and a printed summary; returns the summary
+    (an experiment's findings). The run directory is this process's until the report is written
+    (`rundir.exclusive`), and is checked before any data is loaded. `command`: the command line that
+    asked for it, for the report (None: the Python API)."""
     family = family_of(cfg.model)
     family.check_choices(cfg.guide, cfg.elbo, cfg.particles)
     if experiment is not None and experiment not in family.experiments:
@@ -36,18 +38,33 @@ def run(cfg, out, experiment=None, resume=False, progress=True, download=True, l
         data = load_dataset(cfg.dataset, binarize=cfg.binarize, data_dir=cfg.data_dir, device=cfg.device,
                             seed=cfg.seed, download=download, progress=progress)
         splits = [f"{split} {data.images[split].shape[0]:,} digits from {data.sources[split]}" for split in data.splits]
-        log(f"{model.summary()}, guide '{cfg.guide}'; {cfg.dataset} ({data.binarize} binarization): "
+        log(f"{model.summary(cfg.guide)}, guide '{cfg.guide}'; {cfg.dataset} ({data.binarize} binarization): "
             + ", ".join(splits))
+        made = provenance(command, cfg.device)
+        unused = unused_settings(family, None if experiment else cfg.guide, cfg.dataset)
         if experiment:
-            return family.experiments[experiment].run(family, cfg, data, out, progress, log)
+            about = family.experiments[experiment]
+            report = about.run(family, cfg, data, out, progress, log)
+            write_experiment_report(out, experiment, about.help, asdict(cfg), report, made, unused)
+            log(f"report: {out / 'report.html'}")
+            return report.findings
         summary = train(model, data, cfg, out, resume=resume, progress=progress, log=log,
                         after_epoch=model.epoch_hook(out, cfg))
         report = model.report(RunContext(data, cfg, out, summary, download, log))
-        summary.update(report.findings)
+        summary.update(report.findings, provenance=made)
         write_json(summary, out / "metrics.json")
-        write_report(out, asdict(cfg), summary, report.figures)
+        write_report(out, asdict(cfg), summary, report.figures, unused)
     log(describe(summary, out))
     return summary
+
+
+def unused_settings(family, guide, dataset):
+    """{setting: why} for the settings a run (an experiment: guide None) is given but does not use: the
+    family says which of its own apply to the guide, the data set whether `binarize` applies."""
+    unused = family.unused_settings(guide)
+    if not binarize_applies(dataset):
+        unused["binarize"] = f"{dataset} comes binarized: one fixed (static) draw by its authors"
+    return unused
 
 
 def available_memory(device):

@@ -1,8 +1,8 @@
 """The files of a run directory, read and written here and nowhere else:
 
   config.json    the configuration, as given
-  metrics.csv    step, epoch, seconds (training time so far), split, estimator, value: the
-                 learning curves (nats per digit)
+  metrics.csv    step, epoch (epochs completed at that step), seconds (training time so far),
+                 split, estimator, value: the learning curves (nats per digit)
   metrics.json   the final summary
   checkpoint.pt  params, optimizer state, RNG state and progress, written atomically at the end
                  of every epoch and on Ctrl-C; resuming from it ends where an uninterrupted run would

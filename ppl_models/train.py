@@ -139,8 +139,9 @@ class Training:
         self.model, self.data, self.cfg, self.dir, self.log = model, data, cfg, run_dir, log
         self.device = torch.device(cfg.device)
         self.num_train, self.steps = check_training_data(data, cfg)
-        self.curves = {split: random_digits(data.binary(split), cfg.eval_digits) for split in data.splits}
-        self.curve_estimators = estimators(model, cfg.guide, split="curves")
+        self.curves = {split: random_digits(scored_digits(data, cfg, split), cfg.eval_digits) for split in data.splits}
+        bound = trained_bound(model, cfg)
+        self.curve_estimators = estimators(model, cfg.guide, split="curves") + ([bound] if bound else [])
 
         pyro.clear_param_store()
         pyro.set_rng_seed(cfg.seed)
@@ -212,7 +213,13 @@ class Training:
         with evaluation_rng(self.cfg.seed, self.device):
             for split, x in self.curves.items():
                 for name, value in mean_estimates(self.model, self.cfg.guide, x, self.curve_estimators).items():
-                    self.metrics.add(self.at.step, self.at.epoch, round(self.at.seconds, 3), split, name, value)
+                    self.metrics.add(self.at.step, self.epochs_completed, round(self.at.seconds, 3), split, name, value)
+
+    @property
+    def epochs_completed(self):
+        """Epochs whose every step is taken: metrics.csv's `epoch`. The last step of an epoch completes it,
+        before `train_epoch` moves `at.epoch` on, so a point evaluated there belongs to the finished epoch."""
+        return self.at.epoch + (self.at.step_in_epoch == self.steps)
 
     def validation_score(self):
         with evaluation_rng(self.cfg.seed, self.device):  # the same draws every epoch: scores differ by the params only
@@ -317,13 +324,24 @@ def check_training_data(data, cfg):
     return num_train, steps_per_epoch(cfg, data)
 
 
+def scored_digits(data, cfg, split):
+    """The digits of a split that its learning curves and final numbers are over: of the training split,
+    only those trained on (the first `train_subset`), so a train figure says how the model fits its data."""
+    return data.binary(split)[: cfg.train_subset if split == "train" else None]
+
+
+def trained_bound(model, cfg):
+    """The k-sample bound a run trains on, iwae-k, for an importance-weighted objective with k > 1
+    particles (its one-sample ELBO can fall while the bound it trains rises); else None."""
+    if cfg.elbo in model.importance_weighted_elbos and cfg.particles > 1:
+        return f"iwae-{cfg.particles}"
+    return None
+
+
 def selection_estimator(model, cfg, names):
     """What early stopping maximises on the valid digits: the exact log-likelihood where the model
-    has one; else the training objective's own bound, iwae-k for a k-sample objective (its one-sample
-    ELBO can fall while the bound it trains rises); else the ELBO."""
-    if "exact" not in names and cfg.elbo in model.importance_weighted_elbos:
-        return f"iwae-{cfg.particles}"
-    return names[0]
+    has one; else the training objective's own bound (`trained_bound`); else the ELBO."""
+    return "exact" if "exact" in names else trained_bound(model, cfg) or names[0]
 
 
 LONG_EVALUATION_SECONDS = 20  # a final estimate expected to take longer is announced with its cost
@@ -331,11 +349,12 @@ LONG_EVALUATION_SECONDS = 20  # a final estimate expected to take longer is anno
 
 def summarise(model, data, cfg, epochs, seconds_per_epoch, device, progress=True, log=print):
     """metrics.json: final -> split -> estimator -> mean log-likelihood per digit (nats), on every
-    digit of each split (`final_digits` says how many); iwae-k with `eval_samples=k` on test only
-    (`eval_samples=None`: iwae-1000 where no exact log-likelihood is reported). Each estimate draws
-    from its own stream seeded by the run's seed; one that will take long is announced first."""
+    digit of each split, of train those trained on (`final_digits` says how many); iwae-k with
+    `eval_samples=k` on test only (`eval_samples=None`: iwae-1000 where no exact log-likelihood is
+    reported). Each estimate draws from its own stream seeded by the run's seed; one that will take
+    long is announced first."""
     def final_estimate(split, name):  # each from the run's seed: `ppl_models.load(run).log_prob` says the same
-        x = data.binary(split)
+        x = scored_digits(data, cfg, split)
         with evaluation_rng(cfg.seed, device):
             seconds = seconds_to_estimate(model, cfg.guide, x, name)
         if seconds > LONG_EVALUATION_SECONDS:
@@ -359,7 +378,7 @@ def summarise(model, data, cfg, epochs, seconds_per_epoch, device, progress=True
         "train_digits": cfg.train_subset or len(data.images["train"]),
         "seconds_per_epoch": seconds_per_epoch,
         "units": "mean log-likelihood per digit, nats",
-        "final_digits": {split: len(data.images[split]) for split in data.splits},
+        "final_digits": {split: len(scored_digits(data, cfg, split)) for split in data.splits},
         "final": final,
     }
 

@@ -68,7 +68,7 @@ class TrainedModel:
             yield
 
     def __repr__(self):
-        return f"<trained {self.family.summary()}, guide {self.cfg.guide!r}, from {self.source}>"
+        return f"<trained {self.family.summary(self.cfg.guide)}, guide {self.cfg.guide!r}, from {self.source}>"
 
     @property
     def inference_methods(self):
@@ -168,7 +168,8 @@ class TrainedModel:
     def check_estimator(self, name):
         sampled = name == "elbo" or (name.startswith("iwae-") and name[5:].isdigit() and int(name[5:]) > 0)
         if name == "exact" and not self.family.exact:
-            raise SettingError(f"`estimator=exact`: {self.family.summary()} has no exact log-likelihood; use iwae-k")
+            raise SettingError(f"`estimator=exact`: {self.family.summary(self.cfg.guide)} has no exact log-likelihood; "
+                               "use iwae-k")
         if sampled and name != "elbo" and int(name[5:]) > MAX_IWAE_SAMPLES:
             raise SettingError(f"`estimator={name}`: at most iwae-{MAX_IWAE_SAMPLES:,} (days of computing past that)")
         if sampled and self.cfg.guide in self.family.exact_guides:

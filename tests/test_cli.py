@@ -43,7 +43,7 @@ def test_training_run_writes_metrics_and_every_figure(offline, tiny_binarized, t
     page = (out / "report.html").read_text()
     named = re.findall(r'<img src="([^"]+)"', page)
     assert set(named) == set(FIGURES) and all((out / name).exists() for name in named)
-    assert "<td>test</td><td>exact</td>" in page and "roc_auc" in page
+    assert "<td>test</td><td>exact</td>" in page and "<td>roc auc</td>" in page
 
 
 def test_a_long_final_estimate_is_announced_with_the_flag_that_skips_it(offline, tiny_binarized, tmp_path, capsys,

@@ -137,11 +137,11 @@ def test_enum_vs_sampled_trains_every_guide_and_compares_them(tiny_dataset, tmp_
 
     cfg = Config(model="sbn", guide="enum", optimizer="adam", lr=0.03, epochs=1, batch_size=50, eval_every=4,
                  eval_digits=50, model_args={"latents": 4, "temperature": 0.5})
-    comparison = enum_vs_sampled(SigmoidBeliefNet, cfg, tiny_dataset, tmp_path, progress=False, log=lambda *a: None)
-    assert set(comparison) == {"enum", "bernoulli", "relaxed"}
+    report = enum_vs_sampled(SigmoidBeliefNet, cfg, tiny_dataset, tmp_path, progress=False, log=lambda *a: None)
+    by_guide = report.findings["by_guide"]
+    assert set(by_guide) == {"enum", "bernoulli", "relaxed"}
     for guide in ("bernoulli", "relaxed"):  # every model is scored exactly; a sampled ELBO sits below
-        final = comparison[guide]["final"]["test"]
-        assert final["elbo"] <= final["exact"] + 1e-3
+        assert by_guide[guide]["test elbo (nats)"] <= by_guide[guide]["test exact (nats)"] + 1e-3
     assert (tmp_path / "enum_vs_sampled.png").stat().st_size > 1000
 
 
@@ -149,10 +149,11 @@ def test_cost_against_latents_measures_every_guide(tiny_dataset, tmp_path):
     from ppl_models.models.sbn_report import cost_against_latents
 
     cfg = Config(model="sbn", guide="enum", lr=1e-3, batch_size=50, model_args={"latents": 2, "temperature": 0.5})
-    results = cost_against_latents(SigmoidBeliefNet, cfg, tiny_dataset, tmp_path, progress=False, log=lambda *a: None,
-                                   latents=(2, 6), steps=1)
-    assert set(results) == {"bernoulli", "relaxed", "enum"}
-    assert all(r["latents"] == [2, 6] and min(r["seconds_per_step"]) > 0 for r in results.values())
+    report = cost_against_latents(SigmoidBeliefNet, cfg, tiny_dataset, tmp_path, progress=False, log=lambda *a: None,
+                                  latents=(2, 6), steps=1)
+    by_latents = report.findings["by_latents_M"]
+    assert set(by_latents) == {2, 6}
+    assert all(by_latents[M][f"{guide} s per step"] > 0 for M in (2, 6) for guide in ("bernoulli", "relaxed", "enum"))
     assert (tmp_path / "cost_vs_latents.png").exists() and (tmp_path / "cost_vs_latents.json").exists()
 
 
@@ -170,8 +171,9 @@ def test_gradient_variance_compares_each_estimator_with_the_exact_gradient(tiny_
     from ppl_models.models.sbn_report import gradient_variance
 
     cfg = Config(model="sbn", guide="enum", batch_size=50, model_args={"latents": 5, "temperature": 0.5})
-    results = gradient_variance(SigmoidBeliefNet, cfg, tiny_dataset, tmp_path, progress=False, log=lambda *a: None,
-                                draws=30)
+    report = gradient_variance(SigmoidBeliefNet, cfg, tiny_dataset, tmp_path, progress=False, log=lambda *a: None,
+                               draws=30)
+    results = report.findings["by_guide"]
     assert set(results) == {"bernoulli", "relaxed"}
     for r in results.values():
         assert r["w_variance_per_coordinate"] > 0 and r["encoder_variance_per_coordinate"] > 0
@@ -179,7 +181,7 @@ def test_gradient_variance_compares_each_estimator_with_the_exact_gradient(tiny_
     assert (tmp_path / "gradient_variance.json").exists()
     again = gradient_variance(SigmoidBeliefNet, cfg, tiny_dataset, tmp_path, progress=False, log=lambda *a: None,
                               draws=30)
-    assert again == results  # the networks' weights follow the seed
+    assert again.findings == report.findings  # the networks' weights follow the seed
 
 
 def test_enumerated_prior_is_never_broadcast_against_the_batch():

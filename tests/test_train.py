@@ -344,3 +344,18 @@ def test_durations_are_said_as_a_person_says_them(seconds, said):
     from ppl_models.evaluate import duration
 
     assert duration(seconds) == said
+
+
+def test_metrics_epoch_is_the_epochs_completed_at_that_step(tiny_dataset, tmp_path):
+    # 600 digits in batches of 100: 6 steps an epoch; every 3rd step evaluated, so steps 6 and 12 end epochs
+    train(BernoulliMixture(4), tiny_dataset, config(epochs=2, batch_size=100, eval_every=3), tmp_path, **QUIET)
+    epochs = {int(r["step"]): int(r["epoch"]) for r in metric_rows(tmp_path)}
+    assert epochs == {0: 0, 3: 0, 6: 1, 9: 1, 12: 2}
+
+
+def test_a_train_subset_is_scored_on_the_digits_trained_on(tiny_dataset, tmp_path):
+    summary = train(BernoulliMixture(4), tiny_dataset, config(epochs=1, train_subset=200), tmp_path, **QUIET)
+    assert summary["final_digits"]["train"] == summary["train_digits"] == 200
+    trained_on = tiny_dataset.binary("train")[:200]
+    scored = BernoulliMixture(4).log_likelihood(trained_on)  # the trained params live in the param store
+    assert summary["final"]["train"]["exact"] == pytest.approx(scored.mean().item())

@@ -13,6 +13,7 @@ import run
 from ppl_models.config import Config
 from ppl_models.evaluate import importance_log_weights, iwae_bound
 from ppl_models.models.vae import VAE
+from ppl_models.rundir import read_metrics
 from ppl_models.train import train
 
 QUIET = dict(progress=False, log=lambda *args: None)
@@ -129,7 +130,20 @@ def test_an_early_stopping_run_reports_every_epochs_score_and_its_choice(offline
     scores = dict(chosen["valid_scores"])
     assert scores[chosen["best_epoch"]] == chosen["best_value"] == max(scores.values())
     assert (out / "learning_curves.png").stat().st_size > 1000
-    assert "iwae-2 on 100 fixed random valid digits" in (out / "report.html").read_text()
+    page = (out / "report.html").read_text()
+    assert "iwae-2 on 100 fixed random valid digits" in page
+    curves = {(row["split"], row["estimator"]) for row in read_metrics(out)}  # the bound it trained on, drawn
+    assert {("train", "iwae-2"), ("valid", "iwae-2"), ("test", "iwae-2")} <= curves
+    assert "The iwae-2 lines are the 2-sample importance-weighted bound this run trained on" in page
+
+
+@pytest.mark.parametrize("guide", VAE.guides)
+def test_the_parameter_count_is_of_every_network_the_guide_trains(guide):
+    vae = VAE(z_dim=3, hidden=(16,))
+    x = digits(2)
+    trained = {name: site["value"] for program in (vae.model, vae.guide(guide))
+               for name, site in pyro.poutine.trace(program).get_trace(x).nodes.items() if site["type"] == "param"}
+    assert f"({sum(p.numel() for p in trained.values()):,} parameters in " in vae.summary(guide)
 
 
 @pytest.mark.parametrize("guide", VAE.guides)
@@ -195,15 +209,16 @@ def test_prior_vs_importance_experiment_writes_its_estimates(tiny_dataset, tmp_p
 
     cfg = Config(model="vae", guide="normal", optimizer="adam", lr=3e-3, epochs=1, batch_size=50, eval_every=1000,
                  eval_digits=50, model_args={"z_dim": 2, "hidden": [32]})
-    results = prior_vs_importance(VAE, cfg, tiny_dataset, tmp_path, progress=False, log=lambda *a: None, z_dims=(2, 8),
-                                  sample_counts=(1, 100), digits=4, repeats=3)
+    report = prior_vs_importance(VAE, cfg, tiny_dataset, tmp_path, progress=False, log=lambda *a: None, z_dims=(2, 8),
+                                 sample_counts=(1, 100), digits=4, repeats=3)
     assert (tmp_path / "prior_vs_importance.png").stat().st_size > 1000
     saved = json.loads((tmp_path / "prior_vs_importance.json").read_text())["estimates"]
     assert set(saved) == {"z-dim 2", "z-dim 8"} and set(saved["z-dim 8"]) == {"prior", "normal"}
-    for by_proposal in results.values():
+    for by_proposal in saved.values():
         for estimate in by_proposal.values():
             assert estimate["samples"] == [1, 100] and all(np.isfinite(estimate["mean"]))
             assert all(sd >= 0 for sd in estimate["sd_over_repeats"])
+    assert set(report.findings["estimates"]["z-dim 8"]["by_samples_M"]) == {1, 100}
 
 
 def test_scoring_non_binary_digits_is_refused():

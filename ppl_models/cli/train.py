@@ -17,6 +17,7 @@ in nats per digit, with the split and the number of digits it was averaged over.
 """
 
 import argparse
+import shlex
 import signal
 import sys
 import warnings
@@ -236,6 +237,7 @@ def resumed_config(args):
 def main(argv=None, prog=None):
     """`prog` is how the user called it ("ppl-models train"; run.py's name by default), for its hints."""
     warnings.formatwarning = lambda message, category, *rest: f"warning: {message}\n"
+    argv = sys.argv[1:] if argv is None else list(argv)
     parser, args = parse_args(argv, prog)
     command = prog or "python run.py"
     out = None
@@ -245,7 +247,8 @@ def main(argv=None, prog=None):
             cfg.validate()
             out = Path(args.resume or args.out or Path("figures") / cfg.model)
             run(cfg, out, experiment=args.experiment, resume=bool(args.resume), progress=not args.quiet,
-                download=not args.no_download, overwrite=args.overwrite, log=lambda line: print(as_flags(line)))
+                download=not args.no_download, overwrite=args.overwrite, command=f"{command} {shlex.join(argv)}",
+                log=lambda line: print(as_flags(line)))
     except Interrupted as stop:  # in the training loop: a checkpoint was saved
         print(f"error: {stop.what} at step {stop.step}; checkpoint saved. Resume with: {command} --resume "
               f"{stop.run_dir}", file=sys.stderr)

@@ -56,9 +56,9 @@ def fill_in(model, args, log):
         n = min(len(x), SHOWN)
         shown = min(args.num_samples, 3)
         rows = [torch.where(observed[:n], x[:n], 0.35), filled.probabilities[:n], *filled.samples[:shown, :n], x[:n]]
-        plots.image_grid(torch.cat(rows), args.out, f"{model.family.summary()}\nmissing pixels (grey) filled in from "
-                         f"the observed ({args.observe}): " + ("exact posterior predictive" if filled.posterior.exact
-                                                                else filled.estimator),
+        how = "exact posterior predictive" if filled.posterior.exact else filled.estimator
+        plots.image_grid(torch.cat(rows), args.out, f"{model.family.summary(model.cfg.guide)}\nmissing pixels (grey) "
+                         f"filled in from the observed ({args.observe}): {how}",
                          ncols=n, row_labels=["observed", "p(x | observed)", *[f"sample {s + 1}" for s in range(shown)],
                                               "truth"])
     return {"observed": args.observe, "method": filled.posterior.method, "estimator": filled.estimator,
@@ -164,7 +164,7 @@ def main(argv=None):
     try:
         model = load(args.run_dir, device=resolve_device(args.device))
         args.seed = model.cfg.seed if args.seed is None else args.seed
-        answer = {"command": args.command, "run": str(args.run_dir), "model": model.family.summary(),
+        answer = {"command": args.command, "run": str(args.run_dir), "model": model.family.summary(model.cfg.guide),
                   "guide": model.cfg.guide, "params": model.source, **COMMANDS[args.command][0](model, args, log)}
         if args.json:
             write_json(answer, args.json)

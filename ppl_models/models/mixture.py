@@ -172,9 +172,13 @@ class BernoulliMixture(Family):
     def report(self, run):
         return mixture_report.report(self, run)
 
-    def summary(self):
+    def summary(self, guide=None):
         size = self.components * (self.num_pixels + 1) + self.num_pixels  # b, w and c
-        return f"mixture of {self.components} Bernoulli components ({size:,} parameters)"
+        if guide != "sampled":  # the enumerated guide has no parameters of its own
+            return f"mixture of {self.components} Bernoulli components ({size:,} parameters)"
+        networks = sum(p.numel() for network in (self.encoder, self.baseline) for p in network.parameters())
+        return (f"mixture of {self.components} Bernoulli components ({size:,} parameters, and {networks:,} in the "
+                "sampled guide's encoder and baseline)")
 
 
 

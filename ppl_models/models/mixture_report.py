@@ -17,7 +17,7 @@ BATCH_SIZES = (1, 2, 5, 10, 20)  # digits per batch of the Frankenstein batch te
 def report(model, run):
     cfg, out, x_test = run.cfg, run.out, run.data.binary("test")
     generator = torch.Generator().manual_seed(cfg.seed)  # the digits shown, then the Frankenstein splits
-    draw_learning_curves(run, f"{model.summary()}: {cfg.eval_digits} fixed random train / test digits")
+    draw_learning_curves(run, f"{model.summary(cfg.guide)}: {cfg.eval_digits} fixed random train / test digits")
     draw_component_means(model, out)
     with torch.random.fork_rng():
         torch.manual_seed(cfg.seed)

@@ -57,11 +57,12 @@ class SigmoidBeliefNet(Family):
     hyperparameters = {
         "latents": Hyperparameter(f"M, the number of binary latents; `guide='enum'` sums all 2^M states, so M <= "
                                   f"{MAX_EXACT_LATENTS}"),
-        "temperature": Hyperparameter("temperature of the Concrete relaxation of `guide='relaxed'`", float),
+        "temperature": Hyperparameter("temperature of the Concrete relaxation of `guide='relaxed'`", float,
+                                      guides=("relaxed",)),
         "baseline": Hyperparameter("baseline of `guide='bernoulli'`'s score-function gradient: neural (an "
                                    "input-dependent network), average (Pyro's decaying average of the learning "
                                    "signal), both (the network fits what is left after the average, as NVIL centres "
-                                   "its signal; not with `jit`)", str, BASELINES),
+                                   "its signal; not with `jit`)", str, BASELINES, guides=("bernoulli",)),
     }
     training_defaults = dict(optimizer="adam", lr=1e-3, batch_size=100, epochs=20, eval_samples=None)
     experiments = {
@@ -232,7 +233,7 @@ class SigmoidBeliefNet(Family):
     def report(self, run):
         return sbn_report.report(self, run)
 
-    def summary(self):
+    def summary(self, guide=None):
         states = f"{2**self.latents:,}" if self.latents <= 40 else f"2^{self.latents} = {2**self.latents:.2g}"
         return f"sigmoid belief net with {self.latents} binary latents ({states} states)"
 

@@ -19,7 +19,8 @@ from ..train import SVI
 def report(model, run):
     cfg, out = run.cfg, run.out
     estimates = "exact log-likelihood" if model.exact else "ELBO"
-    draw_learning_curves(run, f"{model.summary()}, guide {cfg.guide}: {cfg.eval_digits} fixed random digits per split")
+    bound = draw_learning_curves(run, f"{model.summary(cfg.guide)}, guide {cfg.guide}: {cfg.eval_digits} fixed random "
+                                      "digits per split")
     with torch.random.fork_rng():
         torch.manual_seed(cfg.seed)
         drawn = model.sample(16)
@@ -34,7 +35,7 @@ def report(model, run):
                      "What each binary cause draws: row m of w (grey 0, dark adds ink, light removes it)",
                      captions=[f"m={m}" for m in range(len(causes))], ncols=10)
     return Report([("learning_curves.png", f"The {estimates} of {cfg.eval_digits} fixed random digits of each split "
-                    "during training."),
+                    f"during training.{bound}"),
                    ("samples.png", f"16 digits sampled from the model of epoch {run.reported_epoch}: the binary "
                     f"causes z ~ p(z) first (above each, how many of the {model.latents} were on), then the pixels' "
                     "Bernoulli means p(x_d = 1 | z) (rows 1 and 3) and a binary draw x ~ p(x | z) from them (rows 2 "
@@ -69,7 +70,14 @@ def cost_against_latents(family, cfg, data, out, progress, log=print, latents=(2
     plot_cost_against_latents(results, out / "cost_vs_latents.png", f"Cost of one training step (batch "
                               f"{cfg.batch_size}) against the number of binary latents")
     write_json({"batch_size": cfg.batch_size, "steps_timed": steps, "results": results}, out / "cost_vs_latents.json")
-    return results
+    by_latents = {M: {f"{guide} {what}": r[key][i] for guide, r in results.items()
+                      for key, what in (("seconds_per_step", "s per step"), ("peak_rss_mb", "peak MB"))}
+                  for i, M in enumerate(latents)}
+    return Report([("cost_vs_latents.png", f"Seconds per training step (batch {cfg.batch_size}, mean of {steps}) "
+                    "and the process's peak resident memory against M, each guide, with 2^M through enumeration's "
+                    "last point.")],
+                  {"by_latents_M": by_latents, "peak MB": "the whole process's peak resident memory so far (it "
+                   "only grows: guides run in the order of the columns)"})
 
 
 def gradient_variance(family, cfg, data, out, progress, log=print, draws=200):
@@ -105,7 +113,9 @@ def gradient_variance(family, cfg, data, out, progress, log=print, draws=200):
         log(f"guide {guide}: " + ", ".join(f"{k} {v:.4g}" for k, v in results[guide].items()))
     write_json({"latents": model.latents, "batch_size": cfg.batch_size, "draws": draws,
                 "exact_w_gradient_norm": exact_w.norm().item(), "results": results}, out / "gradient_variance.json")
-    return results
+    return Report([], {"gradients": f"{draws} draws of each guide's gradient estimator on one batch of "
+                       f"{cfg.batch_size} training digits, the untrained model of the seed, M = {model.latents}",
+                       "exact_w_gradient_norm": exact_w.norm().item(), "by_guide": results})
 
 
 def plot_cost_against_latents(results, path, title):

@@ -106,6 +106,10 @@ def kl_weighted(kl_weight):
     return nullcontext() if kl_weight is None else poutine.scale(scale=kl_weight)
 
 
+# The networks each guide trains (its pyro.module calls), counted in its parameters beside the decoder.
+GUIDE_NETWORKS = {"normal": ("encoder",), "iaf": ("encoder", "flows"), "lowrank": ("lowrank_encoder",)}
+
+
 class VAE(Family):
     name = "vae"
     title = "variational autoencoder"
@@ -128,8 +132,8 @@ class VAE(Family):
         "activation": Hyperparameter("nonlinearity of the hidden layers: relu, tanh (the IWAE paper's), gated: "
                                      "(W x) * sigmoid(V x), twice the weights (the VampPrior paper's)",
                                      str, ACTIVATIONS),
-        "flows": Hyperparameter("inverse-autoregressive flow layers of `guide='iaf'`"),
-        "rank": Hyperparameter("rank of the covariance factor of `guide='lowrank'`"),
+        "flows": Hyperparameter("inverse-autoregressive flow layers of `guide='iaf'`", guides=("iaf",)),
+        "rank": Hyperparameter("rank of the covariance factor of `guide='lowrank'`", guides=("lowrank",)),
         "kl_warmup": Hyperparameter("KL warm-up: weight the KL term by a factor growing linearly from 0 to 1 over this "
                                     "many epochs, with `elbo='trace'` or meanfield; reported numbers always use the "
                                     "full ELBO; 0: none", float),
@@ -252,7 +256,8 @@ class VAE(Family):
     def report(self, run):
         return vae_report.report(self, run)
 
-    def summary(self):
-        size = sum(p.numel() for p in self.decoder.parameters()) + sum(p.numel() for p in self.encoder.parameters())
+    def summary(self, guide=None):
+        networks = ("decoder", *GUIDE_NETWORKS.get(guide, ()))
+        size = sum(p.numel() for name in networks for p in getattr(self, name).parameters())
         layers = f"{'-'.join(map(str, self.hidden))} {self.activation}"
-        return f"VAE, z-dim {self.z_dim}, MLP {layers} ({size:,} parameters in encoder and decoder)"
+        return f"VAE, z-dim {self.z_dim}, MLP {layers} ({size:,} parameters in {', '.join(networks)})"

@@ -57,14 +57,15 @@ def read_history(path):
 
 def report(model, run):
     cfg = run.cfg
-    draw_learning_curves(run, f"{model.summary()}, guide {cfg.guide}: {cfg.eval_digits} fixed random digits per split")
+    bound = draw_learning_curves(run, f"{model.summary(cfg.guide)}, guide {cfg.guide}: {cfg.eval_digits} fixed random "
+                                      "digits per split")
     shown_epochs = draw_samples_through_training(run.out, run.reported_epoch)
     draw_samples(model, run)
     draw_manifold(model, run.out, cfg.device)
     draw_reconstructions_and_latents(model, run)
     return Report([
         ("learning_curves.png", f"ELBO of {cfg.eval_digits} fixed random digits of each split during training "
-         "(seed problem 22): a lower bound on log p(x); the untrained model starts near -544 nats."),
+         f"(seed problem 22): a lower bound on log p(x); the untrained model starts near -544 nats.{bound}"),
         ("samples_through_training.png", f"The decoder's mean image p(x_d = 1 | z) for the same "
          f"{DRAWS_THROUGH_TRAINING} draws of z ~ N(0, I) (columns) before, part way through and after training "
          f"(seed problem 23): one row for each of epochs {', '.join(map(str, shown_epochs))}."),
@@ -175,7 +176,17 @@ def prior_vs_importance(family, cfg, data, out, progress, log=print, z_dims=(2, 
         log(f"{z_dim}: M={sample_counts[-1]}: prior {by_proposal['prior']['mean'][-1]:.2f} "
             f"(sd {by_proposal['prior']['sd_over_repeats'][-1]:.2f}), q {by_proposal[cfg.guide]['mean'][-1]:.2f} "
             f"(sd {by_proposal[cfg.guide]['sd_over_repeats'][-1]:.2f}) nats")
-    return results
+    by_samples = {z_dim: {"by_samples_M": {M: {f"{proposal} {what} (nats)": estimates[key][i]
+                                                for proposal, estimates in by_proposal.items()
+                                                for key, what in (("mean", "mean"), ("sd_over_repeats", "sd"))}
+                                            for i, M in enumerate(sample_counts)}}
+                  for z_dim, by_proposal in results.items()}
+    return Report([("prior_vs_importance.png", f"log p(x) of {digits} fixed test digits estimated from M samples of "
+                    f"the prior (plain Monte Carlo) and of q ({cfg.guide}, importance sampling), one panel per "
+                    f"latent size: the mean over digits of {repeats} repeated estimates, the band their sd.")],
+                  {"estimates": by_samples, "what": f"mean over {digits} test digits of {repeats} repeated iwae-M "
+                   "estimates of log p(x), and their sd over repeats (averaged over digits); prior: the prior p(z) "
+                   f"as proposal; {cfg.guide}: the trained q(z | x)"})
 
 
 def estimate_by_proposal(model, x, cfg, sample_counts, repeats):
