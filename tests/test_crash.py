@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import mixture_report_offline
 
 import run
 
@@ -38,10 +37,8 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(offline, tiny_binarize
     assert 1 <= progress["epoch"] < 60, progress  # the kill landed mid-run, after a checkpoint
     assert not (killed / "metrics.json").exists()
 
-    with mixture_report_offline():
-        assert run.main(["--resume", str(killed), "--quiet", "--no-download"]) == 0
-    with mixture_report_offline():
-        assert run.main([*args, "--out", str(tmp_path / "straight")]) == 0
+    assert run.main(["--resume", str(killed), "--quiet", "--no-download"]) == 0
+    assert run.main([*args, "--out", str(tmp_path / "straight")]) == 0
     resumed, straight = (json.loads((tmp_path / d / "metrics.json").read_text()) for d in ("killed", "straight"))
     assert resumed["final"] == straight["final"]
     params = [torch.load(tmp_path / d / "checkpoint.pt", weights_only=True)["params"] for d in ("killed", "straight")]

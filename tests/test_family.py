@@ -11,7 +11,7 @@ import pyro
 import pyro.distributions as dist
 import pytest
 import torch
-from conftest import mixture_report_offline, run_cli
+from conftest import run_cli
 
 import run
 from ppl_models.family import Family, Hyperparameter, pyro_elbo
@@ -149,9 +149,8 @@ def test_a_flag_of_another_family_exits_2_with_one_line(registered, offline, tmp
 
 def test_a_resumed_run_refuses_a_hyperparameter_flag(offline, tiny_binarized, tmp_path, capsys):
     out = tmp_path / "run"
-    with mixture_report_offline():
-        assert run_cli("--components", "3", "--dataset", "binarized-mnist", "--data-dir", str(tiny_binarized),
-                       "--out", str(out)) == 0
+    assert run_cli("--components", "3", "--dataset", "binarized-mnist", "--data-dir", str(tiny_binarized),
+                   "--out", str(out)) == 0
     capsys.readouterr()
     assert run_cli("--resume", str(out), "--components", "5") == 2
     assert "--components cannot change when resuming" in capsys.readouterr().err

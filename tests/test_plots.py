@@ -1,6 +1,10 @@
 """Figures a person can read: the learning curves' axes, grids no wider than report.html's page,
 sampled digits shown with the Bernoulli means they were drawn from."""
 
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -78,3 +82,12 @@ def test_sampled_digits_are_drawn_with_the_bernoulli_means_they_came_from(offlin
     assert set(draws.unique().tolist()) <= {0.0, 1.0} and ((means > 0) & (means < 1)).all()
     assert (out / "samples.png").stat().st_size > 1000
     assert '<img src="samples.png"' in (out / "report.html").read_text()
+
+
+def test_importing_the_package_leaves_matplotlibs_backend_alone():
+    """A notebook's inline figures must survive `import ppl_models` (its figures need no backend)."""
+    check = ("import matplotlib; import ppl_models, ppl_models.plots, ppl_models.models; "
+             "print(matplotlib.get_backend())")
+    done = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, env={**os.environ,
+                          "MPLBACKEND": "svg"}, check=True)
+    assert done.stdout.strip() == "svg"

@@ -120,7 +120,7 @@ def gradient_variance(family, cfg, data, out, progress, log=print, draws=200):
 
 def plot_cost_against_latents(results, path, title):
     """Seconds per step and peak memory against M, log scale, one line per guide."""
-    fig, (time_ax, memory_ax) = plots.plt.subplots(1, 2, figsize=(12, 4))
+    fig, (time_ax, memory_ax) = plots.subplots(1, 2, figsize=(12, 4))
     for guide, r in results.items():
         time_ax.plot(r["latents"], r["seconds_per_step"], "o-", label=f"guide {guide}")
         memory_ax.plot(r["latents"], r["peak_rss_mb"], "o-", label=f"guide {guide}")
