@@ -63,18 +63,14 @@ def iwae_bound(log_weights):
     return torch.logsumexp(log_weights, 0) - math.log(log_weights.shape[0])
 
 
-def estimators(model, guide_name, iwae_samples=0, split="test"):
+def estimators(model, guide_name, split="test"):
     """The estimator names this model/guide pair reports, in a fixed order: `exact` where the model
-    has it, and for a guide that is not exact the ELBO (and iwae-k). Where the exact sum is costly
+    has it, and for a guide that is not exact the ELBO (iwae-k is asked for apart). Where the exact sum is costly
     and the guide gives an ELBO, the exact value is reported on the test split only."""
     exact_guide = guide_name in model.exact_guides
     costly = model.exact_is_costly and not exact_guide and split != "test"
     names = ["exact"] if model.exact and not costly else []
-    if not exact_guide:
-        names.append("elbo")
-        if iwae_samples:
-            names.append(f"iwae-{iwae_samples}")
-    return names
+    return names + ([] if exact_guide else ["elbo"])
 
 
 # Samples x digits x pixels scored at once (16 MB of logits). Small enough that a chunk's logits

@@ -4,7 +4,6 @@ experiments stand beside it, in models/<family>_report.py.)"""
 from dataclasses import replace
 
 from . import plots
-from .data import random_digits
 from .family import Experiment, Report
 from .files import write_json
 from .report import describe
@@ -33,7 +32,7 @@ def enum_vs_sampled(family, cfg, data, out, progress, log=print):
     by_guide = {guide: {**{f"{split} {name} (nats)": value for split, values in r["final"].items()
                            for name, value in values.items()}, "seconds per epoch": r["seconds_per_epoch"]}
                 for guide, r in results.items()}
-    shown = len(random_digits(data.binary("test"), cfg.eval_digits))
+    shown = min(cfg.eval_digits, len(data.binary("test")))  # the learning curves' fixed random test digits
     return Report([("enum_vs_sampled.png", f"The exact log p(x) of {shown:,} fixed random test digits under each "
                     "guide's model (solid) against SVI steps and training time, with each sampled guide's ELBO "
                     "(dotted): the gap between a sampled guide's two lines is KL(q || p(z | x)).")],

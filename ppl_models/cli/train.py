@@ -210,6 +210,11 @@ def config_from_args(args):
                      "device": resolve_device(args.device)})
 
 
+def given(value):
+    """Whether a flag was given: a value (0 included: `--eval-samples 0` is one), or a switch that is on."""
+    return value is not None and value is not False
+
+
 def resumed_config(args):
     """The run's own settings from its checkpoint; only RESUME_MAY_CHANGE may be given."""
     checkpoint = load_checkpoint(Path(args.resume) / "checkpoint.pt")
@@ -219,7 +224,7 @@ def resumed_config(args):
                          f"drop --model to resume it, or start a new run with another --out")
     check_family_flags(args, saved["model"])
     for name in ("out", "experiment", *(f.name for f in fields(Config) if f.name != "model")):
-        if name not in RESUME_MAY_CHANGE and getattr(args, name, None) not in (None, False):
+        if name not in RESUME_MAY_CHANGE and given(getattr(args, name, None)):
             raise ValueError(f"{flag(name)} cannot change when resuming: a resumed run keeps its own settings (only "
                              f"{', '.join(map(flag, RESUME_MAY_CHANGE))} may be given)")
     trained = checkpoint["progress"]["epoch"]
@@ -229,7 +234,7 @@ def resumed_config(args):
     cfg = Config(**{f.name: saved[f.name] for f in fields(Config) if f.name in saved})
     cfg.device = resolve_device(args.device)
     for setting in RESUME_MAY_CHANGE:
-        if setting != "device" and getattr(args, setting) not in (None, False):
+        if setting != "device" and given(getattr(args, setting)):
             setattr(cfg, setting, getattr(args, setting))
     return cfg
 

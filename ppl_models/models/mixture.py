@@ -40,7 +40,7 @@ class BernoulliMixture(Family):
     exact_guides = ("enum",)
     exact = True  # log p(x) is tractable: a sum over K components
     hyperparameters = {"components": Hyperparameter("K, the number of mixture components")}
-    training_defaults = dict(optimizer="rmsprop", lr=0.01, batch_size=100, epochs=20, eval_samples=None)  # the seed's
+    training_defaults = dict(optimizer="rmsprop", lr=0.01, batch_size=100, epochs=20)  # the seed's
     experiments = {"enum-vs-sampled": ENUM_VS_SAMPLED}
 
     def __init__(self, components=20, num_pixels=784, init_scale=0.01, encoder_hidden=200):

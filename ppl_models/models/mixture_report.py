@@ -9,7 +9,7 @@ from ..evaluate import batch_test, cluster_purity, roc_auc
 from ..family import Report
 from ..inference import fill_in
 from ..masks import observe
-from ..report import draw_learning_curves
+from ..report import draw_learning_curves, draw_samples
 
 BATCH_SIZES = (1, 2, 5, 10, 20)  # digits per batch of the Frankenstein batch test
 
@@ -19,13 +19,8 @@ def report(model, run):
     generator = torch.Generator().manual_seed(cfg.seed)  # the digits shown, then the Frankenstein splits
     draw_learning_curves(run, f"{model.summary(cfg.guide)}: {cfg.eval_digits} fixed random train / test digits")
     draw_component_means(model, out)
-    with torch.random.fork_rng():
-        torch.manual_seed(cfg.seed)
-        drawn = model.sample(16)
-    plots.means_and_draws(drawn.probabilities, drawn.digits, out / "samples.png",
-                          f"16 samples of the model of epoch {run.reported_epoch}: a component z ~ p(z) (above each),"
-                          "\nits pixel means p(x_d = 1 | z) and a binary draw x ~ p(x | z) from them",
-                          captions=[f"z={k}" for k in drawn.latents["z"].tolist()])
+    samples = draw_samples(model, run, "a component z ~ p(z) (above each)",
+                           lambda latents: [f"z={k}" for k in latents["z"].tolist()])
     shown_digits = random_digits(x_test, 10, generator=generator)  # test files can be ordered by class
     findings = {"fill_in": draw_fill_in(model, x_test, shown_digits, out)}
     draw_inferred_components(model, shown_digits, out)
@@ -36,9 +31,7 @@ def report(model, run):
                 "during training (seed problem 8); the untrained model starts near -543 nats."),
                ("component_means.png", "What each component draws: p(x_d = 1 | z = k), the pixel probabilities of "
                 "component k (seed problem 6)."),
-               ("samples.png", f"16 digits sampled from the model of epoch {run.reported_epoch} (seed problem 7): "
-                "a component z first (above each), then the pixels: the component's means p(x_d = 1 | z) (rows 1 "
-                "and 3) and a binary draw x ~ p(x | z) from them (rows 2 and 4)."),
+               ("samples.png", f"Seed problem 7. {samples}"),
                ("fill_in.png", "Filling in missing pixels: given only the top half, the posterior over components "
                 "gives the expected bottom half, beside the true digit."),
                ("infer.png", "Inferring the latent: test digits and the mean image of their most probable component, "

@@ -64,7 +64,7 @@ class SigmoidBeliefNet(Family):
                                    "signal), both (the network fits what is left after the average, as NVIL centres "
                                    "its signal; not with `jit`)", str, BASELINES, guides=("bernoulli",)),
     }
-    training_defaults = dict(optimizer="adam", lr=1e-3, batch_size=100, epochs=20, eval_samples=None)
+    training_defaults = dict(optimizer="adam", lr=1e-3, batch_size=100, epochs=20)
     experiments = {
         "enum-vs-sampled": ENUM_VS_SAMPLED,
         "cost-vs-latents": sbn_report.COST_AGAINST_LATENTS,

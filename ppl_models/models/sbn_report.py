@@ -12,7 +12,7 @@ import torch
 from .. import plots
 from ..family import Experiment, Report
 from ..files import write_json
-from ..report import draw_learning_curves
+from ..report import draw_learning_curves, draw_samples
 from ..train import SVI
 
 
@@ -21,14 +21,8 @@ def report(model, run):
     estimates = "exact log-likelihood" if model.exact else "ELBO"
     bound = draw_learning_curves(run, f"{model.summary(cfg.guide)}, guide {cfg.guide}: {cfg.eval_digits} fixed random "
                                       "digits per split")
-    with torch.random.fork_rng():
-        torch.manual_seed(cfg.seed)
-        drawn = model.sample(16)
-    plots.means_and_draws(drawn.probabilities, drawn.digits, out / "samples.png",
-                          f"16 samples of the model of epoch {run.reported_epoch}: binary causes z ~ p(z) (above "
-                          f"each: how many of the {model.latents} were on),\nthe Bernoulli means p(x_d = 1 | z) and "
-                          "a binary draw x ~ p(x | z) from them",
-                          captions=[f"{int(k)} on" for k in drawn.latents["z"].sum(-1)])
+    samples = draw_samples(model, run, f"binary causes z ~ p(z) (above each: how many of the {model.latents} were "
+                                       "on)", lambda latents: [f"{int(k)} on" for k in latents["z"].sum(-1)])
     causes = model.cause_images()[:100]
     scale = causes.abs().max().clamp(min=1e-6)
     plots.image_grid(0.5 + 0.5 * causes / scale, out / "causes.png",
@@ -36,10 +30,7 @@ def report(model, run):
                      captions=[f"m={m}" for m in range(len(causes))], ncols=10)
     return Report([("learning_curves.png", f"The {estimates} of {cfg.eval_digits} fixed random digits of each split "
                     f"during training.{bound}"),
-                   ("samples.png", f"16 digits sampled from the model of epoch {run.reported_epoch}: the binary "
-                    f"causes z ~ p(z) first (above each, how many of the {model.latents} were on), then the pixels' "
-                    "Bernoulli means p(x_d = 1 | z) (rows 1 and 3) and a binary draw x ~ p(x | z) from them (rows 2 "
-                    "and 4)."),
+                   ("samples.png", samples),
                    ("causes.png", "Row m of w as an image: the pixel logits that binary cause m adds when it is on.")])
 
 

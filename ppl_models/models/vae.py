@@ -138,7 +138,7 @@ class VAE(Family):
                                     "many epochs, with `elbo='trace'` or meanfield; reported numbers always use the "
                                     "full ELBO; 0: none", float),
     }
-    training_defaults = dict(optimizer="adam", lr=1e-3, batch_size=100, epochs=5, eval_samples=None)  # seed template's
+    training_defaults = dict(optimizer="adam", lr=1e-3, batch_size=100, epochs=5)  # seed template's
     experiments = {"prior-vs-importance": vae_report.PRIOR_VS_IMPORTANCE}
 
     def __init__(self, z_dim=2, hidden=(200, 200), activation="relu", flows=2, rank=2, kl_warmup=0, num_pixels=784):

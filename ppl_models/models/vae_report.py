@@ -15,7 +15,7 @@ from ..data import random_digits
 from ..evaluate import per_digit_estimate
 from ..family import Experiment, Report
 from ..files import atomic_torch_save, write_json
-from ..report import draw_learning_curves
+from ..report import draw_learning_curves, draw_samples
 from ..train import train
 
 DRAWS_THROUGH_TRAINING = 10  # fixed z draws followed through training: the columns of its figure
@@ -60,17 +60,16 @@ def report(model, run):
     bound = draw_learning_curves(run, f"{model.summary(cfg.guide)}, guide {cfg.guide}: {cfg.eval_digits} fixed random "
                                       "digits per split")
     shown_epochs = draw_samples_through_training(run.out, run.reported_epoch)
-    draw_samples(model, run)
+    samples = draw_samples(model, run, "z ~ N(0, I)")
     draw_manifold(model, run.out, cfg.device)
     draw_reconstructions_and_latents(model, run)
     return Report([
         ("learning_curves.png", f"ELBO of {cfg.eval_digits} fixed random digits of each split during training "
          f"(seed problem 22): a lower bound on log p(x); the untrained model starts near -544 nats.{bound}"),
         ("samples_through_training.png", f"The decoder's mean image p(x_d = 1 | z) for the same "
-         f"{DRAWS_THROUGH_TRAINING} draws of z ~ N(0, I) (columns) before, part way through and after training "
-         f"(seed problem 23): one row for each of epochs {', '.join(map(str, shown_epochs))}."),
-        ("samples.png", f"16 digits sampled from the model of epoch {run.reported_epoch}: z ~ N(0, I), then the "
-         "decoder's mean p(x_d = 1 | z) (rows 1 and 3) and a binary draw x ~ p(x | z) from it (rows 2 and 4)."),
+         f"{DRAWS_THROUGH_TRAINING} draws of z ~ N(0, I) (columns) through training (seed problem 23): one row "
+         f"for each of epochs {', '.join(map(str, shown_epochs))} (0: untrained)."),
+        ("samples.png", samples),
         ("manifold.png", "The learned manifold (seed problem 24): the decoder's mean over a grid of the latent "
          "plane, placed through the inverse Normal CDF so each cell holds equal prior mass."),
         ("reconstructions.png", "Test digits and the decoder's mean at a z drawn from q(z | x): what the "
@@ -100,15 +99,6 @@ def chosen_epochs(epochs, reported_epoch):
     the epoch whose model the report shows (early stopping's best)."""
     spread = {epochs[round(i)] for i in np.linspace(0, len(epochs) - 1, EPOCHS_SHOWN - 1)}
     return sorted(spread | ({reported_epoch} & set(epochs)))
-
-
-def draw_samples(model, run):
-    with torch.random.fork_rng():
-        torch.manual_seed(run.cfg.seed)
-        drawn = model.sample(16)
-    plots.means_and_draws(drawn.probabilities, drawn.digits, run.out / "samples.png",
-                          f"16 samples of the model of epoch {run.reported_epoch}: z ~ N(0, I),\nthe decoder's means "
-                          "p(x_d = 1 | z) and a binary draw x ~ p(x | z) from them")
 
 
 def draw_manifold(model, out, device):
