@@ -183,7 +183,7 @@ def write_report(run_dir, config, summary, figures, unused=None):
         asked = [name for name in summary["final"]["test"] if name.startswith("iwae-")]
         config = {**config, "eval_samples": f"default: {asked[0]}, no exact log-likelihood to report" if asked else
                   "default: none, the exact log-likelihood is reported"}
-    final_rows = [(split, name, f"{value:.2f}", summary["final_digits"][split])
+    final_rows = [(split, name, f"{value:.2f}", f"{summary['final_digits'][split]:,}")
                   for split, values in summary["final"].items() for name, value in values.items()]
     standard = {"model", "guide", "dataset", "binarize", "epochs", "train_digits", "seconds_per_epoch", "units",
                 "final_digits", "final", "provenance"}

@@ -10,6 +10,7 @@ import pyro
 import torch
 
 from .. import plots
+from ..evaluate import estimators
 from ..family import Experiment, Report
 from ..files import write_json
 from ..report import draw_learning_curves, draw_samples
@@ -18,7 +19,8 @@ from ..train import SVI
 
 def report(model, run):
     cfg, out = run.cfg, run.out
-    estimates = "exact log-likelihood" if model.exact else "ELBO"
+    estimates = " and ".join({"exact": "exact log-likelihood", "elbo": "ELBO"}[name]
+                             for name in estimators(model, cfg.guide, split="curves"))
     bound = draw_learning_curves(run, f"{model.summary(cfg.guide)}, guide {cfg.guide}: {cfg.eval_digits} fixed random "
                                       "digits per split")
     samples = draw_samples(model, run, f"binary causes z ~ p(z) (above each: how many of the {model.latents} were "
