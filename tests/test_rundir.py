@@ -1,7 +1,6 @@
 """The run directory's promises, with real processes: one writer at a time, a run is never
 replaced unless asked, experiments are run whole, every write is whole or absent."""
 
-import contextlib
 import errno
 import json
 import os
@@ -278,9 +277,8 @@ def test_sizes_that_cannot_fit_are_refused_with_an_estimate_before_anything_is_b
                                   ["--model", "vae", "--z-dim", "1", "--guide", "iaf"]])
 def test_edge_sizes_train_and_report(offline, tiny_binarized, tmp_path, args):
     out = tmp_path / "run"
-    with pytest.warns(UserWarning) if "mixture" in args else contextlib.nullcontext():  # offline Frankenstein
-        assert run_cli(*args, "--dataset", "binarized-mnist", "--data-dir", str(tiny_binarized), "--epochs", "1",
-                       "--batch-size", "50", "--eval-samples", "5", "--out", str(out)) == 0
+    assert run_cli(*args, "--dataset", "binarized-mnist", "--data-dir", str(tiny_binarized), "--epochs", "1",
+                   "--batch-size", "50", "--eval-samples", "5", "--out", str(out)) == 0
     assert (out / "report.html").exists()
 
 
@@ -303,17 +301,15 @@ def test_a_format_3_checkpoint_resumes_unless_its_model_needs_buffers(offline, t
     """Format 3 (before buffers were kept) is read: its params, optimizer and RNG state are all there,
     and only an IAF run's flows held buffers. best.pt of that time was a flat {name: tensor}."""
     out = tmp_path / "run"
-    with pytest.warns(UserWarning) if "mixture" in model_args else contextlib.nullcontext():
-        assert run_cli(*model_args, "--dataset", "binarized-mnist", "--data-dir", str(tiny_binarized), "--epochs",
-                       "1", "--batch-size", "50", "--eval-samples", "5", "--patience", "3", "--out", str(out)) == 0
+    assert run_cli(*model_args, "--dataset", "binarized-mnist", "--data-dir", str(tiny_binarized), "--epochs",
+                   "1", "--batch-size", "50", "--eval-samples", "5", "--patience", "3", "--out", str(out)) == 0
     checkpoint = torch.load(out / "checkpoint.pt", weights_only=True)
     checkpoint["format"] = 3
     del checkpoint["buffers"]
     torch.save(checkpoint, out / "checkpoint.pt")
     torch.save(torch.load(out / "best.pt", weights_only=True)["params"], out / "best.pt")
     capsys.readouterr()
-    with pytest.warns(UserWarning) if "mixture" in model_args else contextlib.nullcontext():
-        code = run_cli("--resume", str(out), "--epochs", "2")
+    code = run_cli("--resume", str(out), "--epochs", "2")
     err = capsys.readouterr().err.strip()
     if refused:
         assert code == 2 and "saved before ppl_models kept the networks' buffers (checkpoint format 3), and its " \
