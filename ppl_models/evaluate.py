@@ -73,9 +73,10 @@ def estimators(model, guide_name, split="test"):
     return names + ([] if exact_guide else ["elbo"])
 
 
-# Samples x digits x pixels scored at once (16 MB of logits). Small enough that a chunk's logits
-# stay in cache between the decoder's last product and the softplus that reads them: iwae-k runs
-# ~1.2x its floor with it, ~2x with 2^25 (bench/iwae_speed.py, BENCHMARKS.md).
+# Samples x digits x pixels scored at once (16 MB of logits), small enough that a chunk's logits
+# stay in cache between the decoder's last product and the softplus that reads them. Measured
+# (bench/iwae_speed.py): iwae-k at 1.0-1.3x its floor with 2^22, 1.1-2.0x with 2^25; the gap
+# is largest when other work shares the machine's cache.
 CHUNK_FLOATS = 2**22
 
 

@@ -50,6 +50,7 @@ class Experiment:
 
     help: str
     run: Callable
+    every_guide: bool = False  # it trains (or compares) the family's guides itself, whatever `guide` says
 
 
 @dataclass

@@ -41,11 +41,15 @@ def run(cfg, out, experiment=None, resume=False, progress=True, download=True, l
         log(f"{model.summary(cfg.guide)}, guide '{cfg.guide}'; {cfg.dataset} ({data.binarize} binarization): "
             + ", ".join(splits))
         made = provenance(command, cfg.device)
-        unused = unused_settings(family, None if experiment else cfg.guide, cfg.dataset)
+        about = family.experiments[experiment] if experiment else None
+        every_guide = about is not None and about.every_guide
+        unused = unused_settings(family, None if every_guide else cfg.guide, cfg.dataset)
         if experiment:
-            about = family.experiments[experiment]
             report = about.run(family, cfg, data, out, progress, log)
-            write_experiment_report(out, experiment, about.help, asdict(cfg), report, made, unused)
+            settings = asdict(cfg)
+            if every_guide:
+                settings["guide"] = "set by the experiment: it trains or compares the guides itself"
+            write_experiment_report(out, experiment, about.help, settings, report, made, unused)
             log(f"report: {out / 'report.html'}")
             return report.findings
         summary = train(model, data, cfg, out, resume=resume, progress=progress, log=log,
@@ -59,7 +63,7 @@ def run(cfg, out, experiment=None, resume=False, progress=True, download=True, l
 
 
 def unused_settings(family, guide, dataset):
-    """{setting: why} for the settings a run (an experiment: guide None) is given but does not use: the
+    """{setting: why} for the settings a run (guide None: an experiment of every guide) is given but does not use: the
     family says which of its own apply to the guide, the data set whether `binarize` applies."""
     unused = family.unused_settings(guide)
     if not binarize_applies(dataset):

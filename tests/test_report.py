@@ -62,6 +62,7 @@ def test_an_experiments_report_shows_its_figures_results_and_runs(offline, tiny_
     assert "<h3>By guide</h3><table><tr><th>guide</th><th>train exact (nats)</th>" in page
     assert '<a href="enum/">enum/</a>' in page and '<a href="sampled/">sampled/</a>' in page
     assert "<td>command</td><td>python run.py --model mixture --experiment enum-vs-sampled" in page
+    assert "<td>guide</td><td>set by the experiment: it trains or compares the guides itself</td>" in page
 
 
 def test_the_default_eval_samples_is_reported_as_what_it_came_to(offline, tiny_binarized, tmp_path):

@@ -134,6 +134,8 @@ def plot_cost_against_latents(results, path, title):
 
 
 COST_AGAINST_LATENTS = Experiment(
-    "seconds and memory per training step against M, each guide (seed problem 10)", cost_against_latents)
+    "seconds and memory per training step against M, each guide (seed problem 10)", cost_against_latents,
+    every_guide=True)
 GRADIENT_VARIANCE = Experiment(
-    "each sampled guide's gradient variance at fixed parameters, against the exact gradient", gradient_variance)
+    "each sampled guide's gradient variance at fixed parameters, against the exact gradient", gradient_variance,
+    every_guide=True)
