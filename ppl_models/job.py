@@ -40,22 +40,20 @@ def run(cfg, out, experiment=None, resume=False, progress=True, download=True, l
         splits = [f"{split} {data.images[split].shape[0]:,} digits from {data.sources[split]}" for split in data.splits]
         log(f"{model.summary(cfg.guide)}, guide '{cfg.guide}'; {cfg.dataset} ({data.binarize} binarization): "
             + ", ".join(splits))
-        made = provenance(command, cfg.device)
         about = family.experiments[experiment] if experiment else None
-        every_guide = about is not None and about.every_guide
-        unused = unused_settings(family, None if every_guide else cfg.guide, cfg.dataset)
+        sets = about.sets if about else {}  # the settings an experiment decides itself
+        unused = unused_settings(family, None if "guide" in sets else cfg.guide, cfg.dataset)
+        unused |= {name: f"set by the experiment: {why}" for name, why in sets.items()}
         if experiment:
             report = about.run(family, cfg, data, out, progress, log)
-            settings = asdict(cfg)
-            if every_guide:
-                settings["guide"] = "set by the experiment: it trains or compares the guides itself"
-            write_experiment_report(out, experiment, about.help, settings, report, made, unused)
+            write_experiment_report(out, experiment, about.help, asdict(cfg), report, provenance([command], cfg.device),
+                                    unused)
             log(f"report: {out / 'report.html'}")
             return report.findings
         summary = train(model, data, cfg, out, resume=resume, progress=progress, log=log,
-                        after_epoch=model.epoch_hook(out, cfg))
+                        after_epoch=model.epoch_hook(out, cfg), command=command)
         report = model.report(RunContext(data, cfg, out, summary, download, log))
-        summary.update(report.findings, provenance=made)
+        summary.update(report.findings, provenance=provenance(summary.pop("commands"), cfg.device))
         write_json(summary, out / "metrics.json")
         write_report(out, asdict(cfg), summary, report.figures, unused)
     log(describe(summary, out))

@@ -16,6 +16,7 @@ import torch
 
 from . import plots
 from .config import steps_per_epoch
+from .data import binarize_applies
 from .evaluate import samples_of
 from .files import write_text
 from .rundir import read_metrics
@@ -100,16 +101,17 @@ def _finding_parts(name, findings, depth):
     return parts
 
 
-def provenance(command, device):
-    """How and where a run was made, for its report: the command (None: the Python API), the versions
-    that decide its numbers, the date, and the machine."""
+def provenance(commands, device):
+    """How and where a run was made, for its report: its commands (the one that started it, then any
+    that resumed it; None: the Python API), the versions that decide its numbers, the date, and the
+    machine."""
     from . import __version__  # here, not at import: the package imports this module while it loads
 
     machine = {"platform": platform.platform(), "CPU cores": os.cpu_count(), "device": str(device)}
     if str(device).startswith("cuda"):
         machine["GPU"] = torch.cuda.get_device_name(torch.device(device))
     return {
-        "command": command or "the Python API (ppl_models.job.run), not a command line",
+        "commands": [command or "the Python API (ppl_models.job.run), not a command line" for command in commands],
         "versions": {"ppl_models": __version__, "pyro": pyro.__version__, "torch": torch.__version__,
                      "numpy": numpy.__version__, "python": platform.python_version()},
         "date": datetime.now().astimezone().isoformat(timespec="seconds"),
@@ -120,8 +122,10 @@ def provenance(command, device):
 def _provenance_parts(made):
     versions = ", ".join(f"{name} {version}" for name, version in made["versions"].items())
     machine = "; ".join(f"{what} {value}" for what, value in made["machine"].items())
-    return ["<h2>How this was made</h2>", _table([("command", made["command"]), ("date", made["date"]),
-                                                  ("versions", versions), ("machine", machine)], ["what", "value"])]
+    first, *resumes = made["commands"]
+    rows = [("command", first), *(("resumed with", command) for command in resumes), ("date", made["date"]),
+            ("versions", versions), ("machine", machine)]
+    return ["<h2>How this was made</h2>", _table(rows, ["what", "value"])]
 
 
 def _usage_parts(run_dir, config):
@@ -132,11 +136,12 @@ def _usage_parts(run_dir, config):
                 f"ppl-models fill-in {run} test:0-7 --observe top --out fill.png   # the bottom halves, given the top",
                 f"ppl-models infer {run} test:0-3                      # p(z | x) of test digits 0-3"]
     data_dir = f", data_dir={config['data_dir']!r}" if config.get("data_dir") else ""
+    binarize = f", binarize={config['binarize']!r}" if binarize_applies(config["dataset"]) else ""
     python = [
         "import ppl_models",
         "from ppl_models.data import load_dataset",
         f"model = ppl_models.load({str(run_dir)!r})",
-        f"x = load_dataset({config['dataset']!r}, binarize={config['binarize']!r}, seed={config['seed']}{data_dir})"
+        f"x = load_dataset({config['dataset']!r}{binarize}, seed={config['seed']}{data_dir})"
         '.binary("test")[:8]',
         "drawn = model.sample(16)              # .digits, .probabilities p(x | z), .latents",
         "scores = model.log_prob(x)            # .log_prob per digit, .estimator, .mean",

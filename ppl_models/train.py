@@ -75,17 +75,20 @@ class SVI:
 
 
 # ---- the loop --------------------------------------------------------------------------------
-def train(model, data, cfg, run_dir, resume=False, progress=True, log=print, after_epoch=None, overwrite=False):
+def train(model, data, cfg, run_dir, resume=False, progress=True, log=print, after_epoch=None, overwrite=False,
+          command=None):
     """Fit `model` (a Family) with `cfg.guide` by SVI; write the run directory; return the summary
     dict. `after_epoch(epoch)`, if given, is called before training (epoch 0) and after each epoch,
-    before that epoch's checkpoint. A new run refuses a directory that holds one unless `overwrite`."""
+    before that epoch's checkpoint. A new run refuses a directory that holds one unless `overwrite`.
+    `command`, the command line (None: the Python API), is kept in the checkpoint after those of the
+    run's earlier invocations: the summary's `commands` lists them all, the first one started it."""
     after_epoch = after_epoch or (lambda epoch: None)
     cfg.validate()
     run_dir = make_run_dir(run_dir)
     with exclusive(run_dir), reproducible(torch.device(cfg.device), cfg.detect_anomaly):
         if not resume:
             check_new_run(run_dir, overwrite)
-        run = Training(model, data, cfg, run_dir, resume, log)
+        run = Training(model, data, cfg, run_dir, resume, log, command)
         if run.at.step == 0:
             run.evaluate_curves()  # the untrained model, for the start of every curve
             after_epoch(0)
@@ -105,6 +108,7 @@ def train(model, data, cfg, run_dir, resume=False, progress=True, log=print, aft
                             log)
         if run.best:
             summary["early_stopping"] = run.early_stopping_summary()
+        summary["commands"] = run.commands
         write_json(summary, run.dir / "metrics.json")
         return summary
 
@@ -135,7 +139,7 @@ class Progress:
 class Training:
     """A run in progress: the model and its SVI, the run directory's files, and where it is (`at`)."""
 
-    def __init__(self, model, data, cfg, run_dir, resume, log):
+    def __init__(self, model, data, cfg, run_dir, resume, log, command=None):
         self.model, self.data, self.cfg, self.dir, self.log = model, data, cfg, run_dir, log
         self.device = torch.device(cfg.device)
         self.num_train, self.steps = check_training_data(data, cfg)
@@ -152,6 +156,7 @@ class Training:
                        (data.binary("train", 0)[: cfg.batch_size],))
         self.loss_name = model.loss_name(cfg.guide, cfg.elbo)
         self.selected = selection_estimator(model, cfg, self.curve_estimators)
+        self.commands = [command]  # this invocation's; a resumed run's earlier ones go before it
         self.at, best_state = self.resume() if resume else (Progress(), None)
         self.metrics = MetricsLog(self.dir / "metrics.csv", up_to_step=self.at.step if resume else None)
         self.best = BestEpoch(model, self.dir / "best.pt", cfg.patience, self.selected, best_state, self.at.epoch,
@@ -181,6 +186,7 @@ class Training:
         at = Progress(**checkpoint["progress"])
         self.log(f"resuming {self.dir} at epoch {at.epoch + 1}, step {at.step}" if at.epoch < self.cfg.epochs else
                  f"{self.dir} had finished its {self.cfg.epochs} epochs: evaluating it and drawing its figures again")
+        self.commands[:0] = checkpoint.get("commands", ["not recorded (a checkpoint of older code)"])
         return at, checkpoint.get("best")
 
     def compile_training_step(self):
@@ -204,6 +210,7 @@ class Training:
             "rng": rng_state(),
             "progress": asdict(self.at),
             "best": self.best.state() if self.best else None,
+            "commands": self.commands,
         }, self.checkpoint_path)
 
     def evaluate_curves(self):

