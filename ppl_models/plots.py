@@ -141,12 +141,15 @@ def two_histograms(a, b, labels, path, title, xlabel):
 
 
 def curves_against(panels, path, title):
-    """Several panels of named (x, y) lines: panels = [(xlabel, ylabel, {label: (xs, ys, style)})]."""
-    fig, axes = subplots(1, len(panels), figsize=(6 * len(panels), 4), squeeze=False)
+    """Several panels of named (x, y) lines: panels = [(xlabel, ylabel, {label: (xs, ys, style)})]. The
+    panels share the y-axis that the first one's x (e.g. steps) focuses on: the same lines against
+    another x (e.g. seconds) would clip a different start."""
+    fig, axes = subplots(1, len(panels), figsize=(6 * len(panels), 4), squeeze=False, sharey=True)
     for ax, (xlabel, ylabel, lines) in zip(axes.flat, panels):
         for label, (xs, ys, style) in lines.items():
             ax.plot(xs, ys, style, label=label)
-        focus_on_training(ax, [point for xs, ys, _ in lines.values() for point in zip(xs, ys)])
+        if ax is axes.flat[0]:
+            focus_on_training(ax, [point for xs, ys, _ in lines.values() for point in zip(xs, ys)])
         ax.set_xlabel(xlabel)
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
