@@ -180,6 +180,17 @@ def _write_page(path, title, parts):
                f"<style>{STYLE}</style></head><body>{''.join(parts)}</body></html>\n", path)
 
 
+def _early_stopping_parts(chosen):
+    """Early stopping in a sentence (none without it); its every-epoch scores are in the learning curves."""
+    if not chosen:
+        return []
+    return [f"<p>Early stopping (patience {chosen['patience']}): {chosen['epochs_trained']} epochs trained"
+            f"{', stopped early' if chosen['stopped_early'] else ''}; the numbers and figures below are those of "
+            f"epoch {chosen['best_epoch']}, the best score on the validation split, {chosen['best_value']:.2f} "
+            f"({html.escape(chosen['selected_by'])}), kept in <code>best.pt</code>. Every epoch's score is in the "
+            "learning curves and in <code>metrics.json</code>.</p>"]
+
+
 def write_report(run_dir, config, summary, figures, unused=None):
     """report.html of a training run. figures: [(file name in run_dir, one sentence on what it shows)];
     unused: {setting: why} for the settings the run was given but does not use."""
@@ -190,8 +201,9 @@ def write_report(run_dir, config, summary, figures, unused=None):
                   "default: none, the exact log-likelihood is reported"}
     final_rows = [(split, name, f"{value:.2f}", f"{summary['final_digits'][split]:,}")
                   for split, values in summary["final"].items() for name, value in values.items()]
+    # said in the page's own words (early stopping in a sentence, its every-epoch scores in the learning curves)
     standard = {"model", "guide", "dataset", "binarize", "epochs", "train_digits", "seconds_per_epoch", "units",
-                "final_digits", "final", "provenance"}
+                "final_digits", "final", "provenance", "early_stopping"}
     findings = {key: value for key, value in summary.items() if key not in standard}
     parts = [
         f"<h1>{html.escape(summary['model'])} / guide {html.escape(summary['guide'])} on "
@@ -200,9 +212,7 @@ def write_report(run_dir, config, summary, figures, unused=None):
         f"({html.escape(summary['binarize'])} binarization), {summary['seconds_per_epoch']:.1f} s of training per "
         "epoch. Files: <code>config.json</code>, <code>metrics.csv</code> (learning curves), "
         "<code>metrics.json</code>, <code>checkpoint.pt</code>.</p>",
-        *([f"<p>Early stopping: the numbers and figures below are those of epoch {chosen['best_epoch']}, the best "
-           f"score on the validation split ({html.escape(chosen['selected_by'])}), kept in <code>best.pt</code>.</p>"]
-          if (chosen := summary.get("early_stopping")) else []),
+        *_early_stopping_parts(summary.get("early_stopping")),
         "<h2>Final log-likelihood</h2>",
         "<p>Mean over every digit of each split (of train, the digits trained on), in nats per digit (higher is "
         "better). <code>exact</code>: log p(x) summed over every latent state; <code>elbo</code>: a one-sample "

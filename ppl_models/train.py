@@ -89,6 +89,8 @@ def train(model, data, cfg, run_dir, resume=False, progress=True, log=print, aft
         if not resume:
             check_new_run(run_dir, overwrite)
         run = Training(model, data, cfg, run_dir, resume, log, command)
+        if resume:
+            run.save_checkpoint()  # the state it resumed from, with this command: kept even if no epoch is left
         if run.at.step == 0:
             run.evaluate_curves()  # the untrained model, for the start of every curve
             after_epoch(0)

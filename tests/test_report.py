@@ -81,9 +81,10 @@ def test_a_resumed_runs_report_keeps_the_command_that_started_it(offline, tiny_b
                "--hidden", "8", "--eval-samples", "0", "--out", str(out)]
     assert run_cli(*started) == 0
     assert run_cli("--resume", str(out), "--epochs", "2") == 0
+    assert run_cli("--resume", str(out)) == 0  # a finished run, evaluated again: no epoch, still a command
     page = (out / "report.html").read_text()
     assert (f"<tr><td>command</td><td>python run.py {' '.join(started)} --quiet --no-download</td></tr>"
-            f"<tr><td>resumed with</td><td>python run.py --resume {out} --epochs 2 --quiet --no-download</td></tr>") \
-        in page
+            f"<tr><td>resumed with</td><td>python run.py --resume {out} --epochs 2 --quiet --no-download</td></tr>"
+            f"<tr><td>resumed with</td><td>python run.py --resume {out} --quiet --no-download</td></tr>") in page
     assert json.loads((out / "metrics.json").read_text())["provenance"]["commands"][0].endswith(
         f"--out {out} --quiet --no-download")

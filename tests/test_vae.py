@@ -131,7 +131,9 @@ def test_an_early_stopping_run_reports_every_epochs_score_and_its_choice(offline
     assert scores[chosen["best_epoch"]] == chosen["best_value"] == max(scores.values())
     assert (out / "learning_curves.png").stat().st_size > 1000
     page = (out / "report.html").read_text()
-    assert "iwae-2 on 100 fixed random valid digits" in page
+    assert f"the best score on the validation split, {chosen['best_value']:.2f} (iwae-2 on 100 fixed random valid " \
+           "digits)" in page
+    assert "valid scores" not in page  # every epoch's score is drawn, not listed
     curves = {(row["split"], row["estimator"]) for row in read_metrics(out)}  # the bound it trained on, drawn
     assert {("train", "iwae-2"), ("valid", "iwae-2"), ("test", "iwae-2")} <= curves
     assert "The iwae-2 lines are the 2-sample importance-weighted bound this run trained on" in page
