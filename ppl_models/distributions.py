@@ -145,9 +145,11 @@ def chunked_table_log_likelihood(x, states, w, c, pixel_mask=None):
     return torch.cat(parts, -1)
 
 
-def all_codes(num_bits, device=None):
-    """Every z in {0, 1}^M as the rows of a (2^M, M) tensor."""
-    integers = torch.arange(2**num_bits, device=device)
+def all_codes(num_bits, device=None, states=None):
+    """Every z in {0, 1}^M as the rows of a (2^M, M) tensor; or the codes of the integers in `states`
+    (a range), in order."""
+    states = range(2**num_bits) if states is None else states
+    integers = torch.arange(states.start, states.stop, device=device)
     return ((integers[:, None] >> torch.arange(num_bits - 1, -1, -1, device=device)) & 1).float()
 
 

@@ -16,6 +16,7 @@ from pyro import poutine
 from tqdm import tqdm  # not tqdm.auto: in a notebook without ipywidgets it warns on import
 
 from .data import check_binary
+from .distributed import ONE_PROCESS
 
 
 def importance_traces(model, guide, x, num_samples=1, **kwargs):
@@ -80,28 +81,43 @@ def estimators(model, guide_name, split="test"):
 CHUNK_FLOATS = 2**22
 
 
-def per_digit_estimate(model, guide_name, x, name, progress=False, memory_floats=CHUNK_FLOATS, observed=None):
+def per_digit_estimate(model, guide_name, x, name, progress=False, memory_floats=CHUNK_FLOATS, observed=None,
+                       world=ONE_PROCESS):
     """One estimator's (N,) per-digit values, in batches of digits sized so that the samples of a
     batch (samples x digits x pixels) stay under `memory_floats` numbers; past one digit's worth,
     the samples of a digit are drawn in chunks too, so any k fits in memory. With a boolean mask
-    `observed` like x, of log p(x_observed) (the guide sees the missing pixels as 0)."""
+    `observed` like x, of log p(x_observed) (the guide sees the missing pixels as 0).
+
+    Each batch draws from its own stream, seeded by a number drawn for it from the caller's stream,
+    so the values do not depend on which process scores which batch: in a `world` of several
+    processes each scores its share of the batches (or, for a model that sums its exact
+    log-likelihood over latent states in shares, its share of the states for every digit), and
+    every process gets every value, equal to one process's up to the order of sums."""
     check_binary(x, "digits to score", x.shape[-1])
     batch_size = max(1, memory_floats // (samples_of(name) * x.shape[1]))
+    starts = range(0, len(x), batch_size)
+    seeds = torch.randint(2**62, (len(starts),)).tolist()  # from the caller's stream, one per batch, in any world
+    if name == "exact" and world.size > 1 and model.exact_sum_in_shares:
+        return world.logsumexp(model.log_likelihood(x, observed, share=(world.rank, world.size)))
     if observed is not None:
         x = torch.where(observed, x, torch.zeros_like(x))
     values = []
-    batches = x.split(batch_size)
-    batches = list(zip(batches, [None] * len(batches) if observed is None else observed.split(batch_size)))
-    for batch, mask in tqdm(batches, desc=f"{name} on {len(x):,} digits", unit="batch", leave=False,
-                            disable=not progress or len(batches) < 2):
-        masked = {} if observed is None else {"observed": mask}
-        if name == "exact":
-            values.append(model.log_likelihood(batch, **masked))
-        elif name == "elbo":
-            values.append(importance_log_weights(model.model, model.guide(guide_name), batch, **masked)[0])
-        else:
-            values.append(chunked_iwae_bound(model, guide_name, batch, samples_of(name), memory_floats, **masked))
-    return torch.cat(values)
+    with torch.random.fork_rng(devices=[x.device] if x.device.type == "cuda" else []):
+        for index in tqdm(world.share(len(starts)), desc=f"{name} on {len(x):,} digits", unit="batch", leave=False,
+                          disable=not progress or not world.main or len(starts) < 2):
+            torch.manual_seed(seeds[index])
+            batch = slice(starts[index], starts[index] + batch_size)
+            values.append(estimate_batch(model, guide_name, x[batch], name, memory_floats,
+                                         {} if observed is None else {"observed": observed[batch]}))
+    return world.gather(torch.cat(values) if values else x.new_zeros(0))
+
+
+def estimate_batch(model, guide_name, x, name, memory_floats, masked):
+    if name == "exact":
+        return model.log_likelihood(x, **masked)
+    if name == "elbo":
+        return importance_log_weights(model.model, model.guide(guide_name), x, **masked)[0]
+    return chunked_iwae_bound(model, guide_name, x, samples_of(name), memory_floats, **masked)
 
 
 def samples_of(name):
@@ -109,15 +125,16 @@ def samples_of(name):
     return int(name.split("-")[1]) if name.startswith("iwae-") else 1
 
 
-def seconds_to_estimate(model, guide_name, x, name):
-    """About how long `per_digit_estimate` takes on all of x: its time on 1% of the digits (at
-    least 20), scaled, after a call on one digit has paid the first call's one-off costs."""
+def seconds_to_estimate(model, guide_name, x, name, processes=1):
+    """About how long `per_digit_estimate` takes on all of x, shared by `processes`: its time on 1%
+    of the digits (at least 20), scaled, after a call on one digit has paid the first call's
+    one-off costs."""
     probe = min(len(x), max(20, len(x) // 100))
     with torch.no_grad():
         per_digit_estimate(model, guide_name, x[:1], name)
         started = time.perf_counter()
         per_digit_estimate(model, guide_name, x[:probe], name)
-    return (time.perf_counter() - started) * len(x) / probe
+    return (time.perf_counter() - started) * len(x) / probe / processes
 
 
 def duration(seconds):
@@ -141,14 +158,14 @@ def chunked_iwae_bound(model, guide_name, x, samples, memory_floats, **kwargs):
 
 
 @torch.no_grad()
-def per_digit_estimates(model, guide_name, x, names):
+def per_digit_estimates(model, guide_name, x, names, world=ONE_PROCESS):
     """{estimator name: (N,) per-digit values}."""
-    return {name: per_digit_estimate(model, guide_name, x, name) for name in names}
+    return {name: per_digit_estimate(model, guide_name, x, name, world=world) for name in names}
 
 
-def mean_estimates(model, guide_name, x, names):
+def mean_estimates(model, guide_name, x, names, world=ONE_PROCESS):
     """{estimator name: mean over digits} as plain floats."""
-    return {name: v.mean().item() for name, v in per_digit_estimates(model, guide_name, x, names).items()}
+    return {name: v.mean().item() for name, v in per_digit_estimates(model, guide_name, x, names, world).items()}
 
 
 # ---- using log p(x) as a detector ----------------------------------------------------------

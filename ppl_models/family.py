@@ -162,6 +162,10 @@ class Family(nn.Module):
     exact = False
     #: whether an exact pass over a split takes minutes: then learning curves skip it where an ELBO exists
     exact_is_costly = False
+    #: whether `log_likelihood(x, observed, share=(i, n))` sums share i of n of the latent states (a
+    #: log-sum-exp over a part of the sum): processes then score every digit on their own share of
+    #: the states, where otherwise each scores its share of the digits
+    exact_sum_in_shares = False
 
     def __init__(self, num_pixels=784):
         super().__init__()
@@ -266,9 +270,9 @@ class Family(nn.Module):
         reset(self)
 
     # ---- what a generative model is for ------------------------------------------------------
-    def log_likelihood(self, x, observed=None):
+    def log_likelihood(self, x, observed=None, share=None):
         """Exact log p(x) per digit (nats), or log p(x_observed) where `observed` (a boolean mask like x)
-        is given, for a family (instance) whose `exact` is true."""
+        is given, for a family (instance) whose `exact` is true (see `exact_sum_in_shares`)."""
         raise NotImplementedError(f"model {self.name!r} has no exact log-likelihood")
 
     def pixel_logits(self, z):
@@ -336,6 +340,10 @@ class Family(nn.Module):
         return f"model {self.name}"
 
     # ---- after training ----------------------------------------------------------------------
+    def data_parallel_refusal(self, guide, elbo=None):
+        """Why `guide` (with `elbo`) cannot train in several processes (a message naming settings), or None."""
+        return None
+
     def epoch_hook(self, out, cfg):
         """A callable `hook(epoch)` run before training (epoch 0) and after each epoch, or None."""
         return None

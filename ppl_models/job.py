@@ -2,41 +2,50 @@
 family report what the trained model does, and write metrics.json and report.html."""
 
 import os
+from contextlib import ExitStack
 from dataclasses import asdict
 
 import torch
 
 from .config import SettingError
 from .data import binarize_applies, load_dataset
+from .distributed import current
 from .family import RunContext
 from .files import write_json
 from .models import family_of
 from .report import describe, provenance, write_experiment_report, write_report
-from .rundir import TrainingError, check_new_run, exclusive, make_run_dir
-from .train import train
+from .rundir import TrainingError
+from .train import check_data_parallel, claim_run_dir, train
 
 
 def run(cfg, out, experiment=None, resume=False, progress=True, download=True, log=print, overwrite=False,
-        command=None):
+        command=None, world=None):
     """One training run (or an experiment), its report, and a printed summary; returns the summary
     (an experiment's findings). The run directory is this process's until the report is written
     (`rundir.exclusive`), and is checked before any data is loaded. `command`: the command line that
-    asked for it, for the report (None: the Python API)."""
+    asked for it, for the report (None: the Python API). In a `world` of several processes (default:
+    torch.distributed's process group, if this process is in one) they train the model together;
+    rank 0 alone holds the directory, logs, and draws the report."""
+    world = world or current()
+    if not world.main:
+        progress, log = False, lambda line: None
     family = family_of(cfg.model)
     family.check_choices(cfg.guide, cfg.elbo, cfg.particles)
     if experiment is not None and experiment not in family.experiments:
         raise SettingError(f"unknown `experiment={experiment}` for model {cfg.model}; choose from: "
                            f"{', '.join(family.experiments) or 'none'}")
-    out = make_run_dir(out)
-    with exclusive(out):
-        if experiment:
-            start_experiment(out, experiment, cfg, overwrite)
-        elif not resume:
-            check_new_run(out, overwrite)
-        family.check_memory(cfg.model_args, cfg.batch_size, cfg.particles, available_memory(cfg.device))
+    if experiment and world.size > 1:
+        raise SettingError(f"experiments run in one process, and this is one of {world.size}: run "
+                           f"`experiment={experiment}` without torchrun")
+    with ExitStack() as held:
+        out = world.on_main(lambda: claim(held, out, experiment, cfg, resume, overwrite))
+        world.on_main(lambda: family.check_memory(cfg.model_args, cfg.batch_size, cfg.particles,
+                                                  available_memory(cfg.device)))
         model = family(**cfg.model_args).to(cfg.device)
-        data = load_dataset(cfg.dataset, binarize=cfg.binarize, data_dir=cfg.data_dir, device=cfg.device,
-                            seed=cfg.seed, download=download, progress=progress)
+        check_data_parallel(model, cfg, world)
+        data = world.main_first(lambda: load_dataset(cfg.dataset, binarize=cfg.binarize, data_dir=cfg.data_dir,
+                                                     device=cfg.device, seed=cfg.seed, download=download,
+                                                     progress=progress))
         splits = [f"{split} {data.images[split].shape[0]:,} digits from {data.sources[split]}" for split in data.splits]
         log(f"{model.summary(cfg.guide)}, guide '{cfg.guide}'; {cfg.dataset} ({data.binarize} binarization): "
             + ", ".join(splits))
@@ -51,13 +60,24 @@ def run(cfg, out, experiment=None, resume=False, progress=True, download=True, l
             log(f"report: {out / 'report.html'}")
             return report.findings
         summary = train(model, data, cfg, out, resume=resume, progress=progress, log=log,
-                        after_epoch=model.epoch_hook(out, cfg), command=command)
+                        after_epoch=model.epoch_hook(out, cfg), command=command, world=world)
+        if not world.main:
+            return summary
         report = model.report(RunContext(data, cfg, out, summary, download, log))
-        summary.update(report.findings, provenance=provenance(summary.pop("commands"), cfg.device))
+        summary.update(report.findings, provenance=provenance(summary.pop("commands"), cfg.device, world))
         write_json(summary, out / "metrics.json")
         write_report(out, asdict(cfg), summary, report.figures, unused)
     log(describe(summary, out))
     return summary
+
+
+def claim(held, out, experiment, cfg, resume, overwrite):
+    """The run (or experiment) directory, made, locked while `held` is, and checked (see `train.claim_run_dir`)."""
+    if not experiment:
+        return claim_run_dir(held, out, resume, overwrite)
+    out = claim_run_dir(held, out, resume=True)  # an experiment's folder is checked by its marker instead
+    start_experiment(out, experiment, cfg, overwrite)
+    return out
 
 
 def unused_settings(family, guide, dataset):

@@ -13,10 +13,12 @@ from pathlib import Path
 import numpy
 import pyro
 import torch
+import torch.distributed as dist
 
 from . import plots
 from .config import steps_per_epoch
 from .data import binarize_applies
+from .distributed import ONE_PROCESS
 from .evaluate import samples_of
 from .files import write_text
 from .rundir import read_metrics
@@ -101,13 +103,15 @@ def _finding_parts(name, findings, depth):
     return parts
 
 
-def provenance(commands, device):
+def provenance(commands, device, world=ONE_PROCESS):
     """How and where a run was made, for its report: its commands (the one that started it, then any
     that resumed it; None: the Python API), the versions that decide its numbers, the date, and the
-    machine."""
+    machine (rank 0's, and how many processes trained together)."""
     from . import __version__  # here, not at import: the package imports this module while it loads
 
     machine = {"platform": platform.platform(), "CPU cores": os.cpu_count(), "device": str(device)}
+    if world.size > 1:
+        machine["processes"] = f"{world.size}, data-parallel (torch.distributed, {dist.get_backend()})"
     if str(device).startswith("cuda"):
         machine["GPU"] = torch.cuda.get_device_name(torch.device(device))
     return {

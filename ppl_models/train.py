@@ -5,13 +5,15 @@ metrics.json (the final summary), checkpoint.pt at the end of every epoch and on
 from it ends where an uninterrupted run would), and best.pt under early stopping.
 Runs on CPU are bit-reproducible: batches come from a per-epoch permutation that depends only on
 (seed, epoch), and evaluation draws from its own seeded RNG so it never shifts training's.
+Under torchrun the same loop runs data-parallel (see `distributed`): each process takes its share
+of every batch and of every evaluation, and rank 0 alone writes the run directory.
 """
 
 import math
 import signal
 import threading
 import time
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -22,6 +24,7 @@ from tqdm import tqdm  # not tqdm.auto: in a notebook without ipywidgets it warn
 
 from .config import AUTO_EVAL_SAMPLES, OPTIMIZERS, SettingError, steps_per_epoch
 from .data import DataError, random_digits
+from .distributed import ONE_PROCESS, SameDraws, current
 from .evaluate import duration, estimators, mean_estimates, per_digit_estimate, seconds_to_estimate
 from .files import atomic_torch_save, write_json
 from .rundir import (
@@ -51,17 +54,36 @@ class SVI:
     fixed order, which checkpoints rely on), and updated by one optimizer. bench/vae_speed.py
     measures the difference against pyro.infer.SVI and plain PyTorch (BENCHMARKS.md). The optimizer
     is `optimizer_class(params, lr=lr)`.
+
+    In a `world` of several processes each step's args are this process's shard of the batch: the
+    guide draws as one process would (`SameDraws`), the shards' losses and gradients are summed over
+    processes (one all-reduce) and every process takes the same step, from rank 0's params.
     """
 
-    def __init__(self, model, guide, elbo, optimizer_class, lr, first_args):
+    def __init__(self, model, guide, elbo, optimizer_class, lr, first_args, world=ONE_PROCESS):
         self.model, self.guide, self.elbo = model, guide, elbo  # the same guide object every step: JIT caches on it
-        elbo.loss(model, guide, *first_args)
+        self.world = world
+        with self.same_draws():
+            elbo.loss(model, guide, *first_args)
         self.params = [p for _, p in pyro.get_param_store().named_parameters()]
+        world.broadcast_params(self.params)
         self.optimizer = optimizer_class(self.params, lr=lr)
         self.checked = False
 
-    def step(self, *args):
-        loss = self.elbo.loss_and_grads(self.model, self.guide, *args)
+    def step(self, *args, also=None):
+        """One step; the loss summed over the global batch. `also`, a float tensor, is summed over the
+        processes in the same all-reduce as the gradients (in place)."""
+        failure = None
+        try:
+            with self.same_draws():
+                loss = self.elbo.loss_and_grads(self.model, self.guide, *args)
+        except ValueError as error:  # raised after the all-reduce, which every process must join
+            if self.world.size == 1:
+                raise
+            loss, failure = math.nan, error
+        loss = self.sum_over_processes(loss, also)
+        if failure:
+            raise failure
         if not self.checked:  # a param made during this first step would never be updated: say so
             ours = {id(p) for p in self.params}
             missed = [n for n, p in pyro.get_param_store().named_parameters()
@@ -73,22 +95,44 @@ class SVI:
         self.optimizer.zero_grad()
         return loss
 
+    def same_draws(self):
+        """Where the guide draws, as one process would for the global batch (a no-op in one process)."""
+        return SameDraws(self.world) if self.world.size > 1 else nullcontext()
+
+    def sum_over_processes(self, loss, also):
+        """The loss, the gradients and `also` summed over the processes, in one all-reduce of one buffer."""
+        if self.world.size == 1:
+            return loss
+        grads = [p.grad for p in self.params if p.grad is not None]
+        also = torch.zeros(0) if also is None else also
+        flat = torch.cat([g.reshape(-1) for g in grads] + [torch.tensor([loss]).to(grads[0]), also.to(grads[0])])
+        self.world.sum(flat)
+        parts = flat.split([g.numel() for g in grads] + [1, len(also)])
+        for grad, part in zip(grads, parts):
+            grad.copy_(part.view_as(grad))
+        also.copy_(parts[-1])
+        return parts[-2].item()
+
 
 # ---- the loop --------------------------------------------------------------------------------
 def train(model, data, cfg, run_dir, resume=False, progress=True, log=print, after_epoch=None, overwrite=False,
-          command=None):
+          command=None, world=None):
     """Fit `model` (a Family) with `cfg.guide` by SVI; write the run directory; return the summary
     dict. `after_epoch(epoch)`, if given, is called before training (epoch 0) and after each epoch,
     before that epoch's checkpoint. A new run refuses a directory that holds one unless `overwrite`.
     `command`, the command line (None: the Python API), is kept in the checkpoint after those of the
-    run's earlier invocations: the summary's `commands` lists them all, the first one started it."""
+    run's earlier invocations: the summary's `commands` lists them all, the first one started it.
+    `world` (default: torch.distributed's process group, if this process is in one): the processes
+    that train the model together, each calling `train` alike; rank 0 alone writes, logs, shows
+    progress and calls `after_epoch`, and every rank returns the summary."""
+    world = world or current()
+    if not world.main:
+        progress, log, after_epoch = False, lambda line: None, None
     after_epoch = after_epoch or (lambda epoch: None)
     cfg.validate()
-    run_dir = make_run_dir(run_dir)
-    with exclusive(run_dir), reproducible(torch.device(cfg.device), cfg.detect_anomaly):
-        if not resume:
-            check_new_run(run_dir, overwrite)
-        run = Training(model, data, cfg, run_dir, resume, log, command)
+    with ExitStack() as held, reproducible(torch.device(cfg.device), cfg.detect_anomaly):
+        run_dir = world.on_main(lambda: claim_run_dir(held, run_dir, resume, overwrite))
+        run = Training(model, data, cfg, run_dir, resume, log, command, world)
         if resume:
             run.save_checkpoint()  # the state it resumed from, with this command: kept even if no epoch is left
         if run.at.step == 0:
@@ -107,12 +151,23 @@ def train(model, data, cfg, run_dir, resume=False, progress=True, log=print, aft
         if run.best:
             run.restore_best_epoch()
         summary = summarise(model, data, cfg, run.at.epoch, run.at.seconds / max(run.at.epoch, 1), run.device, progress,
-                            log)
+                            log, world)
         if run.best:
             summary["early_stopping"] = run.early_stopping_summary()
         summary["commands"] = run.commands
-        write_json(summary, run.dir / "metrics.json")
+        if world.main:
+            write_json(summary, run.dir / "metrics.json")
         return summary
+
+
+def claim_run_dir(held, run_dir, resume=False, overwrite=False):
+    """The run directory, made, locked for as long as `held` (an ExitStack) is, and checked: a new run
+    refuses one that holds a run unless `overwrite`."""
+    run_dir = make_run_dir(run_dir)
+    held.enter_context(exclusive(run_dir))
+    if not resume:
+        check_new_run(run_dir, overwrite)
+    return run_dir
 
 
 DIVERGED_NATS = 1e5  # a loss past this many nats per digit (the uniform model scores 543) has diverged
@@ -141,10 +196,11 @@ class Progress:
 class Training:
     """A run in progress: the model and its SVI, the run directory's files, and where it is (`at`)."""
 
-    def __init__(self, model, data, cfg, run_dir, resume, log, command=None):
-        self.model, self.data, self.cfg, self.dir, self.log = model, data, cfg, run_dir, log
+    def __init__(self, model, data, cfg, run_dir, resume, log, command=None, world=ONE_PROCESS):
+        self.model, self.data, self.cfg, self.dir, self.log, self.world = model, data, cfg, run_dir, log, world
         self.device = torch.device(cfg.device)
         self.num_train, self.steps = check_training_data(data, cfg)
+        check_data_parallel(model, cfg, world)
         self.curves = {split: random_digits(scored_digits(data, cfg, split), cfg.eval_digits) for split in data.splits}
         bound = trained_bound(model, cfg)
         self.curve_estimators = estimators(model, cfg.guide, split="curves") + ([bound] if bound else [])
@@ -155,25 +211,27 @@ class Training:
         self.guide = model.guide(cfg.guide)
         elbo = model.elbo(cfg.guide, cfg.elbo, jit=cfg.jit, particles=cfg.particles)
         self.svi = SVI(model.model, self.guide, elbo, OPTIMIZERS[cfg.optimizer], cfg.lr,
-                       (data.binary("train", 0)[: cfg.batch_size],))
+                       (world.shard(data.binary("train", 0)[: cfg.batch_size]),), world)
         self.loss_name = model.loss_name(cfg.guide, cfg.elbo)
         self.selected = selection_estimator(model, cfg, self.curve_estimators)
         self.commands = [command]  # this invocation's; a resumed run's earlier ones go before it
         self.at, best_state = self.resume() if resume else (Progress(), None)
-        self.metrics = MetricsLog(self.dir / "metrics.csv", up_to_step=self.at.step if resume else None)
+        self.metrics = world.on_main(lambda: MetricsLog(self.dir / "metrics.csv",
+                                                        up_to_step=self.at.step if resume else None))
         self.best = BestEpoch(model, self.dir / "best.pt", cfg.patience, self.selected, best_state, self.at.epoch,
-                              log) if cfg.patience else None
+                              log, world) if cfg.patience else None
         self.running_loss = math.nan
-        write_json(asdict(cfg), self.dir / "config.json")
+        if world.main:
+            write_json(asdict(cfg), self.dir / "config.json")
 
     @property
     def checkpoint_path(self):
         return self.dir / "checkpoint.pt"
 
     def resume(self):
-        """Restore params, optimizer, RNG and progress from the checkpoint: (progress, early stopping state)."""
-        checkpoint = load_checkpoint(self.checkpoint_path)
-        check_resumable(checkpoint, self.cfg, self.checkpoint_path)
+        """Restore params, optimizer, RNG and progress from the checkpoint (rank 0's file, sent to every
+        rank): (progress, early stopping state)."""
+        checkpoint = self.world.on_main(lambda: checked_checkpoint(self.checkpoint_path, self.cfg))
         if self.cfg.jit:
             self.compile_training_step()
         try:
@@ -196,13 +254,17 @@ class Training:
         Tracing runs the model and guide once more than a compiled step does, drawing extra random
         numbers: an uninterrupted run pays that at its first step, so a resumed run must pay it
         before its RNG state is restored, or its draws would be shifted from then on."""
-        batch = self.data.binary("train", 0)[: self.cfg.batch_size]
-        self.svi.elbo.loss_and_grads(self.svi.model, self.svi.guide, batch, *self.model.step_args(0.0, self.device))
+        batch = self.world.shard(self.data.binary("train", 0)[: self.cfg.batch_size])
+        with self.svi.same_draws():
+            self.svi.elbo.loss_and_grads(self.svi.model, self.svi.guide, batch, *self.model.step_args(0.0, self.device))
         self.svi.optimizer.zero_grad()
 
     def save_checkpoint(self):
         """metrics.csv, then the checkpoint: a kill between the two leaves rows past the checkpoint,
-        which a resumed run drops, never a checkpoint whose rows are lost."""
+        which a resumed run drops, never a checkpoint whose rows are lost. Rank 0's: every rank holds
+        the same state."""
+        if not self.world.main:
+            return
         self.metrics.flush()
         atomic_torch_save({
             "format": CHECKPOINT_FORMAT,
@@ -221,7 +283,8 @@ class Training:
             return
         with evaluation_rng(self.cfg.seed, self.device):
             for split, x in self.curves.items():
-                for name, value in mean_estimates(self.model, self.cfg.guide, x, self.curve_estimators).items():
+                for name, value in mean_estimates(self.model, self.cfg.guide, x, self.curve_estimators,
+                                                  self.world).items():
                     self.metrics.add(self.at.step, self.epochs_completed, round(self.at.seconds, 3), split, name, value)
 
     @property
@@ -232,7 +295,8 @@ class Training:
 
     def validation_score(self):
         with evaluation_rng(self.cfg.seed, self.device):  # the same draws every epoch: scores differ by the params only
-            return mean_estimates(self.model, self.cfg.guide, self.curves["valid"], [self.selected])[self.selected]
+            return mean_estimates(self.model, self.cfg.guide, self.curves["valid"], [self.selected],
+                                  self.world)[self.selected]
 
     def train_epoch(self, interrupt, progress):
         """The rest of the current epoch's steps, in the epoch's own batch order."""
@@ -245,23 +309,28 @@ class Training:
             self.running_loss = math.nan
             while at.step_in_epoch < self.steps:
                 batch = x_epoch[order[at.step_in_epoch * cfg.batch_size: (at.step_in_epoch + 1) * cfg.batch_size]]
-                self.step(batch)
+                signals = torch.tensor([interrupt["requested"] == signum for signum in STOP_SIGNALS], dtype=torch.float)
+                self.step(self.world.shard(batch), signals)
                 bar.set_postfix_str(f"{self.loss_name} {self.running_loss:.2f}")
                 bar.update()
                 if at.step % cfg.eval_every == 0:
                     self.evaluate_curves()
-                if interrupt["requested"]:
+                # one process acts on a signal after the step; several on the signals they had before it, summed
+                requested = interrupt["requested"] if self.world.size == 1 else next(
+                    (signum for signum, count in zip(STOP_SIGNALS, signals) if count), None)
+                if requested:
                     self.save_checkpoint()
-                    raise Interrupted(interrupt["requested"], at.step, self.dir)
+                    raise Interrupted(requested, at.step, self.dir)
         at.epoch, at.step_in_epoch = at.epoch + 1, 0
 
-    def step(self, batch):
-        """One SVI step on `batch`; a non-finite loss stops the run with what went non-finite."""
+    def step(self, batch, signals=None):
+        """One SVI step on `batch` (this process's shard of it; `signals` summed over the processes);
+        a non-finite loss stops the run with what went non-finite."""
         at = self.at
         started = time.perf_counter()
         try:
             args = self.model.step_args(at.epoch + (at.step_in_epoch + 1) / self.steps, self.device)
-            loss = self.svi.step(batch, *args) / self.cfg.batch_size
+            loss = self.svi.step(batch, *args, also=signals) / self.cfg.batch_size
         except ValueError as error:  # Pyro's validation meeting a value that went non-finite or out of range
             if all(torch.isfinite(p).all() for _, p in pyro.get_param_store().named_parameters()):
                 if "Expected parameter" not in str(error):
@@ -333,6 +402,27 @@ def check_training_data(data, cfg):
     return num_train, steps_per_epoch(cfg, data)
 
 
+def check_data_parallel(model, cfg, world):
+    """Refuse what several processes cannot train as one would."""
+    if world.size == 1:
+        return
+    if cfg.batch_size % world.size:
+        raise SettingError(f"`batch_size={cfg.batch_size}` does not split evenly over {world.size} processes, each of "
+                           f"which takes an equal share of every batch; use a multiple of {world.size}")
+    if cfg.jit:
+        raise SettingError(f"`jit=True` trains in one process: its compiled step does not draw the random numbers one "
+                           f"process draws, so {world.size} processes would not take one process's steps; drop `jit`")
+    refusal = model.data_parallel_refusal(cfg.guide, cfg.elbo)
+    if refusal:
+        raise SettingError(refusal)
+
+
+def checked_checkpoint(path, cfg):
+    checkpoint = load_checkpoint(path)
+    check_resumable(checkpoint, cfg, path)
+    return checkpoint
+
+
 def scored_digits(data, cfg, split):
     """The digits of a split that its learning curves and final numbers are over: of the training split,
     only those trained on (the first `train_subset`), so a train figure says how the model fits its data."""
@@ -356,21 +446,22 @@ def selection_estimator(model, cfg, names):
 LONG_EVALUATION_SECONDS = 20  # a final estimate expected to take longer is announced with its cost
 
 
-def summarise(model, data, cfg, epochs, seconds_per_epoch, device, progress=True, log=print):
+def summarise(model, data, cfg, epochs, seconds_per_epoch, device, progress=True, log=print, world=ONE_PROCESS):
     """metrics.json: final -> split -> estimator -> mean log-likelihood per digit (nats), on every
     digit of each split, of train those trained on (`final_digits` says how many); iwae-k with
     `eval_samples=k` on test only (`eval_samples=None`: iwae-1000 where no exact log-likelihood is
     reported). Each estimate draws from its own stream seeded by the run's seed; one that will take
-    long is announced first."""
+    long is announced first. The processes of `world` share the work."""
     def final_estimate(split, name):  # each from the run's seed: `ppl_models.load(run).log_prob` says the same
         x = scored_digits(data, cfg, split)
         with evaluation_rng(cfg.seed, device):
-            seconds = seconds_to_estimate(model, cfg.guide, x, name)
+            seconds = seconds_to_estimate(model, cfg.guide, x, name, world.size)
         if seconds > LONG_EVALUATION_SECONDS:
-            log(f"final {name} on {len(x):,} {split} digits: about {duration(seconds)} on this machine"
+            where = "on this machine" if world.size == 1 else f"in {world.size} processes"
+            log(f"final {name} on {len(x):,} {split} digits: about {duration(seconds)} {where}"
                 + ("; `eval_samples=0` skips it" if name.startswith("iwae-") else ""))
         with evaluation_rng(cfg.seed, device), torch.no_grad():
-            return per_digit_estimate(model, cfg.guide, x, name, progress).mean().item()
+            return per_digit_estimate(model, cfg.guide, x, name, progress, world=world).mean().item()
 
     final = {split: {name: final_estimate(split, name) for name in estimators(model, cfg.guide, split=split)}
              for split in data.splits}
@@ -397,8 +488,9 @@ class BestEpoch:
     """Early stopping (`patience`): the validation score after every epoch, the params of the best
     epoch so far kept in best.pt, and whether `patience` epochs have passed without a better one."""
 
-    def __init__(self, model, path, patience, estimator, state=None, epoch=0, log=print):
+    def __init__(self, model, path, patience, estimator, state=None, epoch=0, log=print, world=ONE_PROCESS):
         self.model, self.path, self.patience, self.estimator = model, Path(path), patience, estimator
+        self.world = world
         if state and state.get("estimator", estimator) == estimator:
             self.epoch, self.value, self.scores = state["epoch"], state["value"], state.get("scores", [])
             if math.isfinite(self.value) and self.load() is None:
@@ -412,7 +504,8 @@ class BestEpoch:
         self.scores.append([epoch, value])  # every epoch's score, reported beside the best
         if value > self.value:
             self.epoch, self.value = epoch, value
-            atomic_torch_save(snapshot(self.model), self.path)
+            if self.world.main:
+                atomic_torch_save(snapshot(self.model), self.path)
 
     def exhausted(self, epoch):
         return epoch - self.epoch >= self.patience
@@ -421,11 +514,14 @@ class BestEpoch:
         return dict(epoch=self.epoch, value=self.value, estimator=self.estimator, scores=self.scores)
 
     def load(self):
-        """best.pt's snapshot, or None if it is missing or unreadable."""
-        try:
-            return read_snapshot(self.path)
-        except TrainingError:
-            return None
+        """best.pt's snapshot (rank 0's, on every rank), or None if it is missing or unreadable."""
+        def read():
+            try:
+                return read_snapshot(self.path)
+            except TrainingError:
+                return None
+
+        return self.world.on_main(read)
 
     def restore(self, device):
         saved = self.load()
@@ -449,8 +545,11 @@ def evaluation_rng(seed, device):
         yield
 
 
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
 @contextmanager
-def interrupt_between_steps(signals=(signal.SIGINT, signal.SIGTERM)):
+def interrupt_between_steps(signals=STOP_SIGNALS):
     """Ctrl-C (SIGINT) or SIGTERM (what kill, Docker, systemd and Slurm send) records the signal in
     a flag that the loop reads after each step, so a checkpoint never holds a half-applied update."""
     flag = {"requested": None}

@@ -243,7 +243,7 @@ def test_resume_with_another_learning_rate_uses_it(tiny_dataset, tmp_path, monke
     seen = []
     StepCounter.count, StepCounter.on_step = 0, lambda n: None
     monkeypatch.setattr(StepCounter, "step",
-                        lambda self, *args: seen.append(self.optimizer.param_groups[0]["lr"]) or 0.0)
+                        lambda self, *args, **kwargs: seen.append(self.optimizer.param_groups[0]["lr"]) or 0.0)
     monkeypatch.setattr(train_module, "SVI", StepCounter)
     train(BernoulliMixture(4), tiny_dataset, config(epochs=2, lr=0.001), tmp_path, resume=True, **QUIET)
     assert seen and set(seen) == {0.001}

@@ -265,8 +265,8 @@ def test_an_interrupted_run_resumes_to_the_uninterrupted_result(tiny_dataset, tm
     class Interrupting(train_module.SVI):
         steps = 0
 
-        def step(self, *args):
-            loss = super().step(*args)
+        def step(self, *args, **kwargs):
+            loss = super().step(*args, **kwargs)
             Interrupting.steps += 1
             if Interrupting.steps == 17:  # mid second epoch (12 steps an epoch)
                 os.kill(os.getpid(), signal.SIGINT)

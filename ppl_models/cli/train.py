@@ -11,6 +11,7 @@ Examples:
   python run.py --model sbn --latents 16            # exact: all 65,536 states of z summed every step
   python run.py --model sbn --latents 200 --guide bernoulli
   python run.py --resume figures/mixture            # continue an interrupted run
+  torchrun --nproc_per_node 4 run.py --model vae    # data-parallel in 4 processes (see README: torchrun)
 
 Every number printed or written says what it is: `exact` log-likelihood, `elbo`, or `iwae-<k>`,
 in nats per digit, with the split and the number of digits it was averaged over.
@@ -25,6 +26,7 @@ from contextlib import contextmanager
 from dataclasses import fields
 from pathlib import Path
 
+from .. import distributed
 from ..config import AUTO_EVAL_SAMPLES, OPTIMIZERS, Config, as_flags, flag
 from ..data import BINARIZATIONS, DATASETS, DataError
 from ..files import WriteError
@@ -40,7 +42,7 @@ class OneLineErrors(argparse.ArgumentParser):
     """Bad flags end like every other bad input: one line, exit status 2."""
 
     def error(self, message):
-        self.exit(2, f"error: {message} (see --help)\n")
+        self.exit(2, f"error: {message} (see --help)\n" if distributed.launched_as_main() else None)
 
 
 def parse_args(argv=None, prog=None):
@@ -244,27 +246,56 @@ def main(argv=None, prog=None):
     warnings.formatwarning = lambda message, category, *rest: f"warning: {message}\n"
     argv = sys.argv[1:] if argv is None else list(argv)
     parser, args = parse_args(argv, prog)
-    command = prog or "python run.py"
-    out = None
+    command = distributed.launch_command(prog or "python run.py")
+    out, world = None, distributed.ONE_PROCESS
+    main_rank = distributed.launched_as_main()  # under torchrun only rank 0 says what every rank would
+    if not main_rank:
+        warnings.simplefilter("ignore")
+
+    def say(line):
+        if main_rank:
+            print(line, file=sys.stderr)
+
     try:
         with sigterm_as_interrupt():
             cfg = config_from_args(args)
             cfg.validate()
             out = Path(args.resume or args.out or Path("figures") / cfg.model)
+            if distributed.launched():
+                world, cfg.device = distributed.start(cfg.device)
             run(cfg, out, experiment=args.experiment, resume=bool(args.resume), progress=not args.quiet,
                 download=not args.no_download, overwrite=args.overwrite, command=f"{command} {shlex.join(argv)}",
-                log=lambda line: print(as_flags(line)))
+                log=lambda line: print(as_flags(line)), world=world)
     except Interrupted as stop:  # in the training loop: a checkpoint was saved
-        print(f"error: {stop.what} at step {stop.step}; checkpoint saved. Resume with: {command} --resume "
-              f"{stop.run_dir}", file=sys.stderr)
+        say(f"error: {stop.what} at step {stop.step}; checkpoint saved. Resume with: {command} --resume "
+            f"{stop.run_dir}")
         return 128 + stop.signum
     except KeyboardInterrupt:  # before or after the training loop
-        print(f"error: interrupted; {resume_hint(out, command)}", file=sys.stderr)
+        say(f"error: interrupted; {resume_hint(out, command)}")
         return 128 + signal.SIGINT
     except (ValueError, DataError, TrainingError, WriteError) as error:  # library errors name settings: as flags
-        print(f"error: {as_flags(str(error))}", file=sys.stderr)
+        say(f"error: {as_flags(str(error))}")
         return 2
+    except Exception as error:
+        if world.size == 1 or not distributed.failed_collective(error):
+            raise
+        return report_stopped_ranks(world, error, out, command)
+    finally:
+        distributed.stop()
     return 0
+
+
+def report_stopped_ranks(world, error, out, command):
+    """A collective failed because a process went away: the lowest rank still running says, in one
+    line, which rank(s) stopped and how to resume; the others say nothing. Exit status 1."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # torchrun stops the survivors too: let this one say why
+    stopped = distributed.stopped_ranks(world)
+    if world.rank == min(set(range(world.size)) - set(stopped)):
+        ranks = ("ranks " if len(stopped) > 1 else "rank ") + f"{', '.join(map(str, stopped))} of {world.size}"
+        what = f"{ranks} stopped (killed, or failed)" if stopped else \
+            f"a collective operation failed ({str(error).splitlines()[0]})"
+        print(f"error: {what}; {resume_hint(out, command)}", file=sys.stderr)
+    return 1
 
 
 @contextmanager

@@ -29,6 +29,7 @@ from torch import nn
 from .. import distributions
 from ..config import SettingError
 from ..data import check_binary
+from ..distributed import World, current
 from ..distributions import IndependentBits, LinearBernoulli, StraightThroughBernoulli, all_codes, table_log_likelihood
 from ..experiments import ENUM_VS_SAMPLED
 from ..family import Family, Hyperparameter, pyro_elbo
@@ -157,26 +158,38 @@ class SigmoidBeliefNet(Family):
                                f"(`baseline='{self.baseline_kind}'`); use `baseline='neural'` or drop `jit`")
         return pyro_elbo("TraceGraph_ELBO" if guide == "bernoulli" else "Trace_ELBO", jit, particles)
 
+    def data_parallel_refusal(self, guide, elbo=None):
+        if guide == "bernoulli" and elbo != "vimco" and self.baseline_kind != "neural":
+            return (f"Pyro's decaying-average baseline (`baseline='{self.baseline_kind}'`) keeps one running average "
+                    "per position in the batch, of which each process would hold only its share; use "
+                    "`baseline='neural'` or `elbo='vimco'` to train in several processes")
+        return None
+
     def loss_name(self, guide, elbo=None):
         return "-VIMCO bound" if elbo == "vimco" else super().loss_name(guide, elbo)
 
     # ---- what a generative model is for -----------------------------------------------
+    exact_sum_in_shares = True
+
     @torch.no_grad()
-    def log_likelihood(self, x, observed=None):
+    def log_likelihood(self, x, observed=None, share=None):
         """Exact log p(x) (or log p(x_observed)) per digit: a log-sum-exp over all 2^M codes,
         accumulated over chunks of codes so memory holds (digits x STATE_CHUNK) numbers, not
-        (digits x 2^M)."""
+        (digits x 2^M). With `share=(i, n)`, over the i-th of n equal shares of the codes only."""
         check_binary(x, "digits to score", self.num_pixels)
         total = torch.full(x.shape[:1], -math.inf, device=x.device)
-        for _, log_joint in self.code_chunks(x, observed, self.params()):
+        states = World(*share).share(2**self.latents) if share else None
+        for _, log_joint in self.code_chunks(x, observed, self.params(), states):
             total = torch.logaddexp(total, torch.logsumexp(log_joint, -1))
         return total
 
-    def code_chunks(self, x, observed, params):
-        """(codes (S, M), log p(z = code, x_observed) (N, S)) for all 2^M codes, STATE_CHUNK at a time."""
+    def code_chunks(self, x, observed, params, states=None):
+        """(codes (S, M), log p(z = code, x_observed) (N, S)) for all 2^M codes (or those of the integers
+        in `states`), STATE_CHUNK at a time."""
         check_enumerable(self.latents)
         b, w, c = (param.detach() for param in params)
-        for codes in all_codes(self.latents, x.device).split(distributions.STATE_CHUNK):
+        codes = all_codes(self.latents, x.device, states)
+        for codes in codes.split(distributions.STATE_CHUNK) if len(codes) else ():
             yield codes, IndependentBits(b).log_prob(codes) + table_log_likelihood(x, codes @ w + c, observed)
 
     @torch.no_grad()
@@ -239,15 +252,18 @@ class SigmoidBeliefNet(Family):
 
 
 def check_enumerable(latents, batch_size=100, pixels=784):
-    """Refuse an M whose exact sum would be absurd, with the estimate that makes it so."""
+    """Refuse an M whose exact sum would be absurd, with the estimate that makes it so: per process
+    where several train together (each sums every state for its share of the batch)."""
     if latents <= MAX_EXACT_LATENTS:
         return
-    states = 2**latents
-    table_gb = batch_size * states * 4 / 1e9
-    seconds = 3 * 2 * states * (latents + batch_size) * pixels / FLOPS  # forward, backward, recomputation
+    states, processes = 2**latents, current().size
+    digits = batch_size / processes
+    table_gb = digits * states * 4 / 1e9
+    seconds = 3 * 2 * states * (latents + digits) * pixels / FLOPS  # forward, backward, recomputation
+    where = "on this machine" if processes == 1 else f"in each of {processes} processes"
     raise SettingError(
         f"exact enumeration over M = {latents} binary latents sums 2^{latents} = {states:,} states: about "
-        f"{table_gb:,.0f} GB for one batch's log-likelihood table and {seconds / 3600:,.1f} hours per step on this "
-        f"machine; use `latents={MAX_EXACT_LATENTS}` or fewer, or a sampled guide (`guide='bernoulli'` or relaxed)"
+        f"{table_gb:,.0f} GB for {'one batch' if processes == 1 else 'its share of a batch'}'s log-likelihood table "
+        f"and {seconds / 3600:,.1f} hours per step {where}; use `latents={MAX_EXACT_LATENTS}` or fewer, or a sampled "
+        "guide (`guide='bernoulli'` or relaxed)"
     )
-

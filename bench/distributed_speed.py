@@ -1,0 +1,133 @@
+"""Data parallelism on this machine: the same work in 1 process x 2 threads and in 2 processes x
+1 thread (torch.distributed, gloo), with ppl_models' own training step and evaluation:
+
+  - an epoch of the VAE (z-dim 40, MLP 300-300, 500 steps of 100 digits), from `--steps` steps;
+  - the final iwae-5000 on binarized-mnist's 10,000 test digits, from `--digits` digits;
+  - one exact step of the sigmoid belief net at M = 18 (2^18 codes summed for 100 digits);
+  - the all-reduce each step makes (bytes, and seconds from 200 repetitions), and a VAE step at
+    2 digits, the part of a step that does not shrink with the batch.
+
+    PPL_MODELS_DATA=../shared/data python bench/distributed_speed.py
+
+The two layouts run one after the other, `--repeats` times each, interleaved; medians are reported.
+"""
+
+import argparse
+import socket
+import statistics
+import time
+from pathlib import Path
+
+import pyro
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from ppl_models.data import load_dataset
+from ppl_models.distributed import current
+from ppl_models.evaluate import per_digit_estimate
+from ppl_models.models import build_model
+from ppl_models.train import SVI
+
+from common import training_batches
+
+VAE = {"z_dim": 40, "hidden": (300, 300)}
+STEPS_PER_EPOCH = 500
+
+
+def clock(world):
+    if world.size > 1:
+        dist.barrier()
+    return time.perf_counter()
+
+
+def svi_for(name, model_args, guide, batch, world):
+    pyro.clear_param_store()
+    pyro.set_rng_seed(0)
+    model = build_model(name, model_args, batch.device)
+    return model, SVI(model.model, model.guide(guide), model.elbo(guide), torch.optim.Adam, 1e-3,
+                      (world.shard(batch),), world)
+
+
+def step_seconds(svi, batches, world):
+    svi.step(world.shard(batches[0]))  # warm-up
+    started = clock(world)
+    for batch in batches[1:]:
+        svi.step(world.shard(batch))
+    return (clock(world) - started) / (len(batches) - 1)
+
+
+def allreduce_seconds(world, numel, repeats=200):
+    flat = torch.zeros(numel)
+    world.sum(flat)
+    started = clock(world)
+    for _ in range(repeats):
+        world.sum(flat)
+    return (clock(world) - started) / repeats
+
+
+def measure(rank, size, threads, port, args, out):
+    """One process of one layout: its timings, saved by rank 0."""
+    torch.set_num_threads(threads)
+    if size > 1:
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=size)
+    world = current()
+    batches = training_batches(torch.device("cpu"))
+    results = {}
+    vae, svi = svi_for("vae", VAE, "normal", batches[0], world)
+    results["vae epoch"] = step_seconds(svi, batches[:args.steps + 1], world) * STEPS_PER_EPOCH
+    results["vae parameters"] = sum(p.numel() for p in svi.params)
+    small = [batch[:2 * size] for batch in batches[:args.steps + 1]]
+    results["vae step of 2 digits per process"] = step_seconds(svi, small, world)
+    test = load_dataset("binarized-mnist", progress=False).binary("test")
+    with torch.no_grad():
+        per_digit_estimate(vae, "normal", test[:1], "iwae-5000")  # warm-up
+        started = clock(world)
+        per_digit_estimate(vae, "normal", test[:args.digits], "iwae-5000", world=world)
+        results["iwae-5000, 10,000 digits"] = (clock(world) - started) * len(test) / args.digits
+    _, svi = svi_for("sbn", {"latents": 18}, "enum", batches[0], world)
+    results["sbn M=18 exact step"] = step_seconds(svi, batches[:3], world)
+    results["sbn parameters"] = sum(p.numel() for p in svi.params)
+    if size > 1:
+        for name in ("vae", "sbn"):
+            results[f"all-reduce, {name}"] = allreduce_seconds(world, results[f"{name} parameters"] + 3)
+        dist.destroy_process_group()
+    if rank == 0:
+        torch.save(results, out)
+
+
+def free_port():
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--steps", type=int, default=60, help="VAE steps timed (default: 60)")
+    parser.add_argument("--digits", type=int, default=40, help="test digits for iwae-5000 (default: 40)")
+    parser.add_argument("--repeats", type=int, default=2, help="runs of each layout (default: 2)")
+    parser.add_argument("--out", type=Path, default=Path("/tmp/distributed_speed.pt"))
+    args = parser.parse_args()
+    layouts = {"1 process x 2 threads": (1, 2), "2 processes x 1 thread": (2, 1)}
+    runs = {layout: [] for layout in layouts}
+    for repeat in range(args.repeats):
+        for layout, (size, threads) in layouts.items():
+            print(f"run {repeat + 1}/{args.repeats}: {layout}", flush=True)
+            mp.start_processes(measure, args=(size, threads, free_port(), args, args.out), nprocs=size,
+                               start_method="spawn")
+            runs[layout].append(torch.load(args.out))
+    one, two = ({key: statistics.median(run[key] for run in runs[layout]) for key in runs[layout][0]}
+                for layout in layouts)
+    print(f"\n| work (median of {args.repeats} runs each) | 1 process x 2 threads | 2 processes x 1 thread | "
+          "speed-up |\n| --- | --- | --- | --- |")
+    for key in ("vae epoch", "vae step of 2 digits per process", "iwae-5000, 10,000 digits", "sbn M=18 exact step"):
+        print(f"| {key} | {one[key]:.3g} s | {two[key]:.3g} s | {one[key] / two[key]:.2f}x |")
+    for name in ("vae", "sbn"):
+        numel = two[f"{name} parameters"] + 3
+        print(f"| all-reduce of a {name} step: {numel:,} floats, {numel * 4 / 1e6:.2f} MB (gloo, loopback) | | "
+              f"{two[f'all-reduce, {name}'] * 1e3:.2f} ms | |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,236 @@
+"""Data-parallel training and evaluation (ppl_models.distributed) against one process: two CPU
+processes joined by gloo over loopback, started by torch.multiprocessing (the library) and by
+torchrun (the command line).
+
+Tolerances are measured, not guessed: two processes sum the shards' gradients where one sums the
+whole batch inside its matrix products, and that reduction order moves params by up to about 1e-4
+after 20 RMSprop/Adam steps (which divide by the gradients' size, so rounding in a near-zero
+gradient moves its param by up to the learning rate's order). Evaluation at the same params agrees
+to float32 rounding.
+"""
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyro
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import run
+from ppl_models.config import Config, SettingError
+from ppl_models.data import Dataset
+from ppl_models.distributed import ONE_PROCESS, World, current
+from ppl_models.evaluate import per_digit_estimate
+from ppl_models.models import family_of
+from ppl_models.models.sbn import check_enumerable
+from ppl_models.train import evaluation_rng, train
+
+ROOT = Path(__file__).resolve().parents[1]
+QUIET = dict(progress=False, log=lambda line: None)
+PARAM_TOLERANCE = 2e-4  # after 20 steps; measured up to 1e-4 (see the module's docstring)
+
+# 600 training digits in batches of 30: 20 steps an epoch.
+CASES = {
+    "mixture-enum": dict(model="mixture", guide="enum", model_args={"components": 4}, optimizer="rmsprop", lr=0.01),
+    "sbn-bernoulli": dict(model="sbn", guide="bernoulli", model_args={"latents": 6, "baseline": "neural"},
+                          optimizer="adam", lr=0.003),
+    "vae-normal": dict(model="vae", guide="normal", model_args={"z_dim": 3, "hidden": [40, 40]}, optimizer="adam",
+                       lr=0.003),
+}
+ESTIMATORS = {"mixture-enum": ["exact"], "sbn-bernoulli": ["exact", "elbo", "iwae-7"], "vae-normal": ["elbo", "iwae-7"]}
+
+
+def config(case, **overrides):
+    return Config(**{**dict(batch_size=30, epochs=1, eval_every=7, eval_digits=90, eval_samples=0), **CASES[case],
+                     **overrides})
+
+
+def dataset():
+    from conftest import sample_prototype_digits  # the workers import it too, from tests/
+
+    train_digits, train_labels = sample_prototype_digits(600, seed=1)
+    test, test_labels = sample_prototype_digits(130, seed=2)  # not a multiple of the batch or the world
+    return Dataset(name="tiny", binarize="threshold", images={"train": train_digits, "test": test},
+                   labels={"train": train_labels, "test": test_labels},
+                   sources={"train": "generated", "test": "generated"}, seed=0)
+
+
+def fit(case, run_dir, resume=False, **overrides):
+    cfg = config(case, **overrides)
+    model = family_of(cfg.model)(**cfg.model_args)
+    summary = train(model, dataset(), cfg, run_dir, resume=resume, **QUIET)
+    return model, summary
+
+
+def estimates(model, case, world):
+    """{estimator: per-digit values on the test digits} at the model's current params."""
+    x = dataset().binary("test")
+    with evaluation_rng(0, torch.device("cpu")), torch.no_grad():
+        return {name: per_digit_estimate(model, CASES[case]["guide"], x, name, memory_floats=40 * 784, world=world)
+                for name in ESTIMATORS[case]}
+
+
+def free_port():
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def worker(rank, port, out):
+    """One of two processes: every case trained for 20 steps, evaluation sharded and not, a
+    one-process checkpoint resumed, a run begun for the parent to resume alone."""
+    sys.path.insert(0, str(ROOT / "tests"))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    assert current() == World(rank, 2)
+    results = {}
+    for case in CASES:
+        pyro.clear_param_store()
+        model, summary = fit(case, out / case)
+        results[case] = dict(summary=summary, sharded=estimates(model, case, current()),
+                             alone=estimates(model, case, ONE_PROCESS))
+    try:
+        check_enumerable(30)
+    except SettingError as refusal:
+        results["refusal"] = str(refusal)
+    pyro.clear_param_store()
+    fit("vae-normal", out / "one-then-two", epochs=2, resume=True)
+    pyro.clear_param_store()
+    fit("vae-normal", out / "two-then-one")
+    if rank == 0:
+        torch.save(results, out / "results.pt")
+    dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def two_processes(tmp_path_factory):
+    """The workers' run directories and results, and one process's runs of the same."""
+    out = tmp_path_factory.mktemp("distributed")
+    pyro.clear_param_store()
+    fit("vae-normal", out / "one-then-two")  # epoch 1 of 2 in one process, for the workers to finish
+    mp.start_processes(worker, args=(free_port(), out), nprocs=2, start_method="spawn")
+    return out
+
+
+def checkpoint_params(run_dir):
+    return torch.load(run_dir / "checkpoint.pt", weights_only=True)["params"]
+
+
+def assert_same_params(run_dir, other_dir):
+    ours, theirs = checkpoint_params(run_dir), checkpoint_params(other_dir)
+    assert ours.keys() == theirs.keys()
+    gap = max((ours[name] - theirs[name]).abs().max().item() for name in ours)
+    assert gap < PARAM_TOLERANCE, gap
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_two_processes_take_the_steps_one_process_takes(two_processes, tmp_path, case):
+    model, summary = fit(case, tmp_path / case)
+    assert_same_params(two_processes / case, tmp_path / case)
+    theirs = torch.load(two_processes / "results.pt", weights_only=False)[case]["summary"]
+    for split, values in summary["final"].items():
+        for name, value in values.items():
+            assert theirs["final"][split][name] == pytest.approx(value, abs=1e-3), (split, name)
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_sharded_evaluation_equals_one_process(two_processes, case):
+    results = torch.load(two_processes / "results.pt", weights_only=False)[case]
+    for name in ESTIMATORS[case]:
+        assert results["sharded"][name].shape == (130,)
+        torch.testing.assert_close(results["sharded"][name], results["alone"][name], rtol=1e-6, atol=1e-4)
+
+
+def test_checkpoints_resume_in_another_number_of_processes(two_processes, tmp_path):
+    pyro.clear_param_store()
+    fit("vae-normal", tmp_path / "straight", epochs=2)
+    assert_same_params(two_processes / "one-then-two", tmp_path / "straight")  # 1 process, then 2
+    pyro.clear_param_store()
+    fit("vae-normal", two_processes / "two-then-one", epochs=2, resume=True)  # 2 processes, then 1
+    assert_same_params(two_processes / "two-then-one", tmp_path / "straight")
+
+
+def test_the_sbn_refusal_estimates_the_cost_per_process(two_processes):
+    refusal = torch.load(two_processes / "results.pt", weights_only=False)["refusal"]
+    assert re.search(r"about 215 GB for its share of a batch's log-likelihood table and [\d.]+ hours per step in each "
+                     r"of 2 processes", refusal), refusal
+
+
+def test_the_sbn_sums_its_codes_in_shares():
+    model = family_of("sbn")(latents=5)
+    pyro.get_param_store().clear()
+    x = dataset().binary("test")[:20]
+    whole = model.log_likelihood(x)
+    parts = torch.stack([model.log_likelihood(x, share=(rank, 3)) for rank in range(3)])  # 11, 11 and 10 codes
+    torch.testing.assert_close(torch.logsumexp(parts, 0), whole)
+    assert torch.isinf(model.log_likelihood(x, share=(40, 41))).all()  # more shares than codes: an empty one
+
+
+# ---- the command line under torchrun ---------------------------------------------------------
+def torchrun(*args, **popen):
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+               "--master_port", str(free_port()), str(ROOT / "run.py"), *args, "--quiet", "--no-download"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **popen)
+
+
+def our_lines(stderr):
+    """Our own error lines (torchrun adds its report of the failed processes after them)."""
+    return [line for line in stderr.splitlines() if line.startswith("error:")]
+
+
+def test_bad_settings_end_every_rank_with_one_line(tiny_binarized, tmp_path):
+    process = torchrun("--model", "mixture", "--dataset", "binarized-mnist", "--data-dir", str(tiny_binarized),
+                       "--batch-size", "25", "--out", str(tmp_path / "run"), cwd=tmp_path)
+    stdout, stderr = process.communicate(timeout=120)
+    assert process.returncode != 0
+    assert our_lines(stderr) == ["error: --batch-size 25 does not split evenly over 2 processes, each of which "
+                                 "takes an equal share of every batch; use a multiple of 2"]
+    assert re.search(r"exitcode\s*: 2 ", stderr)  # in torchrun's report of the failed processes
+    assert "digits from" not in stdout  # refused before any data was loaded
+
+
+def rank_pid(launcher, rank):
+    """The pid of the worker process of `rank` that torchrun started."""
+    for entry in Path("/proc").iterdir():
+        try:
+            environ = (entry / "environ").read_bytes().split(b"\0")
+            parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        if parent == launcher and f"RANK={rank}".encode() in environ:
+            return int(entry.name)
+    return None
+
+
+def test_a_killed_rank_ends_the_job_with_one_line_and_the_run_resumes(tiny_binarized, tmp_path):
+    run_dir = tmp_path / "run"
+    args = ["--model", "mixture", "--guide", "sampled", "--components", "3", "--dataset", "binarized-mnist",
+            "--data-dir", str(tiny_binarized), "--batch-size", "50", "--epochs", "400", "--eval-every", "1000"]
+    process = torchrun(*args, "--out", str(run_dir), cwd=tmp_path)
+    deadline = time.time() + 120
+    while not (run_dir / "checkpoint.pt").exists() and time.time() < deadline:
+        time.sleep(0.05)
+    victim = rank_pid(process.pid, 1)
+    assert victim, "no rank 1 found"
+    os.kill(victim, signal.SIGKILL)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode != 0
+    lines = our_lines(stderr)
+    assert len(lines) == 1, stderr
+    assert re.fullmatch(r"error: rank 1 of 2 stopped \(killed, or failed\); the last checkpoint is kept\. Resume with: "
+                        r"torchrun --nproc_per_node 2 run\.py --resume \S+", lines[0])
+    assert str(ROOT / "ppl_models") not in stderr  # no traceback of ours (torchrun prints one of its own)
+    epoch = torch.load(run_dir / "checkpoint.pt", weights_only=True)["progress"]["epoch"]
+    assert epoch < 400
+    assert run.main(["--resume", str(run_dir), "--epochs", str(epoch + 1), "--quiet", "--no-download"]) == 0  # alone
+    assert json.loads((run_dir / "metrics.json").read_text())["epochs"] == epoch + 1
