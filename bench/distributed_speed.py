@@ -3,9 +3,11 @@
 
   - an epoch of the VAE (z-dim 40, MLP 300-300, 500 steps of 100 digits), from `--steps` steps;
   - the final iwae-5000 on binarized-mnist's 10,000 test digits, from `--digits` digits;
-  - one exact step of the sigmoid belief net at M = 18 (2^18 codes summed for 100 digits);
-  - the all-reduce each step makes (bytes, and seconds from 200 repetitions), and a VAE step at
-    2 digits, the part of a step that does not shrink with the batch.
+  - one exact step of the sigmoid belief net at M = 18 (2^18 codes summed for 100 digits), and its
+    exact log-likelihood of the 10,000 test digits, from `--sbn-digits` digits (the processes
+    share the codes);
+  - the all-reduce each step makes (bytes, and seconds from 200 repetitions), and each step at 2
+    digits per process: the part of a step that does not shrink as the processes share the batch.
 
     PPL_MODELS_DATA=../shared/data python bench/distributed_speed.py
 
@@ -66,7 +68,7 @@ def allreduce_seconds(world, numel, repeats=200):
     return (clock(world) - started) / repeats
 
 
-def measure(rank, size, threads, port, args, out):
+def time_layout(rank, size, threads, port, args, out):
     """One process of one layout: its timings, saved by rank 0."""
     torch.set_num_threads(threads)
     if size > 1:
@@ -85,9 +87,15 @@ def measure(rank, size, threads, port, args, out):
         started = clock(world)
         per_digit_estimate(vae, "normal", test[:args.digits], "iwae-5000", world=world)
         results["iwae-5000, 10,000 digits"] = (clock(world) - started) * len(test) / args.digits
-    _, svi = svi_for("sbn", {"latents": 18}, "enum", batches[0], world)
+    sbn, svi = svi_for("sbn", {"latents": 18}, "enum", batches[0], world)
     results["sbn M=18 exact step"] = step_seconds(svi, batches[:3], world)
+    results["sbn M=18 exact step of 2 digits per process"] = step_seconds(svi, [b[:2 * size] for b in batches[:3]],
+                                                                          world)
     results["sbn parameters"] = sum(p.numel() for p in svi.params)
+    per_digit_estimate(sbn, "enum", test[:1], "exact", world=world)  # warm-up
+    started = clock(world)
+    per_digit_estimate(sbn, "enum", test[:args.sbn_digits], "exact", world=world)
+    results["sbn M=18 exact log p(x), 10,000 digits"] = (clock(world) - started) * len(test) / args.sbn_digits
     if size > 1:
         for name in ("vae", "sbn"):
             results[f"all-reduce, {name}"] = allreduce_seconds(world, results[f"{name} parameters"] + 3)
@@ -102,31 +110,51 @@ def free_port():
         return probe.getsockname()[1]
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--steps", type=int, default=60, help="VAE steps timed (default: 60)")
-    parser.add_argument("--digits", type=int, default=40, help="test digits for iwae-5000 (default: 40)")
-    parser.add_argument("--repeats", type=int, default=2, help="runs of each layout (default: 2)")
-    parser.add_argument("--out", type=Path, default=Path("/tmp/distributed_speed.pt"))
-    args = parser.parse_args()
-    layouts = {"1 process x 2 threads": (1, 2), "2 processes x 1 thread": (2, 1)}
-    runs = {layout: [] for layout in layouts}
+LAYOUTS = {"1 process x 2 threads": (1, 2), "2 processes x 1 thread": (2, 1)}
+ROWS = ("vae epoch", "vae step of 2 digits per process", "iwae-5000, 10,000 digits", "sbn M=18 exact step",
+        "sbn M=18 exact step of 2 digits per process", "sbn M=18 exact log p(x), 10,000 digits")
+
+
+def measure(args, out=Path("/tmp/distributed_speed.pt"), log=print):
+    """Both layouts, `args.repeats` times each, interleaved: the markdown section of BENCHMARKS.md."""
+    runs = {layout: [] for layout in LAYOUTS}
     for repeat in range(args.repeats):
-        for layout, (size, threads) in layouts.items():
-            print(f"run {repeat + 1}/{args.repeats}: {layout}", flush=True)
-            mp.start_processes(measure, args=(size, threads, free_port(), args, args.out), nprocs=size,
+        for layout, (size, threads) in LAYOUTS.items():
+            log(f"distributed_speed: run {repeat + 1}/{args.repeats}, {layout}")
+            mp.start_processes(time_layout, args=(size, threads, free_port(), args, out), nprocs=size,
                                start_method="spawn")
-            runs[layout].append(torch.load(args.out))
+            runs[layout].append(torch.load(out))
     one, two = ({key: statistics.median(run[key] for run in runs[layout]) for key in runs[layout][0]}
-                for layout in layouts)
-    print(f"\n| work (median of {args.repeats} runs each) | 1 process x 2 threads | 2 processes x 1 thread | "
-          "speed-up |\n| --- | --- | --- | --- |")
-    for key in ("vae epoch", "vae step of 2 digits per process", "iwae-5000, 10,000 digits", "sbn M=18 exact step"):
-        print(f"| {key} | {one[key]:.3g} s | {two[key]:.3g} s | {one[key] / two[key]:.2f}x |")
+                for layout in LAYOUTS)
+    lines = [
+        "## Processes against threads (torch.distributed)", "",
+        f"The same work in one process with 2 threads and in 2 processes with one thread each (gloo, loopback), "
+        f"with ppl_models' training step and evaluation; the median of {args.repeats} interleaved runs "
+        f"(bench/distributed_speed.py: VAE z-dim 40, MLP 300-300, from {args.steps} steps; iwae-5000 from "
+        f"{args.digits} test digits; the SBN's exact log p(x) from {args.sbn_digits}). A step 'of 2 digits per "
+        "process' is the part of a step that does not shrink as processes share the batch.", "",
+        "| work | 1 process x 2 threads | 2 processes x 1 thread | speed-up |", "| --- | --- | --- | --- |",
+        *(f"| {key} | {one[key]:.3g} s | {two[key]:.3g} s | {one[key] / two[key]:.2f}x |" for key in ROWS),
+    ]
     for name in ("vae", "sbn"):
         numel = two[f"{name} parameters"] + 3
-        print(f"| all-reduce of a {name} step: {numel:,} floats, {numel * 4 / 1e6:.2f} MB (gloo, loopback) | | "
-              f"{two[f'all-reduce, {name}'] * 1e3:.2f} ms | |")
+        lines.append(f"| all-reduce of a {name} step: {numel:,.0f} floats, {numel * 4 / 1e6:.2f} MB | | "
+                     f"{two[f'all-reduce, {name}'] * 1e3:.2f} ms | |")
+    return lines + [""]
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_arguments(parser)
+    print("\n".join(measure(parser.parse_args())))
+
+
+def add_arguments(parser):
+    parser.add_argument("--steps", type=int, default=60, help="VAE steps timed (default: 60)")
+    parser.add_argument("--digits", type=int, default=40, help="test digits for iwae-5000 (default: 40)")
+    parser.add_argument("--sbn-digits", type=int, default=1000,
+                        help="test digits for the SBN's exact log-likelihood (default: 1000)")
+    parser.add_argument("--repeats", type=int, default=2, help="runs of each layout (default: 2)")
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ from pathlib import Path
 import pyro
 import torch
 
+import distributed_speed
 import iwae_speed
 import mixture_speed
 import sbn_speed
@@ -35,6 +36,8 @@ def main():
     rows += vae_speed.measure(2, (200, 200), args.device)
     if not args.quick:
         rows += vae_speed.measure(40, (300, 300), args.device)
+    distributed_lines = [] if args.quick or args.device != "cpu" else distributed_speed.measure(
+        argparse.Namespace(steps=60, digits=40, sbn_digits=1000, repeats=2))
     evaluation_rows = iwae_speed.measure(((2, (200, 200)),) if args.quick else ((2, (200, 200)), (40, (300, 300))),
                                          device=args.device)
 
@@ -68,6 +71,7 @@ def main():
         *(f"| {bench} | {variant} | {seconds:.1f} | {ratio:.2f} |"
           for bench, variant, seconds, ratio in evaluation_rows),
         "",
+        *distributed_lines,
     ]
     args.out.write_text("\n".join(lines))
     print(f"wrote {args.out}")

@@ -164,8 +164,10 @@ def start(device):
                                "(torchrun --nproc_per_node)")
         device = f"cuda:{local_rank}"
         torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if device.startswith("cuda") else "gloo",
-                            device_id=torch.device(device) if device.startswith("cuda") else None)
+    if device.startswith("cuda"):
+        dist.init_process_group("nccl", device_id=torch.device(device))
+    else:
+        dist.init_process_group("gloo")
     return current(), device
 
 
@@ -174,17 +176,21 @@ def stop():
         dist.destroy_process_group()
 
 
-def stopped_ranks(world, wait=3.0):
+def stopped_ranks(world, wait=2.0):
     """After a collective failed: the ranks that did not also report the failure within `wait`
-    seconds, through the launcher's store (every live rank reports; the dead cannot)."""
-    store = dist.distributed_c10d._get_default_store()
-    store.set(f"ppl_models/alive/{world.rank}", "1")
-    deadline = time.monotonic() + wait
-    while True:
-        alive = {rank for rank in range(world.size) if store.check([f"ppl_models/alive/{rank}"])}
-        if len(alive) == world.size or time.monotonic() > deadline:
-            return sorted(set(range(world.size)) - alive)
-        time.sleep(0.05)
+    seconds, through the process group's key-value store (every live rank reports; the dead
+    cannot). None if the store is gone too (it lived in a process that stopped)."""
+    try:
+        store = dist.distributed_c10d._get_default_store()
+        store.set(f"ppl_models/alive/{world.rank}", "1")
+        deadline = time.monotonic() + wait
+        while True:
+            alive = {rank for rank in range(world.size) if store.check([f"ppl_models/alive/{rank}"])}
+            if len(alive) == world.size or time.monotonic() > deadline:
+                return sorted(set(range(world.size)) - alive)
+            time.sleep(0.05)
+    except (RuntimeError, ValueError, AttributeError):  # the store's process stopped, or no store
+        return None
 
 
 def failed_collective(error):

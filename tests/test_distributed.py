@@ -212,24 +212,37 @@ def rank_pid(launcher, rank):
     return None
 
 
-def test_a_killed_rank_ends_the_job_with_one_line_and_the_run_resumes(tiny_binarized, tmp_path):
-    run_dir = tmp_path / "run"
-    args = ["--model", "mixture", "--guide", "sampled", "--components", "3", "--dataset", "binarized-mnist",
-            "--data-dir", str(tiny_binarized), "--batch-size", "50", "--epochs", "400", "--eval-every", "1000"]
-    process = torchrun(*args, "--out", str(run_dir), cwd=tmp_path)
+def signal_rank_1(run_dir, signum, *args):
+    """torchrun's 2 ranks training into `run_dir` until it has a checkpoint, then `signum` to rank 1;
+    returns (torchrun's exit status, our error lines, all it printed to stderr)."""
+    old = (run_dir / "checkpoint.pt").stat().st_mtime_ns if (run_dir / "checkpoint.pt").exists() else None
+    process = torchrun(*args, cwd=run_dir.parent)
     deadline = time.time() + 120
-    while not (run_dir / "checkpoint.pt").exists() and time.time() < deadline:
+    while time.time() < deadline and (not (run_dir / "checkpoint.pt").exists()
+                                      or (run_dir / "checkpoint.pt").stat().st_mtime_ns == old):
         time.sleep(0.05)
     victim = rank_pid(process.pid, 1)
     assert victim, "no rank 1 found"
-    os.kill(victim, signal.SIGKILL)
+    os.kill(victim, signum)
     _, stderr = process.communicate(timeout=120)
-    assert process.returncode != 0
-    lines = our_lines(stderr)
-    assert len(lines) == 1, stderr
+    assert str(ROOT / "ppl_models") not in stderr  # no traceback of ours (torchrun prints one of its own)
+    return process.returncode, our_lines(stderr), stderr
+
+
+def test_a_signalled_or_killed_rank_ends_the_job_with_one_line_and_the_run_resumes(tiny_binarized, tmp_path):
+    run_dir = tmp_path / "run"
+    args = ["--model", "mixture", "--guide", "sampled", "--components", "3", "--dataset", "binarized-mnist",
+            "--data-dir", str(tiny_binarized), "--batch-size", "50", "--epochs", "400", "--eval-every", "1000"]
+    status, lines, stderr = signal_rank_1(run_dir, signal.SIGTERM, *args, "--out", str(run_dir))
+    assert status != 0 and len(lines) == 1, stderr  # every rank stopped after the same step; rank 0 said so
+    step = int(re.fullmatch(r"error: stopped by SIGTERM at step (\d+); checkpoint saved\. Resume with: torchrun "
+                            r"--nproc_per_node 2 run\.py --resume \S+", lines[0])[1])
+    assert torch.load(run_dir / "checkpoint.pt", weights_only=True)["progress"]["step"] == step
+
+    status, lines, stderr = signal_rank_1(run_dir, signal.SIGKILL, "--resume", str(run_dir))
+    assert status != 0 and len(lines) == 1, stderr
     assert re.fullmatch(r"error: rank 1 of 2 stopped \(killed, or failed\); the last checkpoint is kept\. Resume with: "
                         r"torchrun --nproc_per_node 2 run\.py --resume \S+", lines[0])
-    assert str(ROOT / "ppl_models") not in stderr  # no traceback of ours (torchrun prints one of its own)
     epoch = torch.load(run_dir / "checkpoint.pt", weights_only=True)["progress"]["epoch"]
     assert epoch < 400
     assert run.main(["--resume", str(run_dir), "--epochs", str(epoch + 1), "--quiet", "--no-download"]) == 0  # alone

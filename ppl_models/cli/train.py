@@ -290,7 +290,10 @@ def report_stopped_ranks(world, error, out, command):
     line, which rank(s) stopped and how to resume; the others say nothing. Exit status 1."""
     signal.signal(signal.SIGTERM, signal.SIG_IGN)  # torchrun stops the survivors too: let this one say why
     stopped = distributed.stopped_ranks(world)
-    if world.rank == min(set(range(world.size)) - set(stopped)):
+    if stopped is None:  # nobody can tell who stopped: every rank says what it saw
+        print(f"error: rank {world.rank}: a collective operation failed ({str(error).splitlines()[0]}); "
+              f"{resume_hint(out, command)}", file=sys.stderr)
+    elif world.rank == min(set(range(world.size)) - set(stopped)):
         ranks = ("ranks " if len(stopped) > 1 else "rank ") + f"{', '.join(map(str, stopped))} of {world.size}"
         what = f"{ranks} stopped (killed, or failed)" if stopped else \
             f"a collective operation failed ({str(error).splitlines()[0]})"
