@@ -28,7 +28,7 @@ import torch.multiprocessing as mp
 import run
 from ppl_models.config import Config, SettingError
 from ppl_models.data import Dataset
-from ppl_models.distributed import ONE_PROCESS, World, current
+from ppl_models.distributed import ONE_PROCESS, World, current, start
 from ppl_models.evaluate import per_digit_estimate
 from ppl_models.models import family_of
 from ppl_models.models.sbn import check_enumerable
@@ -175,6 +175,21 @@ def test_the_sbn_sums_its_codes_in_shares():
     assert torch.isinf(model.log_likelihood(x, share=(40, 41))).all()  # more shares than codes: an empty one
 
 
+def test_cuda_with_fewer_gpus_than_processes_is_refused_before_joining(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    with pytest.raises(SettingError, match=r"^`device='cuda'` with 4 processes on this machine needs 4 GPUs, one "
+                                           r"per process, and PyTorch sees 2; start at most 2 \(torchrun "
+                                           r"--nproc_per_node\)$"):
+        start("cuda")
+    with pytest.raises(SettingError, match=r"`device='cuda:1'` names one GPU, but each of the 4 processes takes its "
+                                           r"own \(GPU LOCAL_RANK\); use `device='cuda'`"):
+        start("cuda:1")
+    assert not dist.is_initialized()
+
+
 # ---- the command line under torchrun ---------------------------------------------------------
 def torchrun(*args, **popen):
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
@@ -224,8 +239,9 @@ def signal_rank_1(run_dir, signum, *args):
     victim = rank_pid(process.pid, 1)
     assert victim, "no rank 1 found"
     os.kill(victim, signum)
-    _, stderr = process.communicate(timeout=120)
+    stdout, stderr = process.communicate(timeout=120)
     assert str(ROOT / "ppl_models") not in stderr  # no traceback of ours (torchrun prints one of its own)
+    assert stdout.count("binarized-mnist (static binarization)") == 1  # log lines from rank 0 only
     return process.returncode, our_lines(stderr), stderr
 
 
