@@ -20,6 +20,7 @@ a run of N processes end where a run of one would, up to the order of floating-p
 """
 
 import os
+import pickle
 import time
 from dataclasses import dataclass
 
@@ -93,11 +94,14 @@ class World:
 
     def on_main(self, work):
         """`work()` on rank 0 only; its result on every rank, or its error raised on every rank."""
+        failure = None
         try:
             outcome = (work(), None) if self.main else None
         except Exception as error:  # noqa: BLE001 (it is raised again, on every rank)
-            outcome = (None, error)
+            failure, outcome = error, (None, sendable(error))
         result, error = self.from_main(outcome)
+        if failure is not None:
+            raise failure
         if error is not None:
             raise error
         return result
@@ -114,6 +118,15 @@ class World:
             with torch.no_grad():
                 for param in params:
                     dist.broadcast(param, src=0)
+
+
+def sendable(error):
+    """`error`, or a RuntimeError saying it where it cannot be pickled to the other ranks."""
+    try:
+        pickle.loads(pickle.dumps(error))
+        return error
+    except Exception:  # noqa: BLE001 (any failure to round-trip means: send its text instead)
+        return RuntimeError(f"{type(error).__name__}: {error}")
 
 
 ONE_PROCESS = World()

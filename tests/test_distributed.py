@@ -28,7 +28,7 @@ import torch.multiprocessing as mp
 import run
 from ppl_models.config import Config, SettingError
 from ppl_models.data import Dataset
-from ppl_models.distributed import ONE_PROCESS, World, current, start
+from ppl_models.distributed import ONE_PROCESS, World, current, sendable, start
 from ppl_models.evaluate import per_digit_estimate
 from ppl_models.models import family_of
 from ppl_models.models.sbn import check_enumerable
@@ -188,6 +188,15 @@ def test_cuda_with_fewer_gpus_than_processes_is_refused_before_joining(monkeypat
                                            r"own \(GPU LOCAL_RANK\); use `device='cuda'`"):
         start("cuda:1")
     assert not dist.is_initialized()
+
+
+def test_an_error_that_cannot_reach_the_other_ranks_is_sent_as_its_text():
+    error = ValueError("bad input")
+    error.handle = lambda: None  # a lambda does not pickle
+    sent = sendable(error)
+    assert type(sent) is RuntimeError and str(sent) == "ValueError: bad input"
+    picklable = SettingError("`lr` must be positive")
+    assert sendable(picklable) is picklable
 
 
 # ---- the command line under torchrun ---------------------------------------------------------
