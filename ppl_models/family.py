@@ -138,8 +138,9 @@ class Family(nn.Module):
     `elbo(...)`, `pixel_logits(z)`, and where it has them the exact `log_likelihood(x, observed)` and
     `exact_posterior`. Everything else has a default here that a family may override: `step_args`
     (a schedule), `loss_name`, `sample`, `inference_methods`, `infer` (the posterior given observed
-    pixels, ppl_models.inference), `weighted_summary`, `summary`, `memory_parts` (refuse what cannot fit, before
-    building), `epoch_hook`, `report`. Errors name settings as parameters in backquotes (`z_dim`), which the
+    pixels, ppl_models.inference), `weighted_summary`, `summary`, `memory_parts` (refuse what cannot
+    fit, before building), `data_parallel_refusal` (what cannot train in several processes),
+    `epoch_hook`, `report`. Errors name settings as parameters in backquotes (`z_dim`), which the
     CLI says as flags. Hyperparameter names may be shared between families (one CLI flag).
     """
 
