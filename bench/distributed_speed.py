@@ -17,6 +17,7 @@ The two layouts run one after the other, `--repeats` times each, interleaved; me
 import argparse
 import socket
 import statistics
+import tempfile
 import time
 from pathlib import Path
 
@@ -115,8 +116,9 @@ ROWS = ("vae epoch", "vae step of 2 digits per process", "iwae-5000, 10,000 digi
         "sbn M=18 exact step of 2 digits per process", "sbn M=18 exact log p(x), 10,000 digits")
 
 
-def measure(args, out=Path("/tmp/distributed_speed.pt"), log=print):
+def measure(args, log=print):
     """Both layouts, `args.repeats` times each, interleaved: the markdown section of BENCHMARKS.md."""
+    out = Path(tempfile.mkdtemp()) / "timings.pt"  # where each layout's rank 0 leaves its timings
     runs = {layout: [] for layout in LAYOUTS}
     for repeat in range(args.repeats):
         for layout, (size, threads) in LAYOUTS.items():
@@ -144,17 +146,17 @@ def measure(args, out=Path("/tmp/distributed_speed.pt"), log=print):
 
 
 def main():
+    print("\n".join(measure(settings())))
+
+
+def settings(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    add_arguments(parser)
-    print("\n".join(measure(parser.parse_args())))
-
-
-def add_arguments(parser):
     parser.add_argument("--steps", type=int, default=60, help="VAE steps timed (default: 60)")
     parser.add_argument("--digits", type=int, default=40, help="test digits for iwae-5000 (default: 40)")
     parser.add_argument("--sbn-digits", type=int, default=1000,
                         help="test digits for the SBN's exact log-likelihood (default: 1000)")
     parser.add_argument("--repeats", type=int, default=2, help="runs of each layout (default: 2)")
+    return parser.parse_args(argv)
 
 
 if __name__ == "__main__":

@@ -37,7 +37,7 @@ def main():
     if not args.quick:
         rows += vae_speed.measure(40, (300, 300), args.device)
     distributed_lines = [] if args.quick or args.device != "cpu" else distributed_speed.measure(
-        argparse.Namespace(steps=60, digits=40, sbn_digits=1000, repeats=2))
+        distributed_speed.settings([]))
     evaluation_rows = iwae_speed.measure(((2, (200, 200)),) if args.quick else ((2, (200, 200)), (40, (300, 300))),
                                          device=args.device)
 

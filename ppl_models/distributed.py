@@ -21,8 +21,10 @@ a run of N processes end where a run of one would, up to the order of floating-p
 
 import os
 import pickle
+import threading
 import time
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -46,10 +48,13 @@ class World:
         return self.rank == 0
 
     def share(self, n):
-        """This rank's contiguous share of range(n); the first n % size ranks take one more."""
-        per, extra = divmod(n, self.size)
-        start = self.rank * per + min(self.rank, extra)
-        return range(start, start + per + (self.rank < extra))
+        """This rank's contiguous share of range(n) (see `share_of`)."""
+        return share_of(n, self.rank, self.size)
+
+    @property
+    def backend(self):
+        """The collectives' library: gloo (CPU), nccl (CUDA); None for one process."""
+        return dist.get_backend() if self.size > 1 else None
 
     def shard(self, batch):
         """This rank's rows of a global batch whose length the world size divides."""
@@ -120,6 +125,13 @@ class World:
                     dist.broadcast(param, src=0)
 
 
+def share_of(n, index, count):
+    """Share `index` of `count` contiguous shares of range(n); the first n % count shares hold one more."""
+    per, extra = divmod(n, count)
+    start = index * per + min(index, extra)
+    return range(start, start + per + (index < extra))
+
+
 def sendable(error):
     """`error`, or a RuntimeError saying it where it cannot be pickled to the other ranks."""
     try:
@@ -177,10 +189,8 @@ def start(device):
                                "(torchrun --nproc_per_node)")
         device = f"cuda:{local_rank}"
         torch.cuda.set_device(device)
-    if device.startswith("cuda"):
-        dist.init_process_group("nccl", device_id=torch.device(device))
-    else:
-        dist.init_process_group("gloo")
+    dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    start_heartbeat(dist.get_rank())
     return current(), device
 
 
@@ -189,26 +199,85 @@ def stop():
         dist.destroy_process_group()
 
 
-def stopped_ranks(world, wait=2.0):
-    """After a collective failed: the ranks that did not also report the failure within `wait`
-    seconds, through the process group's key-value store (every live rank reports; the dead
-    cannot). None if the store is gone too (it lived in a process that stopped)."""
-    try:
-        store = dist.distributed_c10d._get_default_store()
-        store.set(f"ppl_models/alive/{world.rank}", "1")
-        deadline = time.monotonic() + wait
+# ---- which rank stopped, and why -------------------------------------------------------------
+# torchrun's key-value store (at MASTER_ADDR:MASTER_PORT, kept by the launcher, not by a rank) holds
+# a counter per rank that a thread of the rank advances while it lives, and a failed rank's last
+# word: after a collective fails, the survivors can say which rank stopped and why.
+BEAT_SECONDS = 0.2
+_store = None  # this process's client of the launcher's store; None where there is none
+
+
+def launcher_store():
+    return dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
+                         timeout=timedelta(seconds=30))
+
+
+def start_heartbeat(rank):
+    """A daemon thread that counts, in the launcher's store, that this rank is alive."""
+    global _store
+    if "MASTER_ADDR" not in os.environ:
+        return
+    _store, beats = launcher_store(), launcher_store()  # the thread has a connection of its own
+
+    def beat():
         while True:
-            alive = {rank for rank in range(world.size) if store.check([f"ppl_models/alive/{rank}"])}
-            if len(alive) == world.size or time.monotonic() > deadline:
-                return sorted(set(range(world.size)) - alive)
-            time.sleep(0.05)
-    except (RuntimeError, ValueError, AttributeError):  # the store's process stopped, or no store
+            try:
+                beats.add(f"ppl_models/beat/{rank}", 1)
+            except (RuntimeError, ValueError):  # the launcher is gone: so is the job
+                return
+            time.sleep(BEAT_SECONDS)
+
+    threading.Thread(target=beat, name="ppl_models heartbeat", daemon=True).start()
+
+
+def stopped_ranks(world, wait=1.0):
+    """After a collective failed: the ranks whose heartbeat did not move in `wait` seconds (None if
+    there is no store to tell)."""
+    if _store is None:
         return None
+    keys = [f"ppl_models/beat/{rank}" for rank in range(world.size)]
+    try:
+        before = [_store.add(key, 0) for key in keys]
+        time.sleep(wait)
+        return [rank for rank, key in enumerate(keys) if _store.add(key, 0) == before[rank]]
+    except (RuntimeError, ValueError):
+        return None
+
+
+def first_to_report():
+    """Whether this rank is the first survivor to report the stop (then it says it; the others stay
+    silent, even those that fail later, when the first has gone)."""
+    try:
+        return _store is None or _store.add("ppl_models/reported", 1) == 1
+    except (RuntimeError, ValueError):
+        return True
+
+
+def leave_word(rank, message):
+    """Keep this rank's error message where the survivors' report of its stop will read it."""
+    if _store is not None:
+        try:
+            _store.set(f"ppl_models/word/{rank}", message)
+        except (RuntimeError, ValueError):
+            pass
+
+
+def last_words(ranks):
+    """{rank: the message it left} for those of `ranks` that left one."""
+    words = {}
+    for rank in ranks:
+        key = f"ppl_models/word/{rank}"
+        try:
+            if _store is not None and _store.check([key]):
+                words[rank] = _store.get(key).decode()
+        except (RuntimeError, ValueError):
+            pass
+    return words
 
 
 def failed_collective(error):
     """Whether `error` is a collective that failed because another rank went away."""
-    return isinstance(error, dist.DistError) or (isinstance(error, RuntimeError) and any(
+    return isinstance(error, getattr(dist, "DistError", ())) or (isinstance(error, RuntimeError) and any(
         phrase in str(error) for phrase in ("Connection closed by peer", "Connection reset", "Broken pipe", "gloo",
                                             "NCCL")))
 
@@ -221,7 +290,12 @@ class SameDraws(Messenger):
     random numbers, so the RNG state stays that of one process. Exactly one process's draws where
     the data plate is the leftmost batch dim (one particle); with particles to its left the draws
     are as random, but laid out differently. Enter it outside the ELBO, so that its particle plate
-    has broadcast the site before this messenger sees it."""
+    has broadcast the site before this messenger sees it.
+
+    It relies on a sampler using the random stream by position, whatever the parameters: true of
+    Normal, Bernoulli, Categorical and the Concrete relaxation the guides use, not of rejection
+    samplers (Gamma, Beta, Dirichlet, Poisson), with which ranks would drift apart. Sites outside
+    the data plate (global latents) draw as usual: every rank then draws the same value."""
 
     def __init__(self, world):
         super().__init__()

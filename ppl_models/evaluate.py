@@ -97,8 +97,11 @@ def per_digit_estimate(model, guide_name, x, name, progress=False, memory_floats
     batch_size = max(1, memory_floats // (samples_of(name) * x.shape[1]))
     starts = range(0, len(x), batch_size)
     seeds = torch.randint(2**62, (len(starts),)).tolist()  # from the caller's stream, one per batch, in any world
-    if name == "exact" and world.size > 1 and model.exact_sum_in_shares:
-        return world.logsumexp(model.log_likelihood(x, observed, share=(world.rank, world.size)))
+    if name == "exact" and world.size > 1 and model.exact_sum_in_shares:  # every digit, this rank's share of z
+        share = (world.rank, world.size)
+        masks = [None] * len(starts) if observed is None else observed.split(batch_size)
+        partial = [model.log_likelihood(batch, mask, share=share) for batch, mask in zip(x.split(batch_size), masks)]
+        return world.logsumexp(torch.cat(partial) if partial else x.new_zeros(0))
     if observed is not None:
         x = torch.where(observed, x, torch.zeros_like(x))
     values = []
@@ -126,15 +129,17 @@ def samples_of(name):
 
 
 def seconds_to_estimate(model, guide_name, x, name, processes=1):
-    """About how long `per_digit_estimate` takes on all of x, shared by `processes`: its time on 1%
-    of the digits (at least 20), scaled, after a call on one digit has paid the first call's
-    one-off costs."""
+    """About how long `per_digit_estimate` takes on all of x, shared by `processes` (as far as its
+    batches go round): its time on 1% of the digits (at least 20), scaled, after a call on one digit
+    has paid the first call's one-off costs."""
     probe = min(len(x), max(20, len(x) // 100))
     with torch.no_grad():
         per_digit_estimate(model, guide_name, x[:1], name)
         started = time.perf_counter()
         per_digit_estimate(model, guide_name, x[:probe], name)
-    return (time.perf_counter() - started) * len(x) / probe / processes
+    batches = math.ceil(len(x) / max(1, CHUNK_FLOATS // (samples_of(name) * x.shape[1])))
+    sharing = processes if name == "exact" and model.exact_sum_in_shares else min(processes, batches)
+    return (time.perf_counter() - started) * len(x) / probe / sharing
 
 
 def duration(seconds):

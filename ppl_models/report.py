@@ -13,7 +13,6 @@ from pathlib import Path
 import numpy
 import pyro
 import torch
-import torch.distributed as dist
 
 from . import plots
 from .config import steps_per_epoch
@@ -111,7 +110,7 @@ def provenance(commands, device, world=ONE_PROCESS):
 
     machine = {"platform": platform.platform(), "CPU cores": os.cpu_count(), "device": str(device)}
     if world.size > 1:
-        machine["processes"] = f"{world.size}, data-parallel (torch.distributed, {dist.get_backend()})"
+        machine["processes"] = f"{world.size}, data-parallel (torch.distributed, {world.backend})"
     if str(device).startswith("cuda"):
         machine["GPU"] = torch.cuda.get_device_name(torch.device(device))
     return {

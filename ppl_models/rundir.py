@@ -216,17 +216,24 @@ def restore_snapshot(model, saved, device):
 
 
 # ---- RNG -----------------------------------------------------------------------------------
-def rng_state():
+def rng_state(device):
+    """The CPU generator's state, and that of the GPU training runs on (`device`): the one a process
+    draws from, whichever GPU it is."""
     state = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
     return state
 
 
-def set_rng_state(state):
+def set_rng_state(state, device):
+    """Put `rng_state` back, the GPU's into `device` (each process of a run restores it into its own)."""
     torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
+    if "cuda" not in state or device.type != "cuda":
+        return
+    if isinstance(state["cuda"], (list, tuple)):  # older checkpoints: every GPU's state
         torch.cuda.set_rng_state_all(state["cuda"])
+    else:
+        torch.cuda.set_rng_state(state["cuda"], device)
 
 
 # ---- learning curves -----------------------------------------------------------------------

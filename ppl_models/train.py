@@ -70,8 +70,8 @@ class SVI:
         self.optimizer = optimizer_class(self.params, lr=lr)
         self.checked = False
 
-    def step(self, *args, also=None):
-        """One step; the loss summed over the global batch. `also`, a float tensor, is summed over the
+    def step(self, *args, extras=None):
+        """One step; the loss summed over the global batch. `extras`, a float tensor, is summed over the
         processes in the same all-reduce as the gradients (in place)."""
         failure = None
         try:
@@ -81,7 +81,7 @@ class SVI:
             if self.world.size == 1:
                 raise
             loss, failure = math.nan, error
-        loss = self.sum_over_processes(loss, also)
+        loss = self.sum_over_processes(loss, extras)
         if failure:
             raise failure
         if not self.checked:  # a param made during this first step would never be updated: say so
@@ -99,18 +99,22 @@ class SVI:
         """Where the guide draws, as one process would for the global batch (a no-op in one process)."""
         return SameDraws(self.world) if self.world.size > 1 else nullcontext()
 
-    def sum_over_processes(self, loss, also):
-        """The loss, the gradients and `also` summed over the processes, in one all-reduce of one buffer."""
+    def sum_over_processes(self, loss, extras):
+        """The loss, the gradients and `extras` summed over the processes, in one all-reduce of one
+        buffer laid out alike in every process: a param without a gradient (unused by this step, or
+        a process whose step failed) sends zeros, and gets no gradient back."""
         if self.world.size == 1:
             return loss
-        grads = [p.grad for p in self.params if p.grad is not None]
-        also = torch.zeros(0) if also is None else also
-        flat = torch.cat([g.reshape(-1) for g in grads] + [torch.tensor([loss]).to(grads[0]), also.to(grads[0])])
+        extras = torch.zeros(0) if extras is None else extras
+        like = self.params[0]
+        grads = [torch.zeros_like(p) if p.grad is None else p.grad for p in self.params]
+        flat = torch.cat([g.reshape(-1) for g in grads] + [torch.tensor([loss]).to(like), extras.to(like)])
         self.world.sum(flat)
-        parts = flat.split([g.numel() for g in grads] + [1, len(also)])
-        for grad, part in zip(grads, parts):
-            grad.copy_(part.view_as(grad))
-        also.copy_(parts[-1])
+        parts = flat.split([p.numel() for p in self.params] + [1, len(extras)])
+        for param, part in zip(self.params, parts):
+            if param.grad is not None:
+                param.grad.copy_(part.view_as(param))
+        extras.copy_(parts[-1])
         return parts[-2].item()
 
 
@@ -147,7 +151,8 @@ def train(model, data, cfg, run_dir, resume=False, progress=True, log=print, aft
                 run.save_checkpoint()  # the epoch's last write: every file it names is written
                 log(run.epoch_line())
         run.evaluate_curves()  # the end of training, if it fell between two eval_every points
-        run.metrics.flush()
+        if world.main:
+            run.metrics.flush()
         if run.best:
             run.restore_best_epoch()
         summary = summarise(model, data, cfg, run.at.epoch, run.at.seconds / max(run.at.epoch, 1), run.device, progress,
@@ -242,7 +247,7 @@ class Training:
                                 f"{str(error).splitlines()[0]}); delete it and start the run again") from None
         for group in self.svi.optimizer.param_groups:  # the saved state holds the old rate: a resume may change it
             group["lr"] = self.cfg.lr
-        set_rng_state(checkpoint["rng"])
+        set_rng_state(checkpoint["rng"], self.device)
         at = Progress(**checkpoint["progress"])
         self.log(f"resuming {self.dir} at epoch {at.epoch + 1}, step {at.step}" if at.epoch < self.cfg.epochs else
                  f"{self.dir} had finished its {self.cfg.epochs} epochs: evaluating it and drawing its figures again")
@@ -271,7 +276,7 @@ class Training:
             "config": asdict(self.cfg),
             **snapshot(self.model),
             "optimizer": self.svi.optimizer.state_dict(),
-            "rng": rng_state(),
+            "rng": rng_state(self.device),
             "progress": asdict(self.at),
             "best": self.best.state() if self.best else None,
             "commands": self.commands,
@@ -330,7 +335,7 @@ class Training:
         started = time.perf_counter()
         try:
             args = self.model.step_args(at.epoch + (at.step_in_epoch + 1) / self.steps, self.device)
-            loss = self.svi.step(batch, *args, also=signals) / self.cfg.batch_size
+            loss = self.svi.step(batch, *args, extras=signals) / self.cfg.batch_size
         except ValueError as error:  # Pyro's validation meeting a value that went non-finite or out of range
             if all(torch.isfinite(p).all() for _, p in pyro.get_param_store().named_parameters()):
                 if "Expected parameter" not in str(error):

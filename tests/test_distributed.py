@@ -25,14 +25,17 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from pyro.infer import Trace_ELBO
 
 import run
+from ppl_models import files
 from ppl_models.config import Config, SettingError
 from ppl_models.data import Dataset
 from ppl_models.distributed import ONE_PROCESS, World, current, sendable, start
 from ppl_models.evaluate import per_digit_estimate
 from ppl_models.models import family_of
 from ppl_models.models.sbn import check_enumerable
+from ppl_models.rundir import TrainingError
 from ppl_models.train import evaluation_rng, train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -47,22 +50,32 @@ CASES = {
     "vae-normal": dict(model="vae", guide="normal", model_args={"z_dim": 3, "hidden": [40, 40]}, optimizer="adam",
                        lr=0.003),
 }
+# k particles left of the data plate: the same random numbers, laid out differently (equal in distribution)
+LAID_OUT_DIFFERENTLY = {
+    "sbn-vimco": dict(model="sbn", guide="bernoulli", elbo="vimco", particles=3, model_args={"latents": 6},
+                      optimizer="adam", lr=0.003),
+    "vae-iwae": dict(model="vae", guide="normal", elbo="iwae", particles=3, model_args={"z_dim": 3, "hidden": [40]},
+                     optimizer="adam", lr=0.003),
+}
+EARLY_STOPPING = dict(model="mixture", guide="sampled", model_args={"components": 4}, optimizer="adam", lr=0.01,
+                      epochs=3, patience=1)
 ESTIMATORS = {"mixture-enum": ["exact"], "sbn-bernoulli": ["exact", "elbo", "iwae-7"], "vae-normal": ["elbo", "iwae-7"]}
 
 
 def config(case, **overrides):
-    return Config(**{**dict(batch_size=30, epochs=1, eval_every=7, eval_digits=90, eval_samples=0), **CASES[case],
+    settings = {**CASES, **LAID_OUT_DIFFERENTLY, "early-stopping": EARLY_STOPPING}[case]
+    return Config(**{**dict(batch_size=30, epochs=1, eval_every=7, eval_digits=90, eval_samples=0), **settings,
                      **overrides})
 
 
 def dataset():
     from conftest import sample_prototype_digits  # the workers import it too, from tests/
 
-    train_digits, train_labels = sample_prototype_digits(600, seed=1)
-    test, test_labels = sample_prototype_digits(130, seed=2)  # not a multiple of the batch or the world
-    return Dataset(name="tiny", binarize="threshold", images={"train": train_digits, "test": test},
-                   labels={"train": train_labels, "test": test_labels},
-                   sources={"train": "generated", "test": "generated"}, seed=0)
+    splits = {split: sample_prototype_digits(n, seed=seed)  # test: not a multiple of the batch or the world
+              for split, n, seed in (("train", 600, 1), ("valid", 90, 3), ("test", 130, 2))}
+    return Dataset(name="tiny", binarize="threshold", images={split: x for split, (x, _) in splits.items()},
+                   labels={split: labels for split, (_, labels) in splits.items()},
+                   sources=dict.fromkeys(splits, "generated"), seed=0)
 
 
 def fit(case, run_dir, resume=False, **overrides):
@@ -73,11 +86,18 @@ def fit(case, run_dir, resume=False, **overrides):
 
 
 def estimates(model, case, world):
-    """{estimator: per-digit values on the test digits} at the model's current params."""
+    """{estimator: per-digit values on the test digits} at the model's current params, and of the
+    top half of each digit given the bottom ('<estimator> | top')."""
     x = dataset().binary("test")
+    top = torch.zeros_like(x, dtype=torch.bool)
+    top[:, :392] = True
+    values = {}
     with evaluation_rng(0, torch.device("cpu")), torch.no_grad():
-        return {name: per_digit_estimate(model, CASES[case]["guide"], x, name, memory_floats=40 * 784, world=world)
-                for name in ESTIMATORS[case]}
+        for name in ESTIMATORS[case]:
+            for label, observed in ((name, None), (f"{name} | top", top)):
+                values[label] = per_digit_estimate(model, CASES[case]["guide"], x, name, memory_floats=40 * 784,
+                                                   observed=observed, world=world)
+    return values
 
 
 def free_port():
@@ -88,17 +108,24 @@ def free_port():
 
 def worker(rank, port, out):
     """One of two processes: every case trained for 20 steps, evaluation sharded and not, a
-    one-process checkpoint resumed, a run begun for the parent to resume alone."""
+    one-process checkpoint resumed, a run begun for the parent to resume alone, a step that fails
+    in rank 1 only; rank 1 notes every file it writes."""
     sys.path.insert(0, str(ROOT / "tests"))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     assert current() == World(rank, 2)
+    written, open_part = [], files.open_part
+    if rank:
+        files.open_part = lambda path: written.append(str(path)) or open_part(path)
     results = {}
     for case in CASES:
         pyro.clear_param_store()
         model, summary = fit(case, out / case)
         results[case] = dict(summary=summary, sharded=estimates(model, case, current()),
                              alone=estimates(model, case, ONE_PROCESS))
+    for case in [*LAID_OUT_DIFFERENTLY, "early-stopping"]:
+        results[case] = fit(case, out / case)[1]
+    results["failed step"] = failing_step(rank, out / "failing")
     try:
         check_enumerable(30)
     except SettingError as refusal:
@@ -107,9 +134,29 @@ def worker(rank, port, out):
     fit("vae-normal", out / "one-then-two", epochs=2, resume=True)
     pyro.clear_param_store()
     fit("vae-normal", out / "two-then-one")
-    if rank == 0:
-        torch.save(results, out / "results.pt")
+    torch.save(results if rank == 0 else dict(written=written, failed_step=results["failed step"]),
+               out / ("results.pt" if rank == 0 else "rank 1.pt"))
     dist.destroy_process_group()
+
+
+def failing_step(rank, run_dir):
+    """The message each rank stops with when rank 1's second step meets an invalid value."""
+    calls, loss_and_grads = [], Trace_ELBO.loss_and_grads
+
+    def fail_in_rank_1(self, *args):
+        calls.append(1)
+        if rank == 1 and len(calls) == 2:
+            raise ValueError("Expected parameter loc (Tensor of shape (15, 3)) of distribution Normal to satisfy the "
+                             "constraint Real(), but found invalid values")
+        return loss_and_grads(self, *args)
+
+    Trace_ELBO.loss_and_grads = fail_in_rank_1
+    try:
+        fit("vae-normal", run_dir)
+    except TrainingError as error:
+        return str(error)
+    finally:
+        Trace_ELBO.loss_and_grads = loss_and_grads
 
 
 @pytest.fixture(scope="module")
@@ -126,11 +173,11 @@ def checkpoint_params(run_dir):
     return torch.load(run_dir / "checkpoint.pt", weights_only=True)["params"]
 
 
-def assert_same_params(run_dir, other_dir):
+def assert_same_params(run_dir, other_dir, tolerance=PARAM_TOLERANCE):
     ours, theirs = checkpoint_params(run_dir), checkpoint_params(other_dir)
     assert ours.keys() == theirs.keys()
     gap = max((ours[name] - theirs[name]).abs().max().item() for name in ours)
-    assert gap < PARAM_TOLERANCE, gap
+    assert gap < tolerance, gap
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -146,9 +193,42 @@ def test_two_processes_take_the_steps_one_process_takes(two_processes, tmp_path,
 @pytest.mark.parametrize("case", CASES)
 def test_sharded_evaluation_equals_one_process(two_processes, case):
     results = torch.load(two_processes / "results.pt", weights_only=False)[case]
-    for name in ESTIMATORS[case]:
-        assert results["sharded"][name].shape == (130,)
-        torch.testing.assert_close(results["sharded"][name], results["alone"][name], rtol=1e-6, atol=1e-4)
+    assert len(results["sharded"]) == 2 * len(ESTIMATORS[case])  # each estimator of whole digits and of top halves
+    for name, values in results["sharded"].items():
+        assert values.shape == (130,)
+        torch.testing.assert_close(values, results["alone"][name], rtol=1e-6, atol=1e-4)
+
+
+@pytest.mark.parametrize("case", LAID_OUT_DIFFERENTLY)
+def test_particles_left_of_the_data_plate_draw_as_many_numbers_as_one_process(two_processes, tmp_path, case):
+    """Other draws than one process's (laid out differently), as many: the random state stays in step."""
+    fit(case, tmp_path / case)
+    ours, theirs = (torch.load(d / case / "checkpoint.pt", weights_only=True) for d in (tmp_path, two_processes))
+    assert torch.equal(ours["rng"]["torch"], theirs["rng"]["torch"])
+    assert all(torch.isfinite(p).all() for p in theirs["params"].values())
+
+
+def test_early_stopping_in_two_processes_stops_as_one_process(two_processes, tmp_path):
+    _, summary = fit("early-stopping", tmp_path / "alone")
+    together = torch.load(two_processes / "results.pt", weights_only=False)["early-stopping"]["early_stopping"]
+    alone = summary["early_stopping"]
+    assert {key: together[key] for key in ("best_epoch", "epochs_trained", "stopped_early")} == \
+        {key: alone[key] for key in ("best_epoch", "epochs_trained", "stopped_early")}
+    assert [score for _, score in together["valid_scores"]] == pytest.approx(
+        [score for _, score in alone["valid_scores"]], abs=1e-3)
+    assert_same_params(two_processes / "early-stopping", tmp_path / "alone", tolerance=1e-3)  # 60 steps: 1.5e-4
+
+
+def test_rank_0_alone_writes(two_processes):
+    assert torch.load(two_processes / "rank 1.pt", weights_only=False)["written"] == []
+    assert (two_processes / "vae-normal" / "metrics.csv").exists()
+
+
+def test_a_step_that_fails_in_one_rank_stops_every_rank_at_that_step(two_processes):
+    rank_0 = torch.load(two_processes / "results.pt", weights_only=False)["failed step"]
+    rank_1 = torch.load(two_processes / "rank 1.pt", weights_only=False)["failed_step"]
+    assert rank_0.startswith("the loss became nan at step 2 (epoch 1)"), rank_0
+    assert rank_1.startswith("training diverged at step 2 (epoch 1): Expected parameter loc"), rank_1
 
 
 def test_checkpoints_resume_in_another_number_of_processes(two_processes, tmp_path):
@@ -170,9 +250,12 @@ def test_the_sbn_sums_its_codes_in_shares():
     model = family_of("sbn")(latents=5)
     pyro.get_param_store().clear()
     x = dataset().binary("test")[:20]
-    whole = model.log_likelihood(x)
+    b, w, c = model.params()
+    codes = torch.tensor([[(code >> (4 - m)) & 1 for m in range(5)] for code in range(32)], dtype=torch.float)
+    joint = [torch.distributions.Bernoulli(logits=b).log_prob(z).sum() +  # brute force: one code at a time
+             torch.distributions.Bernoulli(logits=z @ w + c).log_prob(x).sum(-1) for z in codes]
     parts = torch.stack([model.log_likelihood(x, share=(rank, 3)) for rank in range(3)])  # 11, 11 and 10 codes
-    torch.testing.assert_close(torch.logsumexp(parts, 0), whole)
+    torch.testing.assert_close(torch.logsumexp(parts, 0), torch.logsumexp(torch.stack(joint), 0).detach())
     assert torch.isinf(model.log_likelihood(x, share=(40, 41))).all()  # more shares than codes: an empty one
 
 
@@ -201,9 +284,9 @@ def test_an_error_that_cannot_reach_the_other_ranks_is_sent_as_its_text():
 
 
 # ---- the command line under torchrun ---------------------------------------------------------
-def torchrun(*args, **popen):
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-               "--master_port", str(free_port()), str(ROOT / "run.py"), *args, "--quiet", "--no-download"]
+def torchrun(*args, processes=2, script=ROOT / "run.py", **popen):
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes), "--master_addr",
+               "127.0.0.1", "--master_port", str(free_port()), str(script), *args, "--quiet", "--no-download"]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     return subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **popen)
 
@@ -238,10 +321,10 @@ def rank_pid(launcher, rank):
 
 
 def signal_rank_1(run_dir, signum, *args):
-    """torchrun's 2 ranks training into `run_dir` until it has a checkpoint, then `signum` to rank 1;
-    returns (torchrun's exit status, our error lines, all it printed to stderr)."""
+    """torchrun's 3 ranks training into `run_dir` until it has a checkpoint, then `signum` to rank 1
+    (between two live ranks); returns (torchrun's exit status, our error lines, all it printed to stderr)."""
     old = (run_dir / "checkpoint.pt").stat().st_mtime_ns if (run_dir / "checkpoint.pt").exists() else None
-    process = torchrun(*args, cwd=run_dir.parent)
+    process = torchrun(*args, processes=3, cwd=run_dir.parent)
     deadline = time.time() + 120
     while time.time() < deadline and (not (run_dir / "checkpoint.pt").exists()
                                       or (run_dir / "checkpoint.pt").stat().st_mtime_ns == old):
@@ -258,18 +341,42 @@ def signal_rank_1(run_dir, signum, *args):
 def test_a_signalled_or_killed_rank_ends_the_job_with_one_line_and_the_run_resumes(tiny_binarized, tmp_path):
     run_dir = tmp_path / "run"
     args = ["--model", "mixture", "--guide", "sampled", "--components", "3", "--dataset", "binarized-mnist",
-            "--data-dir", str(tiny_binarized), "--batch-size", "50", "--epochs", "400", "--eval-every", "1000"]
+            "--data-dir", str(tiny_binarized), "--batch-size", "60", "--epochs", "400", "--eval-every", "1000"]
     status, lines, stderr = signal_rank_1(run_dir, signal.SIGTERM, *args, "--out", str(run_dir))
     assert status != 0 and len(lines) == 1, stderr  # every rank stopped after the same step; rank 0 said so
     step = int(re.fullmatch(r"error: stopped by SIGTERM at step (\d+); checkpoint saved\. Resume with: torchrun "
-                            r"--nproc_per_node 2 run\.py --resume \S+", lines[0])[1])
+                            r"--nproc_per_node 3 run\.py --resume \S+", lines[0])[1])
     assert torch.load(run_dir / "checkpoint.pt", weights_only=True)["progress"]["step"] == step
 
     status, lines, stderr = signal_rank_1(run_dir, signal.SIGKILL, "--resume", str(run_dir))
     assert status != 0 and len(lines) == 1, stderr
-    assert re.fullmatch(r"error: rank 1 of 2 stopped \(killed, or failed\); the last checkpoint is kept\. Resume with: "
-                        r"torchrun --nproc_per_node 2 run\.py --resume \S+", lines[0])
+    assert re.fullmatch(r"error: rank 1 of 3 stopped \(killed, or failed\); the last checkpoint is kept\. Resume with: "
+                        r"torchrun --nproc_per_node 3 run\.py --resume \S+", lines[0])
     epoch = torch.load(run_dir / "checkpoint.pt", weights_only=True)["progress"]["epoch"]
     assert epoch < 400
     assert run.main(["--resume", str(run_dir), "--epochs", str(epoch + 1), "--quiet", "--no-download"]) == 0  # alone
     assert json.loads((run_dir / "metrics.json").read_text())["epochs"] == epoch + 1
+
+
+RANK_1_FAILS = """import sys, os
+sys.argv[0] = "run.py"
+import ppl_models.job
+from ppl_models.data import DataError
+if os.environ["RANK"] == "1":
+    def missing(*args, **kwargs):
+        raise DataError("no data on this machine: put it in $PPL_MODELS_DATA")
+    ppl_models.job.load_dataset = missing
+import run
+sys.exit(run.main())
+"""
+
+
+def test_an_error_in_one_rank_only_is_said_once_with_its_rank(tiny_binarized, tmp_path):
+    script = tmp_path / "rank_1_fails.py"
+    script.write_text(RANK_1_FAILS)
+    process = torchrun("--model", "mixture", "--dataset", "binarized-mnist", "--data-dir", str(tiny_binarized),
+                       "--batch-size", "60", "--out", str(tmp_path / "run"), processes=3, script=script, cwd=tmp_path)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode != 0
+    assert our_lines(stderr) == ["error: rank 1 of 3 stopped (no data on this machine: put it in $PPL_MODELS_DATA); "
+                                 "no checkpoint was written: start the run again"], stderr

@@ -258,47 +258,60 @@ def main(argv=None, prog=None):
 
     try:
         with sigterm_as_interrupt():
-            cfg = config_from_args(args)
-            cfg.validate()
+            if distributed.launched():  # joined first: a resumed run's settings come from rank 0's checkpoint
+                world, device = distributed.start(resolve_device(args.device))
+            cfg = world.on_main(lambda: checked_config(args))
+            if world.size > 1:
+                cfg.device = device  # this rank's GPU (cuda:LOCAL_RANK) or cpu
             out = Path(args.resume or args.out or Path("figures") / cfg.model)
-            if distributed.launched():
-                world, cfg.device = distributed.start(cfg.device)
             run(cfg, out, experiment=args.experiment, resume=bool(args.resume), progress=not args.quiet,
                 download=not args.no_download, overwrite=args.overwrite, command=f"{command} {shlex.join(argv)}",
                 log=lambda line: print(as_flags(line)), world=world)
     except Interrupted as stop:  # in the training loop: a checkpoint was saved
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # torchrun stops the other ranks too: let this one say so
         say(f"error: {stop.what} at step {stop.step}; checkpoint saved. Resume with: {command} --resume "
             f"{stop.run_dir}")
         return 128 + stop.signum
-    except KeyboardInterrupt:  # before or after the training loop
-        say(f"error: interrupted; {resume_hint(out, command)}")
+    except KeyboardInterrupt:  # before or after the training loop (under torchrun: perhaps as another rank stopped)
+        if world.size > 1:
+            report_stop(world, "interrupted", out, command)
+        else:
+            say(f"error: interrupted; {resume_hint(out, command)}")
         return 128 + signal.SIGINT
     except (ValueError, DataError, TrainingError, WriteError) as error:  # library errors name settings: as flags
         say(f"error: {as_flags(str(error))}")
+        distributed.leave_word(world.rank, as_flags(str(error)))  # rank 0 says it if only this rank had it
         return 2
     except Exception as error:
         if world.size == 1 or not distributed.failed_collective(error):
             raise
-        return report_stopped_ranks(world, error, out, command)
+        report_stop(world, f"a collective operation failed ({str(error).splitlines()[0]})", out, command)
+        return 1
     finally:
         distributed.stop()
     return 0
 
 
-def report_stopped_ranks(world, error, out, command):
-    """A collective failed because a process went away: the lowest rank still running says, in one
-    line, which rank(s) stopped and how to resume; the others say nothing. Exit status 1."""
+def checked_config(args):
+    cfg = config_from_args(args)
+    cfg.validate()
+    return cfg
+
+
+def report_stop(world, seen, out, command):
+    """The job stops in a rank that saw `seen` (a failed collective, an interrupt), perhaps because
+    another rank stopped, after which torchrun stops the rest: the first rank to get here says, in
+    one line, which rank(s) stopped (with the error a rank left, if it left one) or else what it
+    saw, and how to resume; the others say nothing."""
     signal.signal(signal.SIGTERM, signal.SIG_IGN)  # torchrun stops the survivors too: let this one say why
     stopped = distributed.stopped_ranks(world)
     if stopped is None:  # nobody can tell who stopped: every rank says what it saw
-        print(f"error: rank {world.rank}: a collective operation failed ({str(error).splitlines()[0]}); "
-              f"{resume_hint(out, command)}", file=sys.stderr)
-    elif world.rank == min(set(range(world.size)) - set(stopped)):
+        print(f"error: rank {world.rank}: {seen}; {resume_hint(out, command)}", file=sys.stderr)
+    elif distributed.first_to_report():
+        words = distributed.last_words(stopped)
         ranks = ("ranks " if len(stopped) > 1 else "rank ") + f"{', '.join(map(str, stopped))} of {world.size}"
-        what = f"{ranks} stopped (killed, or failed)" if stopped else \
-            f"a collective operation failed ({str(error).splitlines()[0]})"
+        what = f"{ranks} stopped ({'; '.join(words.values()) or 'killed, or failed'})" if stopped else seen
         print(f"error: {what}; {resume_hint(out, command)}", file=sys.stderr)
-    return 1
 
 
 @contextmanager

@@ -29,7 +29,7 @@ from torch import nn
 from .. import distributions
 from ..config import SettingError
 from ..data import check_binary
-from ..distributed import World, current
+from ..distributed import current, share_of
 from ..distributions import IndependentBits, LinearBernoulli, StraightThroughBernoulli, all_codes, table_log_likelihood
 from ..experiments import ENUM_VS_SAMPLED
 from ..family import Family, Hyperparameter, pyro_elbo
@@ -178,7 +178,7 @@ class SigmoidBeliefNet(Family):
         (digits x 2^M). With `share=(i, n)`, over the i-th of n equal shares of the codes only."""
         check_binary(x, "digits to score", self.num_pixels)
         total = torch.full(x.shape[:1], -math.inf, device=x.device)
-        states = World(*share).share(2**self.latents) if share else None
+        states = share_of(2**self.latents, *share) if share else None
         for _, log_joint in self.code_chunks(x, observed, self.params(), states):
             total = torch.logaddexp(total, torch.logsumexp(log_joint, -1))
         return total
@@ -188,8 +188,8 @@ class SigmoidBeliefNet(Family):
         in `states`), STATE_CHUNK at a time."""
         check_enumerable(self.latents)
         b, w, c = (param.detach() for param in params)
-        codes = all_codes(self.latents, x.device, states)
-        for codes in codes.split(distributions.STATE_CHUNK) if len(codes) else ():
+        states = all_codes(self.latents, x.device, states)
+        for codes in states.split(distributions.STATE_CHUNK) if len(states) else ():  # (an empty share: none)
             yield codes, IndependentBits(b).log_prob(codes) + table_log_likelihood(x, codes @ w + c, observed)
 
     @torch.no_grad()
@@ -256,7 +256,7 @@ def check_enumerable(latents, batch_size=100, pixels=784):
     where several train together (each sums every state for its share of the batch)."""
     if latents <= MAX_EXACT_LATENTS:
         return
-    states, processes = 2**latents, current().size
+    states, processes = 2**latents, current().size  # (read here: the families' elbo() knows no world)
     digits = batch_size / processes
     table_gb = digits * states * 4 / 1e9
     seconds = 3 * 2 * states * (latents + digits) * pixels / FLOPS  # forward, backward, recomputation
