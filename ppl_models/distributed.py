@@ -195,6 +195,13 @@ def start(device):
 
 
 def stop():
+    """Leave the process group, the heartbeat first (a thread left inside the store's client as the
+    interpreter ends aborts the process)."""
+    global _heart
+    if _heart is not None:
+        _heart[1].set()
+        _heart[0].join(timeout=5)
+        _heart = None
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
 
@@ -205,6 +212,7 @@ def stop():
 # word: after a collective fails, the survivors can say which rank stopped and why.
 BEAT_SECONDS = 0.2
 _store = None  # this process's client of the launcher's store; None where there is none
+_heart = None  # (the heartbeat thread, the event that stops it)
 
 
 def launcher_store():
@@ -214,20 +222,21 @@ def launcher_store():
 
 def start_heartbeat(rank):
     """A daemon thread that counts, in the launcher's store, that this rank is alive."""
-    global _store
+    global _store, _heart
     if "MASTER_ADDR" not in os.environ:
         return
-    _store, beats = launcher_store(), launcher_store()  # the thread has a connection of its own
+    _store, beats, stopping = launcher_store(), launcher_store(), threading.Event()  # the thread has its own client
 
     def beat():
-        while True:
+        while not stopping.is_set():
             try:
                 beats.add(f"ppl_models/beat/{rank}", 1)
             except (RuntimeError, ValueError):  # the launcher is gone: so is the job
                 return
-            time.sleep(BEAT_SECONDS)
+            stopping.wait(BEAT_SECONDS)
 
-    threading.Thread(target=beat, name="ppl_models heartbeat", daemon=True).start()
+    _heart = threading.Thread(target=beat, name="ppl_models heartbeat", daemon=True), stopping
+    _heart[0].start()
 
 
 def stopped_ranks(world, wait=1.0):

@@ -37,12 +37,12 @@ def run(cfg, out, experiment=None, resume=False, progress=True, download=True, l
     if experiment and world.size > 1:
         raise SettingError(f"experiments run in one process, and this is one of {world.size}: run "
                            f"`experiment={experiment}` without torchrun")
+    world.on_main(lambda: family.check_memory(cfg.model_args, cfg.batch_size, cfg.particles,
+                                              available_memory(cfg.device)))
+    model = family(**cfg.model_args).to(cfg.device)
+    check_data_parallel(model, cfg, world)  # (train checks again, for the library's callers)
     with ExitStack() as held:
         out = world.on_main(lambda: claim(held, out, experiment, cfg, resume, overwrite))
-        world.on_main(lambda: family.check_memory(cfg.model_args, cfg.batch_size, cfg.particles,
-                                                  available_memory(cfg.device)))
-        model = family(**cfg.model_args).to(cfg.device)
-        check_data_parallel(model, cfg, world)
         data = world.main_first(lambda: load_dataset(cfg.dataset, binarize=cfg.binarize, data_dir=cfg.data_dir,
                                                      device=cfg.device, seed=cfg.seed, download=download,
                                                      progress=progress))

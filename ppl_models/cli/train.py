@@ -252,8 +252,8 @@ def main(argv=None, prog=None):
     if not main_rank:
         warnings.simplefilter("ignore")
 
-    def say(line):
-        if main_rank:
+    def say(line):  # rank 0's, unless another rank has reported already why the job stopped
+        if main_rank and distributed.first_to_report():
             print(line, file=sys.stderr)
 
     try:
