@@ -11,9 +11,9 @@ a run of N processes end where a run of one would, up to the order of floating-p
   takes from the same params (rank 0's, broadcast at the start).
 - Every rank keeps the RNG state one process would have. `SameDraws` has each guide sample site
   draw for the whole global batch, as one process would, and keep its own rows; evaluation seeds
-  each batch of digits from its index (`evaluate.per_digit_estimate`), so a shard of batches draws
-  what one process draws for them. A checkpoint is therefore the same whatever the world size, and
-  resumes in any.
+  each batch of digits with a number drawn for it from the run's seeded stream
+  (`evaluate.per_digit_estimate`), so a shard of batches draws what one process draws for them.
+  A checkpoint is therefore the same whatever the world size, and resumes in any.
 - Rank 0 alone writes files, prints and shows progress.
 
 `World()` is one process, where every collective is the identity, so shared code is written once.
