@@ -8,6 +8,7 @@ import pyro.optim
 import torch
 
 from ppl_models.data import load_dataset
+from ppl_models.distributed import ONE_PROCESS
 from ppl_models.models import build_model
 from ppl_models.train import SVI
 
@@ -20,10 +21,11 @@ def training_batches(device, batch_size=100):
 
 
 def pyro_step(name, model_args, guide_name, optimizer, lr, first_batch, jit=False, stock=False, elbo_name=None,
-              model=None):
+              model=None, world=ONE_PROCESS):
     """A fresh model's SVI step. `stock=False`: the step run.py takes (ppl_models.train.SVI, one
-    PyTorch optimizer over the param store); `stock=True`: pyro.infer.SVI with pyro.optim's
-    per-param optimizers, for comparison. `optimizer` names both ("Adam", "RMSprop")."""
+    PyTorch optimizer over the param store; in a `world` of processes, each given its shard of the
+    batch); `stock=True`: pyro.infer.SVI with pyro.optim's per-param optimizers, for comparison.
+    `optimizer` names both ("Adam", "RMSprop")."""
     pyro.clear_param_store()
     pyro.set_rng_seed(0)
     model = model or build_model(name, model_args, first_batch.device)
@@ -31,7 +33,7 @@ def pyro_step(name, model_args, guide_name, optimizer, lr, first_batch, jit=Fals
     elbo = model.elbo(guide_name, elbo_name, jit=jit)
     if stock:
         return pyro.infer.SVI(model.model, guide, getattr(pyro.optim, optimizer)({"lr": lr}), elbo).step
-    return SVI(model.model, guide, elbo, getattr(torch.optim, optimizer), lr, (first_batch,)).step
+    return SVI(model.model, guide, elbo, getattr(torch.optim, optimizer), lr, (world.shard(first_batch),), world).step
 
 
 def epoch_seconds(step, batches, device, steps=None, repeats=3):

@@ -30,9 +30,8 @@ from ppl_models.data import load_dataset
 from ppl_models.distributed import current
 from ppl_models.evaluate import per_digit_estimate
 from ppl_models.models import build_model
-from ppl_models.train import SVI
 
-from common import training_batches
+from common import pyro_step, training_batches
 
 VAE = {"z_dim": 40, "hidden": (300, 300)}
 STEPS_PER_EPOCH = 500
@@ -44,20 +43,16 @@ def clock(world):
     return time.perf_counter()
 
 
-def svi_for(name, model_args, guide, batch, world):
-    pyro.clear_param_store()
-    pyro.set_rng_seed(0)
-    model = build_model(name, model_args, batch.device)
-    return model, SVI(model.model, model.guide(guide), model.elbo(guide), torch.optim.Adam, 1e-3,
-                      (world.shard(batch),), world)
-
-
-def step_seconds(svi, batches, world):
-    svi.step(world.shard(batches[0]))  # warm-up
+def step_seconds(step, batches, world):
+    step(world.shard(batches[0]))  # warm-up
     started = clock(world)
     for batch in batches[1:]:
-        svi.step(world.shard(batch))
+        step(world.shard(batch))
     return (clock(world) - started) / (len(batches) - 1)
+
+
+def parameter_count():
+    return sum(p.numel() for _, p in pyro.get_param_store().named_parameters())
 
 
 def allreduce_seconds(world, numel, repeats=200):
@@ -77,22 +72,24 @@ def time_layout(rank, size, threads, port, args, out):
     world = current()
     batches = training_batches(torch.device("cpu"))
     results = {}
-    vae, svi = svi_for("vae", VAE, "normal", batches[0], world)
-    results["vae epoch"] = step_seconds(svi, batches[:args.steps + 1], world) * STEPS_PER_EPOCH
-    results["vae parameters"] = sum(p.numel() for p in svi.params)
+    vae = build_model("vae", VAE)
+    step = pyro_step("vae", VAE, "normal", "Adam", 1e-3, batches[0], model=vae, world=world)
+    results["vae epoch"] = step_seconds(step, batches[:args.steps + 1], world) * STEPS_PER_EPOCH
+    results["vae parameters"] = parameter_count()
     small = [batch[:2 * size] for batch in batches[:args.steps + 1]]
-    results["vae step of 2 digits per process"] = step_seconds(svi, small, world)
+    results["vae step of 2 digits per process"] = step_seconds(step, small, world)
     test = load_dataset("binarized-mnist", progress=False).binary("test")
     with torch.no_grad():
         per_digit_estimate(vae, "normal", test[:1], "iwae-5000")  # warm-up
         started = clock(world)
         per_digit_estimate(vae, "normal", test[:args.digits], "iwae-5000", world=world)
         results["iwae-5000, 10,000 digits"] = (clock(world) - started) * len(test) / args.digits
-    sbn, svi = svi_for("sbn", {"latents": 18}, "enum", batches[0], world)
-    results["sbn M=18 exact step"] = step_seconds(svi, batches[:3], world)
-    results["sbn M=18 exact step of 2 digits per process"] = step_seconds(svi, [b[:2 * size] for b in batches[:3]],
+    sbn = build_model("sbn", {"latents": 18})
+    step = pyro_step("sbn", {"latents": 18}, "enum", "Adam", 1e-3, batches[0], model=sbn, world=world)
+    results["sbn M=18 exact step"] = step_seconds(step, batches[:3], world)
+    results["sbn M=18 exact step of 2 digits per process"] = step_seconds(step, [b[:2 * size] for b in batches[:3]],
                                                                           world)
-    results["sbn parameters"] = sum(p.numel() for p in svi.params)
+    results["sbn parameters"] = parameter_count()
     per_digit_estimate(sbn, "enum", test[:1], "exact", world=world)  # warm-up
     started = clock(world)
     per_digit_estimate(sbn, "enum", test[:args.sbn_digits], "exact", world=world)

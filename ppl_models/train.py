@@ -314,7 +314,8 @@ class Training:
             self.running_loss = math.nan
             while at.step_in_epoch < self.steps:
                 batch = x_epoch[order[at.step_in_epoch * cfg.batch_size: (at.step_in_epoch + 1) * cfg.batch_size]]
-                signals = torch.tensor([interrupt["requested"] == signum for signum in STOP_SIGNALS], dtype=torch.float)
+                signals = None if self.world.size == 1 else torch.tensor(  # (several processes share their signals)
+                    [interrupt["requested"] == signum for signum in STOP_SIGNALS], dtype=torch.float)
                 self.step(self.world.shard(batch), signals)
                 bar.set_postfix_str(f"{self.loss_name} {self.running_loss:.2f}")
                 bar.update()
