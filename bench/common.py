@@ -2,11 +2,13 @@
 
 import statistics
 import time
+from contextlib import nullcontext
 
 import pyro
 import pyro.optim
 import torch
 
+from ppl_models.compiled import flushing_denormals
 from ppl_models.data import load_dataset
 from ppl_models.distributed import ONE_PROCESS
 from ppl_models.models import build_model
@@ -21,39 +23,83 @@ def training_batches(device, batch_size=100):
 
 
 def pyro_step(name, model_args, guide_name, optimizer, lr, first_batch, jit=False, stock=False, elbo_name=None,
-              model=None, world=ONE_PROCESS):
+              model=None, world=ONE_PROCESS, compile=False, flush=True):
     """A fresh model's SVI step. `stock=False`: the step run.py takes (ppl_models.train.SVI, one
     PyTorch optimizer over the param store; in a `world` of processes, each given its shard of the
-    batch); `stock=True`: pyro.infer.SVI with pyro.optim's per-param optimizers, for comparison.
+    batch; with `compile`, compiled as run.py --compile compiles it, denormals flushed unless not
+    `flush`); `stock=True`: pyro.infer.SVI with pyro.optim's per-param optimizers, for comparison.
     `optimizer` names both ("Adam", "RMSprop")."""
     pyro.clear_param_store()
     pyro.set_rng_seed(0)
     model = model or build_model(name, model_args, first_batch.device)
     guide = model.guide(guide_name)
-    elbo = model.elbo(guide_name, elbo_name, jit=jit)
+    elbo = model.elbo(guide_name, elbo_name, jit=jit, compile=compile)
     if stock:
         return pyro.infer.SVI(model.model, guide, getattr(pyro.optim, optimizer)({"lr": lr}), elbo).step
-    return SVI(model.model, guide, elbo, getattr(torch.optim, optimizer), lr, (world.shard(first_batch),), world).step
+    svi = SVI(model.model, guide, elbo, getattr(torch.optim, optimizer), lr, (world.shard(first_batch),), world,
+              compile=compile)
+    if not (compile and flush):
+        return svi.step
+
+    def step(*args):
+        with flushing_denormals():
+            return svi.step(*args)
+
+    return step
 
 
-def epoch_seconds(step, batches, device, steps=None, repeats=3):
-    """Seconds for one epoch of `step`: the median of `repeats` timings over `steps` batches (all
-    by default), after three warm-up steps (parameter creation, lazy imports, JIT compilation),
-    scaled to the epoch. The median, because a shared machine has slow moments."""
+def plain_step(loss, optimizer, compile=False, flush=False):
+    """The plain-PyTorch training step: `loss(x)` (compiled by torch.compile if `compile`), backward,
+    the optimizer's step; denormals flushed if `flush`."""
+    loss = torch.compile(loss) if compile else loss
+
+    def step(x):
+        with flushing_denormals() if flush else nullcontext():
+            value = loss(x)
+            optimizer.zero_grad()
+            value.backward()
+            optimizer.step()
+        return value.item()
+
+    return step
+
+
+def one_epoch(step, batches, device, steps=None):
+    """Seconds for `steps` batches of `step` (all by default), scaled to the whole epoch."""
     steps = steps or len(batches)
-    for batch in batches[:3]:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    started = time.perf_counter()
+    for batch in batches[:steps]:
         step(batch)
-    timings = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        started = time.perf_counter()
-        for batch in batches[:steps]:
-            step(batch)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        timings.append((time.perf_counter() - started) * len(batches) / steps)
-    return statistics.median(timings)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return (time.perf_counter() - started) * len(batches) / steps
+
+
+def interleaved_rows(benchmark, variants, batches, device, rounds=3, log=print):
+    """Table rows (benchmark, variant, seconds per epoch, ratio to the first variant, the reference)
+    for `variants` [(name, build, steps)]: each `build()` makes its step in a Pyro param store of its
+    own and takes three warm-up steps (parameter creation, lazy imports, compiling); then in each of
+    `rounds` rounds every variant times one epoch (`steps` batches scaled to the epoch, all if None),
+    interleaved so that a slow moment of a shared machine hits every variant; the median of the
+    rounds. A variant whose build returns None is left out (a peer that is not installed)."""
+    store = pyro.get_param_store()
+    built = []
+    for name, build, steps in variants:
+        with store.scope() as params:
+            step = build()
+            if step is None:
+                continue
+            for batch in batches[:3]:
+                step(batch)
+        built.append((name, step, steps, params))
+    timings = {name: [] for name, *_ in built}
+    for _ in range(rounds):
+        for name, step, steps, params in built:
+            with store.scope(params):
+                timings[name].append(one_epoch(step, batches, device, steps))
+    return ratio_rows(benchmark, [(name, statistics.median(times)) for name, times in timings.items()], log)
 
 
 def ratio_rows(benchmark, timings, log=print):

@@ -11,11 +11,12 @@ import argparse
 import torch
 import torch.nn.functional as F
 
-from ppl_models.distributions import all_codes
+from ppl_models.distributions import STATE_CHUNK, all_codes
 from ppl_models.models.sbn import SigmoidBeliefNet
 from ppl_models.train import reproducible
 
-from common import epoch_seconds, pyro_step, ratio_rows, training_batches
+import peers
+from common import interleaved_rows, plain_step, pyro_step, training_batches
 
 
 def torch_step(M, device):
@@ -23,21 +24,17 @@ def torch_step(M, device):
     b = torch.zeros(M, device=device, requires_grad=True)
     w = (0.01 * torch.randn(M, 784, device=device)).requires_grad_()
     c = torch.zeros(784, device=device, requires_grad=True)
-    optimizer = torch.optim.Adam([b, w, c], lr=1e-3)
     codes = all_codes(M, device)
 
-    def step(x):
+    def loss(x):
         theta = codes @ w + c
         log_prior = codes @ F.logsigmoid(b) + (1 - codes) @ F.logsigmoid(-b)
-        loss = -torch.logsumexp(log_prior + x @ theta.T - F.softplus(theta).sum(-1), -1).sum()
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
+        return -torch.logsumexp(log_prior + x @ theta.T - F.softplus(theta).sum(-1), -1).sum()
 
-    return step
+    return plain_step(loss, torch.optim.Adam([b, w, c], lr=1e-3))
 
 
-def torch_sampled_step(M, device):
+def torch_sampled_step(M, device, compile=False):
     """The score-function ELBO of guide `bernoulli` written out: the same surrogate loss Pyro's
     TraceGraph_ELBO builds (log p + log q x (log p - log q - baseline), detached, plus the neural
     baseline's squared error), with the same encoder and baseline networks."""
@@ -49,7 +46,7 @@ def torch_sampled_step(M, device):
     c = torch.zeros(784, device=device, requires_grad=True)
     optimizer = torch.optim.Adam([b, w, c, *encoder.parameters(), *baseline.parameters()], lr=1e-3)
 
-    def step(x):
+    def loss(x):
         q = torch.distributions.Bernoulli(logits=encoder(x))
         z = q.sample()
         log_q = q.log_prob(z).sum(-1)
@@ -58,46 +55,52 @@ def torch_sampled_step(M, device):
         signal = (log_p - log_q).detach()
         predicted = baseline(x)
         surrogate = log_p + log_q * (signal - predicted.detach())
-        loss = -surrogate.sum() + ((signal - predicted) ** 2).sum()
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
+        return -surrogate.sum() + ((signal - predicted) ** 2).sum()
 
-    return step
+    return plain_step(loss, optimizer, compile)
 
 
 def measure_sampled(latents=(200,), device="cpu", log=print):
-    """Rows for guide `bernoulli` (score function, neural baseline), a full epoch each."""
+    """Rows for guide `bernoulli` (score function, neural baseline), a full epoch each, and the JAX loop's
+    when installed."""
     device = torch.device(device)
     batches = training_batches(device)
+    skipped = peers.missing()
     rows = []
     with reproducible(device):
         for M in latents:
             def sbn_step(**options):
-                return pyro_step("sbn", {"latents": M}, "bernoulli", "Adam", 1e-3, batches[0], **options)
+                return lambda: pyro_step("sbn", {"latents": M}, "bernoulli", "Adam", 1e-3, batches[0], **options)
 
-            timings = [("plain PyTorch", epoch_seconds(torch_sampled_step(M, device), batches, device)),
-                       ("Pyro TraceGraph_ELBO", epoch_seconds(sbn_step(), batches, device)),
-                       ("Pyro JitTraceGraph_ELBO", epoch_seconds(sbn_step(jit=True), batches, device)),
-                       ("Pyro TraceGraph_ELBO, stock pyro.infer.SVI + pyro.optim",
-                        epoch_seconds(sbn_step(stock=True), batches, device))]
-            rows += ratio_rows(f"SBN M={M}, guide bernoulli (score function + neural baseline), epoch of 50,000",
-                               timings, log)
+            variants = [("plain PyTorch", lambda: torch_sampled_step(M, device), None),
+                        ("plain PyTorch, torch.compile of the loss", lambda: torch_sampled_step(M, device, True), None),
+                        ("Pyro TraceGraph_ELBO", sbn_step(), None),
+                        ("Pyro JitTraceGraph_ELBO (--jit)", sbn_step(jit=True), None),
+                        ("Pyro --compile", sbn_step(compile=True), None),
+                        ("Pyro TraceGraph_ELBO, stock pyro.infer.SVI + pyro.optim", sbn_step(stock=True), None),
+                        ("JAX loop, jax.jit", lambda: None if skipped else peers.sbn_jax(M, batches), None)]
+            rows += interleaved_rows(f"SBN M={M}, guide bernoulli (score function + neural baseline), epoch of "
+                                     "50,000", variants, batches, device, log=log)
     return rows
 
 
 def measure(latents=(8, 12, 16), device="cpu", probe_steps=20, log=print):
-    """Rows (benchmark, variant, seconds per epoch, ratio to plain PyTorch)."""
+    """Rows (benchmark, variant, seconds per epoch, ratio to plain PyTorch); --compile where it is
+    allowed (2^M at most one chunk of states)."""
     device = torch.device(device)
     batches = training_batches(device)
     rows = []
     with reproducible(device):
         for M in latents:
-            enum_step = pyro_step("sbn", {"latents": M}, "enum", "Adam", 1e-3, batches[0])
-            timings = [("plain PyTorch", epoch_seconds(torch_step(M, device), batches, device, probe_steps)),
-                       ("Pyro", epoch_seconds(enum_step, batches, device, probe_steps))]
-            rows += ratio_rows(f"SBN M={M}, exact over {2**M:,} states, epoch of 50,000 (extrapolated from "
-                               f"{probe_steps} steps)", timings, log)
+            def enum_step(**options):
+                return lambda: pyro_step("sbn", {"latents": M}, "enum", "Adam", 1e-3, batches[0], **options)
+
+            variants = [("plain PyTorch", lambda: torch_step(M, device), probe_steps),
+                        ("Pyro", enum_step(), probe_steps)]
+            if 2**M <= STATE_CHUNK:
+                variants.append(("Pyro --compile", enum_step(compile=True), probe_steps))
+            rows += interleaved_rows(f"SBN M={M}, exact over {2**M:,} states, epoch of 50,000 (extrapolated from "
+                                     f"{probe_steps} steps)", variants, batches, device, log=log)
     return rows
 
 

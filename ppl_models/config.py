@@ -29,11 +29,13 @@ def flag(setting: str) -> str:
 
 def as_flags(message: str) -> str:
     """A library message in command-line words: `batch_size` -> --batch-size, `guide='enum'` -> --guide enum,
-    `jit=True` -> --jit. Text outside backquotes is left as it is."""
+    `jit=True` -> --jit, `compile=False` -> --compile off. Text outside backquotes is left as it is."""
     def in_flags(match):
         value = match["value"]
         if value is None or value == "True":
             return flag(match["name"])
+        if value == "False":
+            return f"{flag(match['name'])} off"
         return f"{flag(match['name'])} {value.strip(chr(39))}"
 
     return re.sub(r"`(?P<name>[a-z][a-z0-9_]*)(?:=(?P<value>[^`]*))?`", in_flags, message)
@@ -61,6 +63,9 @@ class Config:
     seed: int = 0
     device: str = "cpu"
     jit: bool = False
+    # compile the training step (and evaluation) with torch.compile: True, False, or "auto" (when the
+    # run is long enough to repay the compile time and the guide can be compiled; `train.compile_decision`)
+    compile: bool | str = "auto"
     detect_anomaly: bool = False
     eval_every: int = 200
     eval_digits: int = 1000
@@ -83,6 +88,7 @@ class Config:
              "`eval_samples` must be 0 (none) or a positive integer"),
             (self.train_subset is None or self.train_subset > 0, "`train_subset` must be a positive integer"),
             (self.patience is None or self.patience > 0, "`patience` must be a positive integer"),
+            (self.compile in (True, False, "auto"), f"`compile` must be True, False or 'auto', got {self.compile!r}"),
         ]
         for ok, message in checks:
             if not ok:
@@ -93,5 +99,5 @@ AUTO_EVAL_SAMPLES = 1000  # the k of `eval_samples=None` for a model without an 
 
 
 def steps_per_epoch(cfg, data):
-    """SVI steps in an epoch: the last partial batch is dropped (fixed shapes for `jit`)."""
+    """SVI steps in an epoch: the last partial batch is dropped (fixed shapes for `jit` and `compile`)."""
     return (cfg.train_subset or len(data.images["train"])) // cfg.batch_size

@@ -26,8 +26,16 @@ from pyro.infer import (
 from pyro.poutine.util import site_is_subsample
 from torch import nn
 
+from .compiled import Compiled, CompiledObjective, kept
 from .config import SettingError
-from .inference import importance_posterior, nuts_posterior, prior_proposal, proposal, proposal_summary
+from .inference import (
+    importance_posterior,
+    importance_sampler,
+    nuts_posterior,
+    prior_proposal,
+    proposal,
+    proposal_summary,
+)
 from .report import draw_learning_curves
 
 
@@ -92,7 +100,7 @@ class Report:
 
 
 # (eager, JIT) classes of each Pyro ELBO the families use; None where Pyro has no JIT version.
-PYRO_ELBOS = {eager.__name__: (eager, compiled) for eager, compiled in (
+PYRO_ELBOS = {eager.__name__: (eager, jitted) for eager, jitted in (
     (Trace_ELBO, JitTrace_ELBO),
     (TraceMeanField_ELBO, JitTraceMeanField_ELBO),
     (TraceGraph_ELBO, JitTraceGraph_ELBO),
@@ -101,14 +109,23 @@ PYRO_ELBOS = {eager.__name__: (eager, compiled) for eager, compiled in (
 )}
 
 
-def pyro_elbo(kind, jit=False, particles=1, **options):
+def pyro_elbo(kind, jit=False, particles=1, compile=False, traceable=None, **options):
     """The one place a Pyro ELBO is built: `kind` names its class ("Trace_ELBO", ...), eager or JIT, over `particles`
-    samples of the latents per digit (vectorized: a particle plate at dim -2, the data plate at -1)."""
-    eager, compiled = PYRO_ELBOS[kind]
-    if jit and compiled is None:
-        raise SettingError(f"`jit=True` is not available with {eager.__name__} (Pyro has no JIT version); drop `jit`")
-    return (compiled if jit else eager)(num_particles=particles, vectorize_particles=particles > 1,
-                                        max_plate_nesting=1, **options)
+    samples of the latents per digit (vectorized: a particle plate at dim -2, the data plate at -1). `compile=True`:
+    the same objective as one compiled graph (`compiled.CompiledObjective`), traced from Pyro's JIT version of the
+    class, or from `traceable` (an objective with a pure `loss_and_surrogate`) where Pyro has none."""
+    eager, jitted = PYRO_ELBOS[kind]
+    for asked, setting in ((jit, "jit"), (compile and traceable is None, "compile")):
+        if asked and jitted is None:
+            raise SettingError(f"`{setting}=True` is not available with {kind} (Pyro has no JIT version to trace); "
+                               f"drop `{setting}`")
+
+    def build(elbo_class):
+        return elbo_class(num_particles=particles, vectorize_particles=particles > 1, max_plate_nesting=1, **options)
+
+    if compile:
+        return CompiledObjective(build(eager), traceable or build(jitted))
+    return build(jitted if jit else eager)
 
 
 class Family(nn.Module):
@@ -246,9 +263,11 @@ class Family(nn.Module):
         for "prior" the prior as a proposal (plain Monte Carlo; for evaluation, not for training)."""
         return prior_proposal(self.model) if name == "prior" else getattr(self, f"guide_{name}")
 
-    def elbo(self, guide, elbo=None, jit=False, particles=1):
+    def elbo(self, guide, elbo=None, jit=False, particles=1, compile=False):
         """The training objective of this guide (and chosen `elbo`): a Pyro ELBO, or any object with
-        `loss` and `loss_and_grads(model, guide, *args)`."""
+        `loss` and `loss_and_grads(model, guide, *args)`; Pyro's JIT version with `jit`; with `compile`
+        a `compiled.CompiledObjective` (`pyro_elbo(..., compile=True)` builds one), or a SettingError
+        saying why this one cannot be compiled."""
         raise NotImplementedError
 
     def step_args(self, epochs_done, device):
@@ -309,11 +328,13 @@ class Family(nn.Module):
             methods["nuts"] = "MCMC: Pyro's NUTS on the latents, the networks fixed"
         return methods
 
-    def infer(self, x, observed, guide, method, num_samples=100, draws=1000, warmup=200, progress=False):
+    def infer(self, x, observed, guide, method, num_samples=100, draws=1000, warmup=200, progress=False,
+              compile=False):
         """p(z | x_observed) for a batch of digits by `method` (one of `inference_methods(guide)`):
         `draws` importance samples or NUTS draws per digit (after `warmup` steps), `num_samples` of
         them returned as posterior samples; the trained guide's q(z | x) beside it where the guide is
-        not exact."""
+        not exact. `compile`: importance sampling's draws, or NUTS's potential energy, run as compiled
+        graphs (kept with the family, so later batches of the same size reuse them)."""
         if method == "exact":
             return self.exact_posterior(x, observed, num_samples)
         trained = None if guide in self.exact_guides else self.guide(guide)
@@ -321,10 +342,14 @@ class Family(nn.Module):
         if method == "nuts":
             init = None if q is None else proposal_summary(q)["q(z | x) mean"]
             posterior = nuts_posterior(self.model, x, observed, draws, num_samples, warmup, init, self.latent_site,
-                                       progress)
+                                       progress, compile)
         else:
             chosen = trained if method == "importance" else prior_proposal(self.model)
-            posterior = importance_posterior(self.model, chosen, x, observed, draws, num_samples, self.latent_site,
+            draw = importance_sampler(self.model, chosen, self.latent_site)
+            if compile:
+                draw = kept(self, ("importance draws", guide, method), lambda: Compiled(
+                    draw, f"importance sampling ({method})", eager=torch.no_grad()(draw)))
+            posterior = importance_posterior(draw, x, observed, draws, num_samples,
                                              self.inference_methods(guide)[method], self.weighted_summary)
         if q is not None:
             posterior.summary.update(proposal_summary(q))

@@ -27,7 +27,9 @@ import torch
 from pyro import poutine
 from pyro.infer import MCMC, NUTS
 from pyro.infer.autoguide.initialization import init_to_sample, init_to_value
+from pyro.infer.mcmc.util import initialize_model
 
+from .compiled import Compiled
 from .distributions import bernoulli_log_likelihood, table_log_likelihood
 from .evaluate import importance_traces, log_densities
 
@@ -100,15 +102,26 @@ def prior_proposal(model):
     return poutine.block(model, hide=["x"])
 
 
-def importance_posterior(model, proposal, x, observed, particles, num_samples, latent_site, method, summarise):
-    """Self-normalised importance sampling with `particles` proposal draws per digit. The proposal
-    sees x with its missing pixels set to 0; the model scores the observed pixels only.
-    `summarise(values, weights)` says what the weighted draws estimate ({name: (N, ...)})."""
-    seen = torch.where(observed, x, torch.zeros_like(x))
-    proposal_trace, model_trace = importance_traces(model, proposal, seen, particles, observed=observed)
-    values = proposal_trace.nodes[latent_site]["value"].detach()  # (particles, N, ...)
-    log_joint = log_densities(model_trace, x).detach()  # log p(x_observed, z)
-    log_weights = log_joint - log_densities(proposal_trace, x).detach()
+def importance_sampler(model, proposal, latent_site):
+    """`draw(seen, observed, particles)` -> (latent values (particles, N, ...), log p(x_observed, z),
+    log q(z)): `particles` proposal draws per digit of `seen` (x with its missing pixels set to 0, as
+    the proposal sees it), the model scoring the observed pixels only. A function of tensors alone,
+    which `compiled.Compiled` can trace."""
+    def draw(seen, observed, particles):
+        proposal_trace, model_trace = importance_traces(model, proposal, seen, particles, observed=observed)
+        return proposal_trace.nodes[latent_site]["value"], log_densities(model_trace, seen), \
+            log_densities(proposal_trace, seen)
+
+    return draw
+
+
+@torch.no_grad()
+def importance_posterior(draw, x, observed, particles, num_samples, method, summarise):
+    """Self-normalised importance sampling with `particles` proposal draws per digit, from
+    `importance_sampler`'s `draw`. `summarise(values, weights)` says what the weighted draws
+    estimate ({name: (N, ...)})."""
+    values, log_joint, log_proposal = draw(torch.where(observed, x, torch.zeros_like(x)), observed, particles)
+    log_weights = log_joint - log_proposal
     normalised = log_weights - torch.logsumexp(log_weights, 0)
     ess = 1 / normalised.mul(2).exp().sum(0)
     draws = torch.multinomial(normalised.T.exp(), num_samples, replacement=True).T  # (num_samples, N)
@@ -123,16 +136,21 @@ def importance_posterior(model, proposal, x, observed, particles, num_samples, l
 
 
 # ---- MCMC -----------------------------------------------------------------------------------
-def nuts_posterior(model, x, observed, draws, num_samples, warmup, init, latent_site, progress=False):
+def nuts_posterior(model, x, observed, draws, num_samples, warmup, init, latent_site, progress=False,
+                   compile=False):
     """Pyro's NUTS on the latents of all N digits at once (they are independent given the fixed
     networks, so one chain over N x dims coordinates with a diagonal mass matrix adapted per
     coordinate), started at `init` (the proposal's mean; a prior draw if None): `draws` samples after
     `warmup` steps, `num_samples` of them returned. One chain: R-hat is the split R-hat. NUTS
-    differentiates the potential in z only, so the networks stay as they are."""
+    differentiates the potential in z only, so the networks stay as they are. `compile`: the
+    potential energy and its gradient run as one compiled graph (`CompiledPotential`), which NUTS
+    calls at every leapfrog step."""
     conditioned = partial(model, torch.where(observed, x, torch.zeros_like(x)), observed=observed)
     start = init_to_sample if init is None else init_to_value(values={latent_site: init})
-    mcmc = MCMC(NUTS(conditioned, init_strategy=start), num_samples=draws, warmup_steps=warmup, num_chains=1,
-                disable_progbar=not progress)
+    initial, potential, transforms, _ = initialize_model(conditioned, init_strategy=start)  # as NUTS(model) does
+    kernel = NUTS(potential_fn=CompiledPotential(potential) if compile else potential, transforms=transforms)
+    mcmc = MCMC(kernel, num_samples=draws, warmup_steps=warmup, num_chains=1, initial_params=initial,
+                transforms=transforms, disable_progbar=not progress)
     mcmc.run()
     chain = mcmc.get_samples()[latent_site].detach()  # (draws, N, ...)
     per_digit = tuple(range(1, chain.dim() - 1))  # the latent's own dims
@@ -149,6 +167,40 @@ def nuts_posterior(model, x, observed, draws, num_samples, warmup, init, latent_
         summary={"posterior mean": chain.mean(0), "posterior sd": chain.std(0) if draws > 1 else chain[0] * math.nan},
         diagnostics=diagnostics,
     )
+
+
+class CompiledPotential:
+    """A potential energy `potential({site: unconstrained value})` for Pyro's HMC and NUTS, run with
+    its gradient as one compiled graph (`compiled.Compiled`): autograd, which NUTS asks for the
+    gradient, is handed the one the graph computed (`GivenGradient`)."""
+
+    def __init__(self, potential):
+        self.potential, self.names = potential, None
+        self.compiled = Compiled(self.energy_and_grads, "NUTS's potential energy", gradients=True)
+
+    def energy_and_grads(self, *values):
+        values = [value.detach().requires_grad_() for value in values]
+        energy = self.potential(dict(zip(self.names, values)))
+        return energy.detach(), *torch.autograd.grad(energy, values)
+
+    def __call__(self, params):
+        self.names = self.names or sorted(params)
+        values = [params[name] for name in self.names]
+        energy, *grads = self.compiled(*(value.detach() for value in values))
+        return GivenGradient.apply(energy, grads, *values)
+
+
+class GivenGradient(torch.autograd.Function):
+    """`energy`, whose gradient with respect to `values` is `grads` (computed already)."""
+
+    @staticmethod
+    def forward(ctx, energy, grads, *values):
+        ctx.grads = grads
+        return energy.clone()
+
+    @staticmethod
+    def backward(ctx, upstream):
+        return None, None, *(upstream * grad for grad in ctx.grads)
 
 
 # ---- the posterior predictive ------------------------------------------------------------------

@@ -15,7 +15,7 @@ from .files import write_json
 from .models import family_of
 from .report import describe, provenance, write_experiment_report, write_report
 from .rundir import TrainingError
-from .train import check_data_parallel, claim_run_dir, train
+from .train import check_compile, check_data_parallel, claim_run_dir, train
 
 
 def run(cfg, out, experiment=None, resume=False, progress=True, download=True, log=print, overwrite=False,
@@ -40,7 +40,8 @@ def run(cfg, out, experiment=None, resume=False, progress=True, download=True, l
     world.on_main(lambda: family.check_memory(cfg.model_args, cfg.batch_size, cfg.particles,
                                               available_memory(cfg.device)))
     model = family(**cfg.model_args).to(cfg.device)
-    check_data_parallel(model, cfg, world)  # (train checks again, for the library's callers)
+    check_data_parallel(model, cfg, world)  # (train checks these two again, for the library's callers)
+    check_compile(model, cfg)
     with ExitStack() as held:
         out = world.on_main(lambda: claim(held, out, experiment, cfg, resume, overwrite))
         data = world.main_first(lambda: load_dataset(cfg.dataset, binarize=cfg.binarize, data_dir=cfg.data_dir,

@@ -13,6 +13,7 @@ import math
 import signal
 import threading
 import time
+import warnings
 from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -22,6 +23,7 @@ import torch
 from pyro import poutine
 from tqdm import tqdm  # not tqdm.auto: in a notebook without ipywidgets it warns on import
 
+from .compiled import CompiledOptimizerStep, compiled_seconds, flushing_denormals
 from .config import AUTO_EVAL_SAMPLES, OPTIMIZERS, SettingError, steps_per_epoch
 from .data import DataError, random_digits
 from .distributed import ONE_PROCESS, SameDraws, current
@@ -58,9 +60,13 @@ class SVI:
     In a `world` of several processes each step's args are this process's shard of the batch: the
     guide draws as one process would (`SameDraws`), the shards' losses and gradients are summed over
     processes (one all-reduce) and every process takes the same step, from rank 0's params.
+
+    `compile=True`: the optimizer's update is compiled too (`compiled.CompiledOptimizerStep`); the
+    ELBO is then a `compiled.CompiledObjective` (the family's `elbo(..., compile=True)`).
+    `compile_seconds`: spent compiling both so far.
     """
 
-    def __init__(self, model, guide, elbo, optimizer_class, lr, first_args, world=ONE_PROCESS):
+    def __init__(self, model, guide, elbo, optimizer_class, lr, first_args, world=ONE_PROCESS, compile=False):
         self.model, self.guide, self.elbo = model, guide, elbo  # the same guide object every step: JIT caches on it
         self.world = world
         with self.same_draws():
@@ -68,7 +74,13 @@ class SVI:
         self.params = [p for _, p in pyro.get_param_store().named_parameters()]
         world.broadcast_params(self.params)
         self.optimizer = optimizer_class(self.params, lr=lr)
+        self.optimizer_step = CompiledOptimizerStep(self.optimizer) if compile else self.optimizer.step
+        self.compiled_parts = [elbo, self.optimizer_step] if compile else []
         self.checked = False
+
+    @property
+    def compile_seconds(self):
+        return sum(part.seconds for part in self.compiled_parts)
 
     def step(self, *args, extras=None):
         """One step; the loss summed over the global batch. `extras`, a float tensor, is summed over the
@@ -91,7 +103,7 @@ class SVI:
             if missed:
                 raise RuntimeError(f"params {missed} appeared after the first loss; create them in the first call")
             self.checked = True
-        self.optimizer.step()
+        self.optimizer_step()
         self.optimizer.zero_grad()
         return loss
 
@@ -137,6 +149,8 @@ def train(model, data, cfg, run_dir, resume=False, progress=True, log=print, aft
     with ExitStack() as held, reproducible(torch.device(cfg.device), cfg.detect_anomaly):
         run_dir = world.on_main(lambda: claim_run_dir(held, run_dir, resume, overwrite))
         run = Training(model, data, cfg, run_dir, resume, log, command, world)
+        if run.compiled:
+            held.enter_context(flushing_denormals())
         if resume:
             run.save_checkpoint()  # the state it resumed from, with this command: kept even if no epoch is left
         if run.at.step == 0:
@@ -156,7 +170,8 @@ def train(model, data, cfg, run_dir, resume=False, progress=True, log=print, aft
         if run.best:
             run.restore_best_epoch()
         summary = summarise(model, data, cfg, run.at.epoch, run.at.seconds / max(run.at.epoch, 1), run.device, progress,
-                            log, world)
+                            log, world, compile="auto" if run.compiled else False)
+        summary["compile"] = run.compile_summary()
         if run.best:
             summary["early_stopping"] = run.early_stopping_summary()
         summary["commands"] = run.commands
@@ -190,12 +205,14 @@ class Interrupted(TrainingError):
 
 @dataclass
 class Progress:
-    """Where a run is: epochs done, steps into the current epoch, steps in all, training seconds."""
+    """Where a run is: epochs done, steps into the current epoch, steps in all, training seconds (steps
+    only, compiling apart: `compile_seconds`)."""
 
     epoch: int = 0
     step_in_epoch: int = 0
     step: int = 0
     seconds: float = 0.0
+    compile_seconds: float = 0.0
 
 
 class Training:
@@ -210,17 +227,23 @@ class Training:
         bound = trained_bound(model, cfg)
         self.curve_estimators = estimators(model, cfg.guide, split="curves") + ([bound] if bound else [])
 
+        checkpoint = world.on_main(lambda: checked_checkpoint(self.checkpoint_path, cfg)) if resume else None
+        self.compiled, self.compile_why = compile_decision(model, cfg, self.steps * cfg.epochs,
+                                                           checkpoint and checkpoint.get("compiled"))
         pyro.clear_param_store()
         pyro.set_rng_seed(cfg.seed)
         model.reset_parameters()
         self.guide = model.guide(cfg.guide)
-        elbo = model.elbo(cfg.guide, cfg.elbo, jit=cfg.jit, particles=cfg.particles)
+        elbo = model.elbo(cfg.guide, cfg.elbo, jit=cfg.jit, particles=cfg.particles, compile=self.compiled)
+        if cfg.jit:
+            warnings.warn("`jit=True` compiles with TorchScript (torch.jit.trace), which PyTorch has deprecated; "
+                          "`compile=True` replaces it and runs faster (BENCHMARKS.md)", FutureWarning, stacklevel=3)
         self.svi = SVI(model.model, self.guide, elbo, OPTIMIZERS[cfg.optimizer], cfg.lr,
-                       (world.shard(data.binary("train", 0)[: cfg.batch_size]),), world)
+                       (world.shard(data.binary("train", 0)[: cfg.batch_size]),), world, compile=self.compiled)
         self.loss_name = model.loss_name(cfg.guide, cfg.elbo)
         self.selected = selection_estimator(model, cfg, self.curve_estimators)
         self.commands = [command]  # this invocation's; a resumed run's earlier ones go before it
-        self.at, best_state = self.resume() if resume else (Progress(), None)
+        self.at, best_state = self.resume(checkpoint) if resume else (Progress(), None)
         self.metrics = world.on_main(lambda: MetricsLog(self.dir / "metrics.csv",
                                                         up_to_step=self.at.step if resume else None))
         self.best = BestEpoch(model, self.dir / "best.pt", cfg.patience, self.selected, best_state, self.at.epoch,
@@ -228,15 +251,17 @@ class Training:
         self.running_loss = math.nan
         if world.main:
             write_json(asdict(cfg), self.dir / "config.json")
+        if self.compiled:
+            log(f"compiling the training step with torch.compile ({self.compile_why}): its first step traces and "
+                "compiles it, in seconds (less where inductor's cache holds it)")
 
     @property
     def checkpoint_path(self):
         return self.dir / "checkpoint.pt"
 
-    def resume(self):
-        """Restore params, optimizer, RNG and progress from the checkpoint (rank 0's file, sent to every
+    def resume(self, checkpoint):
+        """Restore params, optimizer, RNG and progress from the checkpoint (rank 0's, sent to every
         rank): (progress, early stopping state)."""
-        checkpoint = self.world.on_main(lambda: checked_checkpoint(self.checkpoint_path, self.cfg))
         if self.cfg.jit:
             self.compile_training_step()
         try:
@@ -278,6 +303,7 @@ class Training:
             "optimizer": self.svi.optimizer.state_dict(),
             "rng": rng_state(self.device),
             "progress": asdict(self.at),
+            "compiled": self.compiled,
             "best": self.best.state() if self.best else None,
             "commands": self.commands,
         }, self.checkpoint_path)
@@ -333,7 +359,7 @@ class Training:
         """One SVI step on `batch` (this process's shard of it; `signals` summed over the processes);
         a non-finite loss stops the run with what went non-finite."""
         at = self.at
-        started = time.perf_counter()
+        started, compiling = time.perf_counter(), self.svi.compile_seconds
         try:
             args = self.model.step_args(at.epoch + (at.step_in_epoch + 1) / self.steps, self.device)
             loss = self.svi.step(batch, *args, extras=signals) / self.cfg.batch_size
@@ -345,7 +371,11 @@ class Training:
                 raise TrainingError(f"training diverged at step {at.step + 1} (epoch {at.epoch + 1}): {invalid}. "
                                     f"{self.last_checkpoint()}; try a smaller `lr`") from None
             loss = math.nan
-        at.seconds += time.perf_counter() - started  # training time only: evaluation is not counted
+        compiled = self.svi.compile_seconds - compiling
+        at.seconds += time.perf_counter() - started - compiled  # steps only: neither evaluation nor compiling
+        at.compile_seconds += compiled
+        if compiled:
+            self.log(f"compiled the training step in {compiled:.1f} s")
         if not math.isfinite(loss):
             raise TrainingError(
                 f"the loss became {loss} at step {at.step + 1} (epoch {at.epoch + 1}); not finite: "
@@ -358,6 +388,13 @@ class Training:
         at.step_in_epoch += 1
         at.step += 1
         self.running_loss = loss if math.isnan(self.running_loss) else 0.98 * self.running_loss + 0.02 * loss
+
+    def compile_summary(self):
+        """metrics.json's `compile`: whether the step was compiled, why, and the seconds compiling took
+        (kept apart from `seconds_per_epoch`): the training step's over the whole run, the final
+        estimates' in this invocation."""
+        return {"compiled": self.compiled, "why": self.compile_why, "training_step_seconds": self.at.compile_seconds,
+                "evaluation_seconds": compiled_seconds(self.model)}
 
     def last_checkpoint(self):
         if self.checkpoint_path.exists():
@@ -423,6 +460,50 @@ def check_data_parallel(model, cfg, world):
         raise SettingError(refusal)
 
 
+AUTO_COMPILE_STEPS = 2000  # `compile='auto'` compiles a run of this many steps or more (README: Compiling)
+
+
+def compile_decision(model, cfg, steps, started_compiled=None):
+    """(whether the run compiles its step, why). `compile=True` compiles, or refuses with the reason
+    this run cannot be compiled (`check_compile`); 'auto' compiles where it can and the run has
+    `steps` >= AUTO_COMPILE_STEPS to repay the seconds compiling costs, and a resumed run as it
+    started (`started_compiled`), so that it ends where an uninterrupted one would."""
+    if cfg.compile is False:
+        return False, "`compile=False`"
+    check_compile(model, cfg)
+    if cfg.compile is True:
+        return True, "`compile=True`"
+    reason = compile_refusal(model, cfg)
+    if reason:
+        return False, f"'auto': not compiled, since {reason}"
+    if started_compiled is not None:
+        return started_compiled, f"'auto': {'compiled' if started_compiled else 'not compiled'}, as the run started"
+    if steps < AUTO_COMPILE_STEPS:
+        return False, f"'auto': not compiled, {steps:,} steps being too few to repay compiling (fewer than " \
+                      f"{AUTO_COMPILE_STEPS:,})"
+    return True, f"'auto': {steps:,} steps"
+
+
+def check_compile(model, cfg):
+    """Refuse `compile=True` for a run whose step cannot be compiled, saying why."""
+    reason = compile_refusal(model, cfg) if cfg.compile is True else None
+    if reason:
+        raise SettingError(reason if reason.startswith("`compile=True`") else f"`compile=True`: {reason}")
+
+
+def compile_refusal(model, cfg):
+    """Why this run's training step cannot be compiled (a message naming settings), or None."""
+    if cfg.jit:
+        return "`jit=True` compiles the step with TorchScript instead; drop `jit` (PyTorch has deprecated TorchScript)"
+    if cfg.detect_anomaly:
+        return "`detect_anomaly=True` watches eager autograd, which a compiled step does not run; drop `compile`"
+    try:
+        model.elbo(cfg.guide, cfg.elbo, particles=cfg.particles, compile=True)
+    except SettingError as error:
+        return str(error)
+    return None
+
+
 def checked_checkpoint(path, cfg):
     checkpoint = load_checkpoint(path)
     check_resumable(checkpoint, cfg, path)
@@ -452,12 +533,14 @@ def selection_estimator(model, cfg, names):
 LONG_EVALUATION_SECONDS = 20  # a final estimate expected to take longer is announced with its cost
 
 
-def summarise(model, data, cfg, epochs, seconds_per_epoch, device, progress=True, log=print, world=ONE_PROCESS):
+def summarise(model, data, cfg, epochs, seconds_per_epoch, device, progress=True, log=print, world=ONE_PROCESS,
+              compile=False):
     """metrics.json: final -> split -> estimator -> mean log-likelihood per digit (nats), on every
     digit of each split, of train those trained on (`final_digits` says how many); iwae-k with
     `eval_samples=k` on test only (`eval_samples=None`: iwae-1000 where no exact log-likelihood is
     reported). Each estimate draws from its own stream seeded by the run's seed; one that will take
-    long is announced first. The processes of `world` share the work."""
+    long is announced first. The processes of `world` share the work; `compile` is
+    `per_digit_estimate`'s."""
     def final_estimate(split, name):  # each from the run's seed: `ppl_models.load(run).log_prob` says the same
         x = scored_digits(data, cfg, split)
         with evaluation_rng(cfg.seed, device):
@@ -467,7 +550,7 @@ def summarise(model, data, cfg, epochs, seconds_per_epoch, device, progress=True
             log(f"final {name} on {len(x):,} {split} digits: about {duration(seconds)} {where}"
                 + ("; `eval_samples=0` skips it" if name.startswith("iwae-") else ""))
         with evaluation_rng(cfg.seed, device), torch.no_grad():
-            return per_digit_estimate(model, cfg.guide, x, name, progress, world=world).mean().item()
+            return per_digit_estimate(model, cfg.guide, x, name, progress, world=world, compile=compile).mean().item()
 
     final = {split: {name: final_estimate(split, name) for name in estimators(model, cfg.guide, split=split)}
              for split in data.splits}

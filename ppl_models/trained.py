@@ -24,7 +24,7 @@ from pyro import poutine
 
 from .config import Config, SettingError
 from .data import check_binary
-from .evaluate import per_digit_estimate
+from .evaluate import COMPILE_DRAWS, per_digit_estimate
 from .inference import fill_in, join_fill_ins, join_posteriors
 from .masks import check_mask
 from .models import family_of
@@ -32,6 +32,7 @@ from .rundir import TrainingError, load_checkpoint, read_snapshot, restore_snaps
 from .train import evaluation_rng
 
 NUTS_DIGITS = 100  # digits per NUTS chain: their latents are sampled jointly, one step size for all
+COMPILE_NUTS_STEPS = 50_000  # digits x (warmup + draws) of a NUTS query that 'auto' compiles (its potential)
 MEMORY_FLOATS = 2**25  # importance draws x digits x pixels held at once: 128 MB
 MAX_IWAE_SAMPLES = 10**6
 
@@ -54,10 +55,16 @@ class TrainedModel:
     family   the Family (an nn.Module, on the device it was loaded to)
     cfg      the run's Config (model, guide, data set, ...)
     source   which saved file the params came from, in words
+    compile  whether importance sampling and NUTS run as compiled graphs (`compiled`): True, False,
+             or 'auto': for a query of COMPILE_DRAWS importance draws or more in all (digits x
+             draws), or COMPILE_NUTS_STEPS NUTS steps (digits x (warmup + draws)), which repay the
+             seconds compiling takes (README: Compiling)
     """
 
-    def __init__(self, family, cfg, params, source):
-        self.family, self.cfg, self._params, self.source = family, cfg, params, source
+    def __init__(self, family, cfg, params, source, compile="auto"):
+        if compile not in (True, False, "auto"):
+            raise SettingError(f"`compile` must be True, False or 'auto', got {compile!r}")
+        self.family, self.cfg, self._params, self.source, self.compile = family, cfg, params, source, compile
 
     @contextmanager
     def active(self, seed=None):
@@ -96,7 +103,8 @@ class TrainedModel:
         estimator = estimator or ("exact" if self.family.exact else f"iwae-{draws}")
         self.check_estimator(estimator)
         with self.active(seed), torch.no_grad():
-            values = per_digit_estimate(self.family, self.cfg.guide, x, estimator, progress, observed=observed)
+            values = per_digit_estimate(self.family, self.cfg.guide, x, estimator, progress, observed=observed,
+                                        compile=self.compile)
         spread = values.std().item() / math.sqrt(len(values)) if len(values) > 1 else math.nan
         return Scores(values, estimator, values.mean().item(), spread)
 
@@ -138,12 +146,14 @@ class TrainedModel:
             raise SettingError(f"`warmup` must be 0 or a positive integer, got {warmup!r}")
         fits = max(1, MEMORY_FLOATS // (draws * x.shape[1]))  # the draws' pixel logits of a batch of digits
         size = {"nuts": min(NUTS_DIGITS, fits), "exact": len(x)}.get(method, fits)
+        work = len(x) * (warmup + draws) / COMPILE_NUTS_STEPS if method == "nuts" else len(x) * draws / COMPILE_DRAWS
+        compile = method != "exact" and (self.compile is True or self.compile == "auto" and work >= 1)
         answers = []
         with self.active(seed):
             for chunk, mask in zip(x.split(size), observed.split(size)):
                 with torch.set_grad_enabled(method == "nuts"):  # NUTS needs gradients in z
                     posterior = self.family.infer(chunk, mask, self.cfg.guide, method, num_samples, draws, warmup,
-                                                  progress)
+                                                  progress, compile)
                 with torch.no_grad():
                     answers.append(answer(posterior, chunk, mask))
         return answers
@@ -179,9 +189,10 @@ class TrainedModel:
             raise SettingError(f"unknown `estimator={name}`; use exact, elbo or iwae-k (e.g. iwae-1000)")
 
 
-def load(run_dir, device="cpu"):
+def load(run_dir, device="cpu", compile="auto"):
     """The trained model in `run_dir` (a training run's folder): the params of its best valid epoch
-    under early stopping (best.pt, as metrics.json reports), else of its last checkpoint."""
+    under early stopping (best.pt, as metrics.json reports), else of its last checkpoint. `compile`:
+    `TrainedModel.compile`."""
     run_dir = Path(run_dir)
     if (run_dir / "experiment.json").exists():
         raise TrainingError(f"{run_dir} holds an experiment, which trains several models; load one training run's "
@@ -206,7 +217,7 @@ def load(run_dir, device="cpu"):
             raise TrainingError(f"{run_dir} lacks params this model needs ({', '.join(sorted(missing)[:3])}); was it "
                                 "written by another version of ppl_models?")
         restore_snapshot(family, saved, device)
-    return TrainedModel(family, cfg, params, source)
+    return TrainedModel(family, cfg, params, source, compile)
 
 
 def check_counts(**counts):

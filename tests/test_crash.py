@@ -17,9 +17,10 @@ import run
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.parametrize("jit", [[], ["--jit"]])
-def test_sigkill_then_resume_matches_an_uninterrupted_run(offline, tiny_binarized, tmp_path, jit):
-    args = [*jit, "--model", "mixture", "--guide", "sampled", "--components", "3", "--dataset", "binarized-mnist",
+@pytest.mark.filterwarnings("ignore:`jit=True` compiles with TorchScript:FutureWarning")
+@pytest.mark.parametrize("compiled", [["--compile", "off"], ["--jit"], ["--compile"]])
+def test_sigkill_then_resume_matches_an_uninterrupted_run(offline, tiny_binarized, tmp_path, compiled):
+    args = [*compiled, "--model", "mixture", "--guide", "sampled", "--components", "3", "--dataset", "binarized-mnist",
             "--data-dir", str(tiny_binarized), "--epochs", "60", "--batch-size", "50", "--eval-every", "7", "--quiet",
             "--no-download"]
 

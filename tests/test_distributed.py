@@ -49,6 +49,8 @@ CASES = {
                           optimizer="adam", lr=0.003),
     "vae-normal": dict(model="vae", guide="normal", model_args={"z_dim": 3, "hidden": [40, 40]}, optimizer="adam",
                        lr=0.003),
+    "vae-normal-compiled": dict(model="vae", guide="normal", model_args={"z_dim": 3, "hidden": [40, 40]},
+                                optimizer="adam", lr=0.003, compile=True),  # SameDraws traced into the graph
 }
 # k particles left of the data plate: the same random numbers, laid out differently (equal in distribution)
 LAID_OUT_DIFFERENTLY = {
@@ -57,7 +59,8 @@ LAID_OUT_DIFFERENTLY = {
 }
 EARLY_STOPPING = dict(model="mixture", guide="sampled", model_args={"components": 4}, optimizer="adam", lr=0.01,
                       epochs=3, patience=1, batch_size=90)  # 6 steps an epoch
-ESTIMATORS = {"mixture-enum": ["exact"], "sbn-bernoulli": ["exact", "elbo", "iwae-7"], "vae-normal": ["elbo", "iwae-7"]}
+ESTIMATORS = {"mixture-enum": ["exact"], "sbn-bernoulli": ["exact", "elbo", "iwae-7"], "vae-normal": ["elbo", "iwae-7"],
+              "vae-normal-compiled": ["elbo"]}
 
 
 def config(case, **overrides):

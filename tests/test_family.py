@@ -44,8 +44,8 @@ class IndependentPixels(Family):
     def guide_none(self, x):
         pass
 
-    def elbo(self, guide, elbo=None, jit=False, particles=1):
-        return pyro_elbo("Trace_ELBO", jit, particles)
+    def elbo(self, guide, elbo=None, jit=False, particles=1, compile=False):
+        return pyro_elbo("Trace_ELBO", jit, particles, compile=compile)
 
     @torch.no_grad()
     def log_likelihood(self, x):

@@ -42,7 +42,7 @@ def wait_for(path, seconds=120):
 
 def test_a_second_writer_is_refused_while_the_first_runs(offline, tiny_binarized, tmp_path, capsys):
     out = tmp_path / "run"
-    first = start(tiny_run(tiny_binarized, out, "--epochs", "500"), tmp_path)
+    first = start(tiny_run(tiny_binarized, out, "--epochs", "500", "--compile", "off"), tmp_path)
     try:
         wait_for(out / "checkpoint.pt")
         assert run_cli(*tiny_run(tiny_binarized, out, "--epochs", "1", "--overwrite")) == 2
@@ -137,7 +137,7 @@ def test_an_out_that_cannot_be_a_folder_is_refused(offline, tiny_binarized, tmp_
 
 def test_sigterm_checkpoints_and_says_how_to_resume(offline, tiny_binarized, tmp_path):
     out = tmp_path / "run"
-    process = start(tiny_run(tiny_binarized, out, "--epochs", "500"), tmp_path)
+    process = start(tiny_run(tiny_binarized, out, "--epochs", "500", "--compile", "off"), tmp_path)
     wait_for(out / "checkpoint.pt")
     process.send_signal(signal.SIGTERM)
     _, err = process.communicate(timeout=60)
@@ -220,7 +220,8 @@ def test_an_unreadable_samples_history_is_said_and_started_again(finished_run):
 
 @pytest.mark.parametrize("args, message", [
     (["--seed", "3"], "--seed cannot change when resuming: a resumed run keeps its own settings (only --epochs, "
-                      "--patience, --lr, --device, --data-dir, --eval-samples, --detect-anomaly may be given)"),
+                      "--patience, --lr, --device, --data-dir, --eval-samples, --detect-anomaly, --compile may be "
+                      "given)"),
     (["--guide", "iaf"], "--guide cannot change when resuming"),
     (["--batch-size", "20"], "--batch-size cannot change when resuming"),
     (["--jit"], "--jit cannot change when resuming"),

@@ -107,7 +107,9 @@ def test_crash_loses_at_most_the_epoch_and_resume_matches_uninterrupted(tiny_dat
 def test_run_directory_files_have_the_documented_keys(tiny_dataset, tmp_path):
     train(BernoulliMixture(4), tiny_dataset, config(epochs=1), tmp_path, **QUIET)
     summary = json.loads((tmp_path / "metrics.json").read_text())
-    assert {"model", "guide", "dataset", "epochs", "seconds_per_epoch", "final", "final_digits"} <= set(summary)
+    assert {"model", "guide", "dataset", "epochs", "seconds_per_epoch", "final", "final_digits",
+            "compile"} <= set(summary)
+    assert set(summary["compile"]) == {"compiled", "why", "training_step_seconds", "evaluation_seconds"}
     assert set(summary["final"]) == {"train", "test"} and set(summary["final"]["test"]) == {"exact"}
     assert summary["final_digits"] == {"train": 600, "test": 200}
     rows = metric_rows(tmp_path)
@@ -117,7 +119,8 @@ def test_run_directory_files_have_the_documented_keys(tiny_dataset, tmp_path):
     checkpoint = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
     assert set(checkpoint["params"]) == {"b", "w", "c"}
     assert checkpoint["progress"] == {"epoch": 1, "step_in_epoch": 0, "step": 12,
-                                      "seconds": checkpoint["progress"]["seconds"]}
+                                      "seconds": checkpoint["progress"]["seconds"], "compile_seconds": 0.0}
+    assert checkpoint["compiled"] is False  # (a run this short: 'auto' does not compile)
 
 
 def test_corrupt_checkpoint_is_reported_as_such(tiny_dataset, tmp_path):
@@ -179,9 +182,13 @@ def test_restore_recreates_state_that_pyro_makes_lazily_during_a_step():
 
 
 @pytest.mark.parametrize("guide", ["enum", "sampled"])
-def test_jit_trains_as_eager_does(tiny_dataset, tmp_path, guide):
-    finals = [train(BernoulliMixture(4), tiny_dataset, config(guide=guide, epochs=1, jit=jit), tmp_path / str(jit),
-                    **QUIET)["final"]["test"]["exact"] for jit in (False, True)]
+def test_jit_trains_as_eager_does_and_says_what_replaces_it(tiny_dataset, tmp_path, guide):
+    finals = [train(BernoulliMixture(4), tiny_dataset, config(guide=guide, epochs=1), tmp_path / "eager",
+                    **QUIET)["final"]["test"]["exact"]]
+    with pytest.warns(FutureWarning, match=r"`jit=True` compiles with TorchScript \(torch.jit.trace\), which PyTorch "
+                                           r"has deprecated; `compile=True` replaces it"):
+        finals.append(train(BernoulliMixture(4), tiny_dataset, config(guide=guide, epochs=1, jit=True),
+                            tmp_path / "jit", **QUIET)["final"]["test"]["exact"])
     if guide == "enum":  # nothing is sampled: the same numbers
         assert finals[1] == pytest.approx(finals[0], abs=1e-3)
     else:  # the traced sampler draws differently: as good, not identical

@@ -245,19 +245,22 @@ def test_early_stopping_of_a_k_sample_objective_selects_on_its_bound(tiny_datase
     assert summary["early_stopping"]["estimator"] == "iwae-3" and len(summary["early_stopping"]["valid_scores"]) == 2
 
 
-@pytest.mark.parametrize("guide, jit", [(guide, jit) for guide in VAE.guides for jit in (False, True)])
-def test_an_interrupted_run_resumes_to_the_uninterrupted_result(tiny_dataset, tmp_path, monkeypatch, guide, jit):
-    """Every guide, eager and JIT: Ctrl-C mid-epoch, resume, and the run ends bit for bit where an
-    uninterrupted one does (a JIT ELBO draws extra random numbers when it compiles; IAF layers hold
-    their order in buffers, saved in the checkpoint)."""
+@pytest.mark.filterwarnings("ignore:`jit=True` compiles with TorchScript:FutureWarning")
+@pytest.mark.parametrize("guide, mode", [(guide, mode) for guide in VAE.guides for mode in ("eager", "jit")]
+                         + [("normal", "compile"), ("iaf", "compile")])
+def test_an_interrupted_run_resumes_to_the_uninterrupted_result(tiny_dataset, tmp_path, monkeypatch, guide, mode):
+    """Every guide, eager and JIT, and compiled: Ctrl-C mid-epoch, resume, and the run ends bit for
+    bit where an uninterrupted one does (a JIT ELBO draws extra random numbers when it compiles; IAF
+    layers hold their order in buffers, saved in the checkpoint)."""
     import os
     import signal
 
     import ppl_models.train as train_module
     from ppl_models.rundir import TrainingError
 
-    cfg = Config(model="vae", guide=guide, jit=jit, optimizer="adam", lr=3e-3, epochs=2, batch_size=50,
-                 eval_every=5, eval_digits=50, eval_samples=5, model_args={"z_dim": 3, "hidden": [32]})
+    cfg = Config(model="vae", guide=guide, jit=mode == "jit", compile=mode == "compile", optimizer="adam", lr=3e-3,
+                 epochs=2, batch_size=50, eval_every=5, eval_digits=50, eval_samples=5,
+                 model_args={"z_dim": 3, "hidden": [32]})
     straight = train(VAE(z_dim=3, hidden=(32,)), tiny_dataset, cfg, tmp_path / "straight", **QUIET)
     rescored = train(VAE(z_dim=3, hidden=(32,)), tiny_dataset, cfg, tmp_path / "straight", resume=True, **QUIET)
     assert rescored["final"] == straight["final"]  # a finished run scores the same again

@@ -14,11 +14,12 @@ import torch
 from .. import plots
 from ..config import as_flags
 from ..data import DataError
+from ..evaluate import COMPILE_DRAWS
 from ..files import WriteError, atomic_write, write_json
 from ..rundir import TrainingError
 from ..trained import load
 from .inputs import read_digits, read_mask
-from .train import OneLineErrors, resolve_device
+from .train import COMPILE_CHOICES, OneLineErrors, resolve_device
 
 SHOWN = 16  # digits drawn in a figure
 
@@ -124,6 +125,13 @@ def parser():
         add_inputs(command, name)
         command.add_argument("--seed", type=int, help="seed of every random draw (default: the run's)")
         command.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default: cpu)")
+        if name == "sample":
+            command.set_defaults(compile="auto")  # (ancestral sampling: one cheap pass, nothing to compile)
+        else:
+            command.add_argument("--compile", nargs="?", const="on", default="auto", choices=tuple(COMPILE_CHOICES),
+                                 help="run importance sampling (and NUTS's potential) as compiled graphs: the same "
+                                      "numbers, draws 1.2-4x faster after seconds of compiling; auto (default): for "
+                                      f"{COMPILE_DRAWS:,} draws or more in all (README: Compiling)")
         command.add_argument("--json", type=Path, help="write the numbers to this file instead of stdout")
         command.add_argument("--npy", help="save the result array here: samples, per-digit log p, fill-in "
                              "probabilities (N, 784), or posterior draws of z")
@@ -162,7 +170,8 @@ def main(argv=None):
     args = parser().parse_args(argv)
     log = (lambda message: None) if args.quiet else (lambda message: print(message, file=sys.stderr))
     try:
-        model = load(args.run_dir, device=resolve_device(args.device))
+        model = load(args.run_dir, device=resolve_device(args.device),
+                     compile=COMPILE_CHOICES[args.compile])
         args.seed = model.cfg.seed if args.seed is None else args.seed
         answer = {"command": args.command, "run": str(args.run_dir), "model": model.family.summary(model.cfg.guide),
                   "guide": model.cfg.guide, "params": model.source, **COMMANDS[args.command][0](model, args, log)}

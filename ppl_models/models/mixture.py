@@ -95,14 +95,14 @@ class BernoulliMixture(Family):
                 infer={"baseline": {"nn_baseline": self.baseline, "nn_baseline_input": x}},
             )
 
-    def elbo(self, guide, elbo=None, jit=False, particles=1):
+    def elbo(self, guide, elbo=None, jit=False, particles=1, compile=False):
         """The ELBO this guide calls for: exact enumeration, or the score-function ELBO."""
         if guide == "sampled" and particles > 1:
             raise SettingError("`particles` > 1 is not available with guide 'sampled': its neural baseline scores one "
                                "sample per digit; use `particles=1`")
         if guide == "enum":
-            return pyro_elbo("TraceEnum_ELBO", jit)  # exact: one pass, whatever `particles` says
-        return pyro_elbo("TraceGraph_ELBO", jit, particles)
+            return pyro_elbo("TraceEnum_ELBO", jit, compile=compile)  # exact: one pass, whatever `particles` says
+        return pyro_elbo("TraceGraph_ELBO", jit, particles, compile=compile)
 
     # ---- what a generative model is for -----------------------------------------------
     @torch.no_grad()

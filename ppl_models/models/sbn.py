@@ -27,6 +27,7 @@ from pyro.infer import config_enumerate
 from torch import nn
 
 from .. import distributions
+from ..compiled import CompiledObjective
 from ..config import SettingError
 from ..data import check_binary
 from ..distributed import current, share_of
@@ -137,26 +138,35 @@ class SigmoidBeliefNet(Family):
         with pyro.plate("data", x.shape[0]):
             pyro.sample("z", StraightThroughBernoulli(temperature, logits=logits).to_event(1))
 
-    def elbo(self, guide, elbo=None, jit=False, particles=1):
+    def elbo(self, guide, elbo=None, jit=False, particles=1, compile=False):
         if elbo == "vimco":
             if guide != "bernoulli":
                 raise SettingError(f"`elbo='vimco'` trains the score-function guide: use `guide='bernoulli'`, "
                                    f"not `guide='{guide}'`")
             if jit:
                 raise SettingError("`jit=True` is not available with `elbo='vimco'` (its loss is not a Pyro ELBO); "
-                                   "drop `jit`")
-            return VIMCO(particles)
+                                   "use `compile=True`, or drop `jit`")
+            vimco = VIMCO(particles)
+            return CompiledObjective(vimco, vimco) if compile else vimco
         if guide == "enum":
             check_enumerable(self.latents)
-            return pyro_elbo("TraceEnum_ELBO", jit)  # exact: one pass, whatever `particles` says
+            if compile and 2**self.latents > distributions.STATE_CHUNK:
+                raise SettingError(f"`compile=True` with `guide='enum'` and `latents={self.latents}`: its graph would "
+                                   f"keep the logits of all 2^{self.latents} states for the backward pass, which eager "
+                                   f"mode recomputes chunk by chunk; a step this large is compute-bound, so compiling "
+                                   f"gains little: drop `compile`, or use `latents` of at most "
+                                   f"{distributions.STATE_CHUNK.bit_length() - 1}")
+            return pyro_elbo("TraceEnum_ELBO", jit, compile=compile)  # exact: one pass, whatever `particles` says
         if guide == "bernoulli" and particles > 1 and self.baseline_kind != "average":
             raise SettingError(f"`particles` > 1 is not available with the neural baseline (`baseline='"
                                f"{self.baseline_kind}'`), which scores one sample per digit; use `baseline='average'`, "
                                "`elbo='vimco'`, or `particles=1`")
-        if guide == "bernoulli" and jit and self.baseline_kind != "neural":
-            raise SettingError(f"`jit=True` cannot trace Pyro's decaying-average baseline "
-                               f"(`baseline='{self.baseline_kind}'`); use `baseline='neural'` or drop `jit`")
-        return pyro_elbo("TraceGraph_ELBO" if guide == "bernoulli" else "Trace_ELBO", jit, particles)
+        for asked, setting in ((jit, "jit"), (compile, "compile")):
+            if guide == "bernoulli" and asked and self.baseline_kind != "neural":
+                raise SettingError(f"`{setting}=True` cannot trace Pyro's decaying-average baseline "
+                                   f"(`baseline='{self.baseline_kind}'`), a running average kept in Python; use "
+                                   f"`baseline='neural'` or drop `{setting}`")
+        return pyro_elbo("TraceGraph_ELBO" if guide == "bernoulli" else "Trace_ELBO", jit, particles, compile=compile)
 
     def data_parallel_refusal(self, guide, elbo=None):
         if guide == "bernoulli" and elbo != "vimco" and self.baseline_kind != "neural":

@@ -35,6 +35,7 @@ from torch import nn
 from ..config import SettingError, positive
 from ..distributions import LinearBernoulli
 from ..family import Family, Hyperparameter, pyro_elbo
+from ..objectives import IWAE
 from . import vae_report
 
 LOG_SCALE_RANGE = (-12.0, 8.0)  # sigma = exp(.) within [6e-6, 3e3]: no overflow, no zero variance
@@ -224,16 +225,18 @@ class VAE(Family):
             return ()
         return (torch.tensor(min(1.0, epochs_done / self.kl_warmup), device=device),)
 
-    def elbo(self, guide, elbo=None, jit=False, particles=1):
+    def elbo(self, guide, elbo=None, jit=False, particles=1, compile=False):
         if elbo == "iwae":
             if self.kl_warmup:
                 raise SettingError("`kl_warmup` weights the KL term of a one-sample ELBO, which `elbo='iwae'` does not "
                                    "have; use `elbo='trace'` or meanfield, or drop `kl_warmup`")
             if jit:
                 raise SettingError("`jit=True` is not available with `elbo='iwae'` (Pyro has no JIT RenyiELBO); "
-                                   "drop `jit`")
-            return pyro_elbo("RenyiELBO", particles=particles, alpha=0)
-        return pyro_elbo("TraceMeanField_ELBO" if elbo == "meanfield" else "Trace_ELBO", jit, particles)
+                                   "use `compile=True`, or drop `jit`")
+            return pyro_elbo("RenyiELBO", particles=particles, alpha=0, compile=compile,
+                             traceable=IWAE(particles) if compile else None)
+        return pyro_elbo("TraceMeanField_ELBO" if elbo == "meanfield" else "Trace_ELBO", jit, particles,
+                         compile=compile)
 
     def loss_name(self, guide, elbo=None):
         if self.kl_warmup:

@@ -1,0 +1,212 @@
+"""`compile`: a compiled step is the eager step (the same draws, the same loss and gradients up to
+rounding), a compiled run resumes bit for bit, what cannot be compiled is refused with its reason
+(or, under 'auto', trained eagerly), and a program that reads a tensor's value runs eagerly with a
+warning that says where."""
+
+import json
+
+import pyro
+import pyro.distributions as dist
+import pytest
+import torch
+from conftest import run_cli
+
+import ppl_models.compiled as compiled
+from ppl_models.config import Config, SettingError
+from ppl_models.evaluate import per_digit_estimate
+from ppl_models.models import build_model
+from ppl_models.models.mixture import BernoulliMixture
+from ppl_models.train import AUTO_COMPILE_STEPS, compile_decision, reproducible, train
+
+QUIET = dict(progress=False, log=lambda *args: None)
+VAE = {"z_dim": 3, "hidden": (16,)}
+
+# family, its settings, guide, elbo, particles, and how far apart eager's and the compiled gradients may be
+# (relative to each param's largest gradient): about ten times the difference measured. Both are float32 sums
+# in different orders; where log weights of -540 nats are exponentiated (responsibilities of enumerated states,
+# VIMCO's and IWAE's normalised weights), rounding is larger: eager's own gradient of the mixture's b is 3e-4
+# (relative) from the float64 one, the compiled one 6e-4.
+CASES = {
+    "mixture, enum (JitTraceEnum_ELBO)": ("mixture", {"components": 4}, "enum", None, 1, 7e-3),
+    "mixture, sampled (JitTraceGraph_ELBO, neural baseline)": ("mixture", {"components": 4}, "sampled", None, 1, 1e-5),
+    "sbn, enum over 2^5 codes": ("sbn", {"latents": 5}, "enum", None, 1, 3e-3),
+    "sbn, relaxed (JitTrace_ELBO, straight-through)": ("sbn", {"latents": 6}, "relaxed", None, 1, 5e-6),
+    "sbn, vimco (objectives.VIMCO)": ("sbn", {"latents": 6}, "bernoulli", "vimco", 3, 2e-3),
+    "vae, normal, KL warm-up (a step argument)": ("vae", {**VAE, "kl_warmup": 2}, "normal", "trace", 1, 5e-6),
+    "vae, lowrank (JitTraceMeanField_ELBO)": ("vae", VAE, "lowrank", "meanfield", 1, 5e-6),
+    "vae, iaf, iwae (objectives.IWAE)": ("vae", VAE, "iaf", "iwae", 3, 3e-4),
+}
+
+
+def one_step(name, model_args, guide, elbo_name, particles, x, compile):
+    """(loss, {param: gradient}, the RNG state after) of one loss_and_grads from the same seed."""
+    pyro.clear_param_store()
+    pyro.set_rng_seed(0)
+    family = build_model(name, model_args, torch.device("cpu"))
+    objective = family.elbo(guide, elbo_name, particles=particles, compile=compile)
+    args = (x, *family.step_args(0.5, torch.device("cpu")))
+    with reproducible(torch.device("cpu")):
+        objective.loss(family.model, family.guide(guide), *args)  # creates the params, as SVI does
+        pyro.set_rng_seed(1)
+        loss = objective.loss_and_grads(family.model, family.guide(guide), *args)
+    grads = {name: p.grad.clone() for name, p in pyro.get_param_store().named_parameters() if p.grad is not None}
+    return loss, grads, torch.get_rng_state()
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_a_compiled_step_draws_what_eager_draws_and_takes_its_gradients(case):
+    *settings, tolerance = CASES[case]
+    x = torch.bernoulli(torch.full((32, 784), 0.3), generator=torch.Generator().manual_seed(0))
+    eager_loss, eager_grads, eager_rng = one_step(*settings, x, compile=False)
+    loss, grads, rng = one_step(*settings, x, compile=True)
+    assert loss == pytest.approx(eager_loss, rel=1e-6)
+    assert grads.keys() == eager_grads.keys()  # the same params get a gradient, and no others
+    for name, grad in grads.items():
+        assert (grad - eager_grads[name]).abs().max() <= tolerance * eager_grads[name].abs().max(), name
+    assert torch.equal(rng, eager_rng)  # the same numbers drawn, and no more (tracing draws from a forked stream)
+
+
+def test_a_compiled_run_reports_its_compile_time_apart_and_ends_as_the_eager_run(tiny_dataset, tmp_path):
+    """With SGD, whose steps do not magnify rounding (RMSprop and Adam divide by each gradient's running size, so
+    the 1e-4 rounding differences of a near-zero gradient become steps of the learning rate's size): 24 steps end
+    1.6e-5 apart (relative), from the mixture's gradients 7e-4 apart."""
+    cfg = dict(model="mixture", guide="enum", epochs=2, batch_size=50, eval_every=5, eval_digits=100,
+               optimizer="sgd", lr=1e-3)
+    eager = train(BernoulliMixture(4), tiny_dataset, Config(**cfg, compile=False), tmp_path / "eager", **QUIET)
+    lines = []
+    run = train(BernoulliMixture(4), tiny_dataset, Config(**cfg, compile=True), tmp_path / "compiled",
+                progress=False, log=lines.append)
+    assert run["final"]["test"]["exact"] == pytest.approx(eager["final"]["test"]["exact"], rel=1e-4)
+    saved = json.loads((tmp_path / "compiled" / "metrics.json").read_text())["compile"]
+    assert saved["compiled"] and saved["why"] == "`compile=True`" and saved["training_step_seconds"] > 0
+    assert not eager["compile"]["compiled"] and eager["compile"]["training_step_seconds"] == 0
+    assert any(line.startswith("compiled the training step in ") for line in lines)
+    assert run["seconds_per_epoch"] < saved["training_step_seconds"]  # a step's seconds, not the compile's
+
+
+def test_auto_compiles_long_runs_that_can_be_compiled_and_a_resumed_run_as_it_started():
+    mixture = BernoulliMixture(4)
+    auto = Config(model="mixture", guide="enum")
+    assert compile_decision(mixture, auto, AUTO_COMPILE_STEPS) == (True, f"'auto': {AUTO_COMPILE_STEPS:,} steps")
+    compiles, why = compile_decision(mixture, auto, 30)
+    assert not compiles and "30 steps being too few to repay compiling" in why
+    assert compile_decision(mixture, auto, 30, started_compiled=True)[0]  # as the run started
+    compiles, why = compile_decision(build_model("sbn", {"latents": 4, "baseline": "average"}, "cpu"),
+                                     Config(model="sbn", guide="bernoulli"), 10**6)
+    assert not compiles and why.startswith("'auto': not compiled, since `compile=True` cannot trace Pyro's decaying")
+    assert not compile_decision(mixture, Config(model="mixture", guide="enum", jit=True), 10**6)[0]
+
+
+@pytest.mark.parametrize("settings, message", [
+    (dict(jit=True), r"`compile=True`: `jit=True` compiles the step with TorchScript instead; drop `jit`"),
+    (dict(detect_anomaly=True), r"`detect_anomaly=True` watches eager autograd, which a compiled step does not run"),
+    (dict(model="sbn", guide="enum", model_args={"latents": 13}),
+     r"`compile=True` with `guide='enum'` and `latents=13`: its graph would keep the logits of all 2\^13 states"),
+    (dict(model="sbn", guide="bernoulli", model_args={"latents": 4, "baseline": "both"}),
+     r"`compile=True` cannot trace Pyro's decaying-average baseline \(`baseline='both'`\), a running average kept"),
+])
+def test_what_cannot_be_compiled_is_refused_with_its_reason(settings, message):
+    cfg = Config(**{"model": "mixture", "guide": "enum", "compile": True, **settings})
+    with pytest.raises(SettingError, match=message):
+        compile_decision(build_model(cfg.model, cfg.model_args, "cpu"), cfg, 10**6)
+
+
+def test_the_cli_takes_compile_and_may_change_it_on_resume(offline, tiny_binarized, tmp_path, capsys):
+    args = ["--model", "mixture", "--components", "3", "--dataset", "binarized-mnist", "--data-dir",
+            str(tiny_binarized), "--epochs", "1", "--batch-size", "50", "--eval-every", "100", "--out",
+            str(tmp_path / "run")]
+    assert run_cli(*args, "--compile", "--jit") == 2
+    assert "error: --compile: --jit compiles the step with TorchScript instead; drop --jit" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()  # refused before the run directory is made
+    with pytest.raises(SystemExit, match="2"):
+        run_cli(*args, "--compile", "maybe")
+    assert "argument --compile: invalid choice: 'maybe' (choose from 'auto', 'on', 'off')" in capsys.readouterr().err
+    assert run_cli(*args, "--compile", "off") == 0
+    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["compile"]["why"] == "`compile=False`"
+    assert run_cli("--resume", str(tmp_path / "run"), "--epochs", "2", "--compile") == 0
+    summary = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert summary["compile"]["compiled"] and summary["epochs"] == 2
+
+
+class BranchingPixels(BernoulliMixture):
+    """A mixture whose model reads a tensor's value: no graph can record that branch."""
+
+    def model(self, x, observed=None):
+        if x.sum() > 0:  # read here
+            return super().model(x, observed)
+        return super().model(1 - x, observed)
+
+
+def test_a_program_that_reads_a_value_runs_eagerly_with_a_warning_saying_where():
+    x = torch.bernoulli(torch.full((16, 784), 0.3), generator=torch.Generator().manual_seed(0))
+    family = BranchingPixels(3)
+    objective = family.elbo("enum", compile=True)
+    objective.loss(family.model, family.guide_enum, x)
+    with pytest.warns(UserWarning, match=r"the training step branches on the value of a tensor \(.*test_compile.py:"
+                                         r"\d+\), which a traced graph cannot record: it runs eagerly"):
+        compiled_loss = objective.loss_and_grads(family.model, family.guide_enum, x)
+    assert compiled_loss == pytest.approx(objective.eager.loss(family.model, family.guide_enum, x))
+
+
+def test_past_its_signatures_a_compiled_function_runs_eagerly(monkeypatch):
+    monkeypatch.setattr(compiled, "MAX_SIGNATURES", 1)
+    function = compiled.Compiled(lambda x: x * 2, "doubling", eager=lambda x: x * 2)
+    assert torch.equal(function(torch.ones(2)), torch.full((2,), 2.0))
+    with pytest.warns(UserWarning, match="doubling was traced for 1 different argument shapes or values"):
+        assert torch.equal(function(torch.ones(3)), torch.full((3,), 2.0))
+    assert function.failed and len(function.graphs) == 1
+
+
+def test_compiled_importance_estimates_are_the_eager_ones(tiny_dataset):
+    """The same seeded draws per batch, compiled or not: elbo and iwae-k, with a mask and without."""
+    x = tiny_dataset.images["test"][:30]
+    observed = torch.rand(x.shape, generator=torch.Generator().manual_seed(1)) < 0.5
+    family = build_model("vae", VAE, torch.device("cpu"))
+    for name in ("elbo", "iwae-20"):
+        for mask in (None, observed):
+            values = []
+            for compile in (False, True):
+                torch.manual_seed(2)
+                values.append(per_digit_estimate(family, "normal", x, name, observed=mask, compile=compile))
+            assert torch.allclose(values[0], values[1], rtol=0, atol=1e-3), (name, mask is not None)
+    assert compiled.compiled_seconds(family) > 0  # kept with the family
+
+
+def test_tracing_leaves_the_family_and_the_rng_as_they_were():
+    family = build_model("vae", VAE, torch.device("cpu"))
+    x = torch.zeros(4, 784)
+    state = torch.get_rng_state()
+    graph = compiled.Compiled(lambda x: family.model(x) or dist.Normal(x.new_zeros(()), 1).sample(), "a draw").trace(
+        (x,), [], [x])
+    assert torch.equal(torch.get_rng_state(), state)
+    assert not torch._C._get_tracing_state()  # Pyro's tracer paths are off again
+    assert sum("normal" in str(node.target) for node in graph.graph.nodes) == 2  # z, and the last draw
+
+
+def test_compiled_inference_answers_as_eager_inference(tiny_dataset):
+    """Importance sampling compiled draws what eager draws: the same fill-in; NUTS's compiled potential has the
+    eager potential's value and gradient (its chain is eager's until rounding tips one of its choices)."""
+    from ppl_models.inference import CompiledPotential
+    from ppl_models.masks import observe
+    from ppl_models.trained import TrainedModel, register_networks
+
+    family = build_model("vae", VAE, torch.device("cpu"))
+    register_networks(family, "normal")
+    params = pyro.get_param_store().get_state()
+    cfg = Config(model="vae", guide="normal", model_args=VAE)
+    x = tiny_dataset.images["test"][:12]
+    filled = [TrainedModel(family, cfg, params, "here", compile).fill_in(x, observe("top"), draws=50, seed=3)
+              for compile in (False, True)]
+    assert torch.allclose(filled[0].log_prob_missing, filled[1].log_prob_missing, atol=1e-3)
+    assert torch.allclose(filled[0].probabilities, filled[1].probabilities, atol=1e-3)  # weights of log weights ~ -500
+
+    def potential(params):
+        z = params["z"]
+        return (z**2).sum() / 2 - family.model.__self__.decoder(z).sigmoid().sum()
+
+    z = torch.randn(5, 3)
+    compiled_potential = CompiledPotential(potential)
+    energy = compiled_potential({"z": z.requires_grad_()})
+    assert energy.item() == pytest.approx(potential({"z": z}).item(), rel=1e-6)
+    expected = torch.autograd.grad(potential({"z": z}), z)[0]
+    assert torch.allclose(torch.autograd.grad(energy, z)[0], expected, atol=1e-5)
