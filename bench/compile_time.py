@@ -65,11 +65,14 @@ def child(name, device):
     return {"compile_seconds": compile_seconds, **{label: statistics.median(v) for label, v in per_step.items()}}
 
 
-def measure(device="cpu", log=print):
-    """Rows (workload, cold s, warm s, eager ms/step, compiled ms/step, steps to repay cold, warm)."""
+def measure(device="cpu", quick=False, log=print):
+    """Rows (workload, cold s, warm s, eager ms/step, compiled ms/step, steps to repay cold, warm); `quick`:
+    the smaller VAE only."""
     rows = []
     with tempfile.TemporaryDirectory() as cache:
         for name in WORKLOADS:
+            if quick and name.startswith("VAE z-dim 40"):
+                continue
             runs = []
             for _ in ("cold", "warm"):
                 out = subprocess.run([sys.executable, __file__, "--child", name, "--device", device],

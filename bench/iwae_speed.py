@@ -10,7 +10,9 @@ log-normaliser sum_d softplus(logit_d) of the 784 logits; the encoder runs once 
                samples x digits x pixels in chunks of 2^25 numbers
   fused        the x site as it is now (LinearBernoulli: x folded into the decoder's last layer,
                so one pass over the logits), still in chunks of 2^25
-  now          fused, in chunks of evaluate.CHUNK_FLOATS (cache-sized): what runs today
+  now          fused, in chunks of evaluate.CHUNK_FLOATS (cache-sized): what runs eagerly today
+  compiled     the same as compiled graphs (--compile, ppl_models.compiled): what a compiled run's final
+               estimate runs (its compile seconds paid before the timing, and reported)
 Each is timed on the same binarized-mnist test digits (the median of three interleaved rounds)
 and scaled to 10,000 digits. Not a test: numbers depend on the machine.
 """
@@ -81,9 +83,13 @@ def measure(settings=((2, (200, 200)), (40, (300, 300))), samples=1000, num_digi
                     lambda: per_digit_estimate(vae, "normal", x, name, memory_floats=2**25),
                 f"now: fused x site, 2^{CHUNK_FLOATS.bit_length() - 1}-number chunks":
                     lambda: per_digit_estimate(vae, "normal", x, name),
+                "the same compiled (--compile)": lambda: per_digit_estimate(vae, "normal", x, name, compile=True),
             }
             timings = {variant: [] for variant in variants}
             with torch.no_grad():
+                batch = x[:max(1, CHUNK_FLOATS // (samples * x.shape[1]))]  # the shape the timed batches have
+                compiling = seconds(lambda: per_digit_estimate(vae, "normal", batch, name, compile=True), device)
+                log(f"VAE z-dim {z_dim}: compiling {name}'s graph took {compiling:.1f} s")
                 for _ in range(rounds):  # interleaved, so a slow moment of a shared machine hits every variant
                     for variant, run in variants.items():
                         timings[variant].append(seconds(run, device) * 10_000 / num_digits)

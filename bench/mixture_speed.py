@@ -63,8 +63,8 @@ def measure(components=(20, 500), device="cpu", probe_steps=25, generic=True, lo
     """Rows (benchmark, variant, seconds per epoch, ratio to plain PyTorch), and the peers' when installed."""
     device = torch.device(device)
     batches = training_batches(device)
-    skipped = peers.missing()
-    if skipped and device.type == "cpu":
+    skipped = peers.missing(device)
+    if skipped:
         log(f"NumPyro and JAX rows {skipped}")
     rows = []
     with reproducible(device):

@@ -17,10 +17,15 @@ import time
 PACKAGES = ("jax", "numpyro", "funsor", "optax")
 
 
-def missing():
-    """None, or one line saying which packages of the `bench` extra are absent."""
+def missing(device="cpu"):
+    """None, or one line saying why the peers' rows are skipped: packages of the `bench` extra are
+    absent, or the device is not the CPU (the extra installs jax's CPU build)."""
     absent = [name for name in PACKAGES if importlib.util.find_spec(name) is None]
-    return f"skipped: {', '.join(absent)} not installed (pip install -e '.[bench]')" if absent else None
+    if absent:
+        return f"skipped: {', '.join(absent)} not installed (pip install -e '.[bench]')"
+    if str(device) != "cpu":
+        return f"skipped on {device}: the bench extra installs jax for the CPU"
+    return None
 
 
 class Batches:

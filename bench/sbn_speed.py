@@ -65,7 +65,7 @@ def measure_sampled(latents=(200,), device="cpu", log=print):
     when installed."""
     device = torch.device(device)
     batches = training_batches(device)
-    skipped = peers.missing()
+    skipped = peers.missing(device)
     rows = []
     with reproducible(device):
         for M in latents:

@@ -49,7 +49,7 @@ def measure(z_dim=2, hidden=(200, 200), device="cpu", log=print):
     """Rows (benchmark, variant, seconds per epoch, ratio to plain PyTorch), and the peers' when installed."""
     device = torch.device(device)
     batches = training_batches(device)
-    skipped = peers.missing()
+    skipped = peers.missing(device)
     with reproducible(device):
         def vae_step(**options):
             return lambda: pyro_step("vae", {"z_dim": z_dim, "hidden": hidden}, "normal", "Adam", 1e-3, batches[0],
@@ -64,7 +64,7 @@ def measure(z_dim=2, hidden=(200, 200), device="cpu", log=print):
                     ("NumPyro SVI, Trace_ELBO, jax.jit", lambda: None if skipped else peers.vae_numpyro(
                         z_dim, hidden, batches), None),
                     ("JAX loop, jax.jit", lambda: None if skipped else peers.vae_jax(z_dim, hidden, batches), None)]
-        if skipped and device.type == "cpu":
+        if skipped:
             log(f"NumPyro and JAX rows {skipped}")
         return interleaved_rows(f"VAE z-dim {z_dim}, MLP {'-'.join(map(str, hidden))}, epoch of 50,000", variants,
                                 batches, device, log=log)

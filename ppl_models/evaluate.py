@@ -95,11 +95,13 @@ def estimators(model, guide_name, split="test"):
     return names + ([] if exact_guide else ["elbo"])
 
 
-# Samples x digits x pixels scored at once (16 MB of logits), small enough that a chunk's logits
+# Samples x digits x pixels scored at once (4 MB of logits), small enough that a chunk's logits
 # stay in cache between the decoder's last product and the softplus that reads them. Measured
-# (bench/iwae_speed.py): iwae-k at 1.0-1.3x its floor with 2^22, 1.1-2.0x with 2^25; the gap
-# is largest when other work shares the machine's cache.
-CHUNK_FLOATS = 2**22
+# (bench/iwae_speed.py; iwae-1000 of z-dim 2 and 40, one thread, 2026-12-04): eager 1.40x and 1.39x
+# its floor with 2^20, 1.53x and 1.36x with 2^22; compiled 0.96x and 0.97x with 2^20, 1.11x and
+# 1.07x with 2^22 (its fused softplus reads the product's output once, from cache or not); eager
+# 1.1-2.0x with 2^25 (2026-12-01).
+CHUNK_FLOATS = 2**20
 
 
 # An importance-sampled estimate (elbo, iwae-k) or posterior with this many draws of z in all (digits x

@@ -206,15 +206,15 @@ def write_report(run_dir, config, summary, figures, unused=None):
                   for split, values in summary["final"].items() for name, value in values.items()]
     # said in the page's own words (early stopping in a sentence, its every-epoch scores in the learning curves)
     standard = {"model", "guide", "dataset", "binarize", "epochs", "train_digits", "seconds_per_epoch", "units",
-                "final_digits", "final", "provenance", "early_stopping"}
+                "final_digits", "final", "provenance", "early_stopping", "compile"}
     findings = {key: value for key, value in summary.items() if key not in standard}
     parts = [
         f"<h1>{html.escape(summary['model'])} / guide {html.escape(summary['guide'])} on "
         f"{html.escape(summary['dataset'])}</h1>",
         f"<p>{summary['epochs']} epochs on {summary['train_digits']:,} training digits "
         f"({html.escape(summary['binarize'])} binarization), {summary['seconds_per_epoch']:.1f} s of training per "
-        "epoch. Files: <code>config.json</code>, <code>metrics.csv</code> (learning curves), "
-        "<code>metrics.json</code>, <code>checkpoint.pt</code>.</p>",
+        f"epoch{html.escape(compiling(summary))}. Files: <code>config.json</code>, <code>metrics.csv</code> "
+        "(learning curves), <code>metrics.json</code>, <code>checkpoint.pt</code>.</p>",
         *_early_stopping_parts(summary.get("early_stopping")),
         "<h2>Final log-likelihood</h2>",
         "<p>Mean over every digit of each split (of train, the digits trained on), in nats per digit (higher is "
@@ -296,5 +296,15 @@ def describe(summary, out):
     for split, values in summary["final"].items():
         figures = ", ".join(f"{name} {value:.2f}" for name, value in values.items())
         lines.append(f"  {split} ({summary['final_digits'][split]:,} digits): {figures}")
-    lines.append(f"  {summary['seconds_per_epoch']:.1f} s per epoch of training; figures and metrics in {out}/")
+    lines.append(f"  {summary['seconds_per_epoch']:.1f} s per epoch of training{compiling(summary)}; figures and "
+                 f"metrics in {out}/")
     return "\n".join(lines)
+
+
+def compiling(summary):
+    """' (the step compiled: why; N s compiling, apart)' for a compiled run, else ''."""
+    compiled = summary["compile"]
+    if not compiled["compiled"]:
+        return ""
+    seconds = compiled["training_step_seconds"] + compiled["evaluation_seconds"]
+    return f" (the step compiled by torch.compile, {compiled['why']}; {seconds:.1f} s compiling, not counted)"

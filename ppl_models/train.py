@@ -23,7 +23,7 @@ import torch
 from pyro import poutine
 from tqdm import tqdm  # not tqdm.auto: in a notebook without ipywidgets it warns on import
 
-from .compiled import CompiledOptimizerStep, compiled_seconds, flushing_denormals
+from .compiled import CompiledOptimizer, compiled_seconds, flushing_denormals
 from .config import AUTO_EVAL_SAMPLES, OPTIMIZERS, SettingError, steps_per_epoch
 from .data import DataError, random_digits
 from .distributed import ONE_PROCESS, SameDraws, current
@@ -61,8 +61,8 @@ class SVI:
     guide draws as one process would (`SameDraws`), the shards' losses and gradients are summed over
     processes (one all-reduce) and every process takes the same step, from rank 0's params.
 
-    `compile=True`: the optimizer's update is compiled too (`compiled.CompiledOptimizerStep`); the
-    ELBO is then a `compiled.CompiledObjective` (the family's `elbo(..., compile=True)`).
+    `compile=True`: the optimizer's update is fused or compiled too (`compiled.CompiledOptimizer`);
+    the ELBO is then a `compiled.CompiledObjective` (the family's `elbo(..., compile=True)`).
     `compile_seconds`: spent compiling both so far.
     """
 
@@ -73,9 +73,12 @@ class SVI:
             elbo.loss(model, guide, *first_args)
         self.params = [p for _, p in pyro.get_param_store().named_parameters()]
         world.broadcast_params(self.params)
-        self.optimizer = optimizer_class(self.params, lr=lr)
-        self.optimizer_step = CompiledOptimizerStep(self.optimizer) if compile else self.optimizer.step
-        self.compiled_parts = [elbo, self.optimizer_step] if compile else []
+        if compile:
+            fast = CompiledOptimizer(optimizer_class, self.params, lr)
+            self.optimizer, self.optimizer_step, self.compiled_parts = fast.optimizer, fast.step, [elbo, fast]
+        else:
+            self.optimizer = optimizer_class(self.params, lr=lr)
+            self.optimizer_step, self.compiled_parts = self.optimizer.step, []
         self.checked = False
 
     @property

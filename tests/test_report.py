@@ -12,7 +12,9 @@ from ppl_models.config import Config
 from ppl_models.report import write_report
 
 SUMMARY = dict(model="mixture", guide="enum", dataset="mnist", binarize="threshold", epochs=1, train_digits=500,
-               seconds_per_epoch=0.1, units="nats", final_digits={"test": 100}, final={"test": {"exact": -100.0}})
+               seconds_per_epoch=0.1, units="nats", final_digits={"test": 100}, final={"test": {"exact": -100.0}},
+               compile={"compiled": True, "why": "'auto': 3,000 steps", "training_step_seconds": 4.25,
+                        "evaluation_seconds": 0.0})
 
 
 def test_nested_findings_are_tables_keyed_by_their_rows(tmp_path):
@@ -22,6 +24,8 @@ def test_nested_findings_are_tables_keyed_by_their_rows(tmp_path):
                                          "10": {"threshold": -96.0, "false_alarm": 0.04, "power": 0.875}}}}}
     write_report(tmp_path, asdict(Config(model="mixture", guide="enum")), {**SUMMARY, **findings}, [])
     page = (tmp_path / "report.html").read_text()
+    assert "0.1 s of training per epoch (the step compiled by torch.compile, &#x27;auto&#x27;: 3,000 steps; 4.2 s " \
+           "compiling, not counted)" in page  # said in the page's words, not as a finding
     assert "detection / " not in page  # no flattened paths
     assert "<h3>Detection</h3>" in page and "<h4>Batch test</h4>" in page
     assert "<tr><td>cluster purity test</td><td>0.5</td></tr>" in page

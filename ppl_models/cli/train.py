@@ -137,7 +137,7 @@ def add_optimisation_arguments(parser):
     opt.add_argument("--compile", nargs="?", const="on", choices=("auto", "on", "off"),
                      help="compile the training step (loss, gradients and the optimizer's update) with torch.compile: "
                           "the model and guide traced once into one fused graph, the same numbers as eager up to "
-                          "rounding, 1.5-5x faster steps after a compile of seconds (README: Compiling). auto "
+                          "rounding, 2-5x faster steps after 4-15 s of compiling (README: Compiling). auto "
                           f"(default): on where the guide can be compiled and the run has {AUTO_COMPILE_STEPS:,} steps "
                           "or more to repay it; a bare --compile is on")
     opt.add_argument("--jit", action="store_true",
