@@ -16,8 +16,12 @@ from pathlib import Path
 import pyro
 import torch
 
+from ppl_models.train import AUTO_COMPILE_STEPS
+
+import compile_steps
 import compile_time
 import distributed_speed
+import inference_speed
 import iwae_speed
 import mixture_speed
 import peers
@@ -39,6 +43,9 @@ def main():
     if not args.quick:
         rows += vae_speed.measure(40, (300, 300), args.device)
     compile_rows = compile_time.measure(args.device, quick=args.quick)
+    part_rows = compile_steps.measure(("mixture K=20", "VAE z-dim 2") if args.quick else tuple(compile_steps.WORKLOADS),
+                                      args.device)
+    inference_rows, inference_compiling = inference_speed.measure(device=args.device)
     distributed_lines = [] if args.quick or args.device != "cpu" else distributed_speed.measure(
         distributed_speed.settings([]))
     evaluation_rows = iwae_speed.measure(((2, (200, 200)),) if args.quick else ((2, (200, 200)), (40, (300, 300))),
@@ -60,8 +67,10 @@ def main():
         "benchmark timed once in each of three interleaved rounds, the median; the ratio is to a plain-PyTorch loop "
         "with the same networks, loss and optimizer on the same batches. 'Pyro' is the step run.py takes (Pyro's "
         "ELBO, one PyTorch optimizer over the param store); '--compile' that step compiled as run.py --compile "
-        "compiles it (ppl_models/compiled.py: traced once, fused by torch.compile, the optimizer's update compiled "
-        "too, denormal floats flushed to zero); 'stock' rows use pyro.infer.SVI with pyro.optim (one optimizer per "
+        "compiles it (ppl_models/compiled.py: traced once, fused by torch.compile; the optimizer's update fused, "
+        "Adam's, or compiled, RMSprop's; denormal floats flushed to zero); the plain-PyTorch reference flushes no "
+        "denormals and updates one param at a time, as a user writes it (the mixture's 'denormals flushed' rows say "
+        "what flushing gives it); 'stock' rows use pyro.infer.SVI with pyro.optim (one optimizer per "
         "parameter); NumPyro and JAX rows are the peers of bench/peers.py (the whole step under jax.jit; XLA "
         "flushes denormals itself). CPU runs use deterministic kernels, as training does. Regenerate; do not edit.",
         "",
@@ -77,7 +86,7 @@ def main():
         "inductor's cache empty, warm with the cache the cold run filled (TORCHINDUCTOR_CACHE_DIR; by default it "
         "lives in the temp folder and survives between runs); then milliseconds per step (the median of three rounds "
         "of 200 steps) and the steps after which the compiled run is ahead (compile seconds over seconds saved per "
-        "step). `--compile auto` compiles runs of 2,000 steps or more (bench/compile_time.py).",
+        f"step). `--compile auto` compiles runs of {AUTO_COMPILE_STEPS:,} steps or more (bench/compile_time.py).",
         "",
         "| workload | compile, cold (s) | compile, warm (s) | eager ms/step | compiled ms/step | repaid after (steps, "
         "cold / warm) |",
@@ -85,13 +94,36 @@ def main():
         *(f"| {name} | {cold:.1f} | {warm:.1f} | {eager:.2f} | {fast:.2f} | {repaid_cold:,.0f} / {repaid_warm:,.0f} |"
           for name, cold, warm, eager, fast, repaid_cold, repaid_warm in compile_rows),
         "",
+        "## What each part of --compile gives",
+        "",
+        "Milliseconds per training step, the step built up from eager Pyro to run.py --compile's one part at a "
+        "time (bench/compile_steps.py says what each variant is), over 200 batches of 100, interleaved, the median "
+        "of three rounds.",
+        "",
+        "| workload | variant | ms/step | x eager |",
+        "| --- | --- | --- | --- |",
+        *(f"| {name} | {variant} | {ms:.3f} | {ratio:.2f} |" for name, variant, ms, ratio in part_rows),
+        "",
+        "## Inference given observed pixels",
+        "",
+        "Seconds for queries on VAE digits (z-dim 2, MLP 200-200) whose bottom half is missing, eager and compiled, "
+        "one thread, the median of three interleaved rounds (bench/inference_speed.py); the compiled query's "
+        "compile seconds apart: "
+        + "; ".join(f"{query}: {seconds:.1f} s" for query, seconds in inference_compiling.items()) + ".",
+        "",
+        "| query | variant | s | x eager |",
+        "| --- | --- | --- | --- |",
+        *(f"| {query} | {variant} | {seconds:.2f} | {ratio:.2f} |"
+          for query, variant, seconds, ratio in inference_rows),
+        "",
         "## The final iwae-k evaluation against its floor",
         "",
         "Seconds for iwae-1000 of 10,000 test digits with an untrained VAE's networks (the cost does not depend on "
         "the weights), on one thread, timed on the first 200 binarized-mnist test digits and scaled, the median of "
-        "three interleaved rounds. The floor is the work no implementation can skip: one decoder pass per draw of z "
-        "and the softplus of its 784 logits (bench/iwae_speed.py says how each variant differs; the compiled "
-        "variant's compile seconds were paid before the timing).",
+        "three interleaved rounds. The floor is eager plain PyTorch doing the work no implementation can skip: one "
+        "decoder pass per draw of z and the softplus of its 784 logits, in cache-sized chunks (a compiled graph, "
+        "which fuses the softplus into one pass over the logits, can go below it; bench/iwae_speed.py says how each "
+        "variant differs; the compiled variant's compile seconds were paid before the timing).",
         "",
         "| benchmark | variant | s | x floor |",
         "| --- | --- | --- | --- |",

@@ -19,19 +19,20 @@ that replace it:
    run draws, and a checkpoint's RNG state means the same in both.
 
 Guards. A graph is specialised to the shapes, dtypes and devices of its tensor arguments and to the
-values of the others: a new signature is traced again, up to MAX_SIGNATURES, then the function
-runs eagerly with a warning. A program whose control flow reads a tensor's value (`if x.sum() > 0`)
-cannot be traced (make_fx refuses to read a value where torch.jit.trace would silently bake it in):
-it runs eagerly, with a warning that says where. Tracing draws from a forked RNG stream, so it
-consumes none of the numbers the run draws.
+values of the others: a new signature is traced again, up to MAX_SIGNATURES; past them a new one
+runs eagerly, with a warning. A program whose control flow reads a tensor's value (`if x.sum() > 0`)
+cannot be traced (make_fx refuses to read a value where torch.jit.trace would silently bake it in),
+nor one that torch.compile cannot build (no C++ compiler, an unsupported Python): either runs
+eagerly from then on, with a warning that says why. Tracing draws from a forked RNG stream, so it
+consumes none of the numbers the run draws. Tracing changes process-wide state for its duration
+(`pyro_tracing`, `jit_elbo_function`): one thread traces at a time.
 """
 
 import logging
+import threading
 import time
 import warnings
-import weakref
 from contextlib import contextmanager
-from functools import partial
 
 import pyro
 import pyro.ops.jit
@@ -39,12 +40,19 @@ import torch
 from pyro.infer import JitTrace_ELBO, JitTraceEnum_ELBO, JitTraceGraph_ELBO, JitTraceMeanField_ELBO
 from torch.fx.experimental.proxy_tensor import make_fx
 
-MAX_SIGNATURES = 8  # graphs traced for one function before it runs eagerly (each costs seconds to compile)
+MAX_SIGNATURES = 8  # graphs traced for one function; a new signature past them runs eagerly (compiling costs seconds)
 
 # Inductor's settings: PyTorch's own random kernels (the same numbers as eager; inductor's would
-# differ), and no CUDA graphs (a graph's outputs are overwritten by its next replay, and the
-# training step keeps its gradients until the optimizer's step).
+# differ). No CUDA graphs (torch.compile's mode="reduce-overhead"): a replay overwrites the outputs
+# of the one before, and a training step's gradients are outputs read after the graph has run.
 INDUCTOR_OPTIONS = {"fallback_random": True}
+# On its tracer path, Pyro's enumeration keeps the terms of nonzero probability (masked_select), whose
+# number depends on the data: Dynamo captures that into the graph, instead of splitting the graph
+# there, with this (bench/compile_steps.py times the mixture's step both ways).
+CAPTURE_DATA_DEPENDENT_SHAPES = True
+
+TRACING = threading.RLock()  # the state `pyro_tracing` and `jit_elbo_function` change is the process's
+TRACING_STATE = torch._C._get_tracing_state  # torch's own, as it was at import
 
 
 @contextmanager
@@ -52,25 +60,32 @@ def pyro_tracing():
     """Pyro on the code paths it takes under a tracer. Where a branch would read a tensor's value (a
     mask's `.all()`, a padding of zero), Pyro asks `torch._C._get_tracing_state()` and, under
     torch.jit.trace, takes the branch that is right for every value. make_fx sets no such state:
-    this says yes while a function is traced."""
-    real = torch._C._get_tracing_state
-    torch._C._get_tracing_state = lambda: True
-    try:
-        yield
-    finally:
-        torch._C._get_tracing_state = real
+    this says yes while a function is traced (torch itself only reads it as a truth value there)."""
+    with TRACING:
+        torch._C._get_tracing_state = lambda: True
+        try:
+            yield
+        finally:
+            torch._C._get_tracing_state = TRACING_STATE
+
+
+FLUSHING = [0]  # how many `flushing_denormals` are open
 
 
 @contextmanager
 def flushing_denormals():
-    """Floats below 1.2e-38 read as zero (flush-to-zero, as XLA does on CPU), then not again. A
-    mixture's posterior responsibilities reach such values, and on x86 one product with them costs
-    ten times as much (bench/mixture_speed.py measures it)."""
-    supported = torch.set_flush_denormal(True)
+    """Floats below 1.2e-38 read as zero (flush-to-zero, as XLA does on CPU) until the outermost of
+    these ends. A mixture's posterior responsibilities reach such values, and x86 computes with them
+    many times slower: bench/mixture_speed.py times the mixture's step with them and without."""
+    if not FLUSHING[0] and not torch.set_flush_denormal(True):  # (False: the CPU cannot)
+        yield
+        return
+    FLUSHING[0] += 1
     try:
         yield
     finally:
-        if supported:
+        FLUSHING[0] -= 1
+        if not FLUSHING[0]:
             torch.set_flush_denormal(False)
 
 
@@ -95,25 +110,27 @@ def signature(args):
     return tuple((tuple(a.shape), a.dtype, a.device) if torch.is_tensor(a) else a for a in args)
 
 
-KEPT = weakref.WeakKeyDictionary()  # owner -> {key: compiled function}
-
-
-def kept(owner, key, build):
-    """The compiled function `build()` makes, made once for `owner` (a family) and `key`, and kept for
-    as long as the owner lives: later calls reuse its graphs."""
-    functions = KEPT.setdefault(owner, {})
+def kept(family, key, build):
+    """The compiled function `build()` makes, made once for `family` and `key` and kept in the
+    family's `compiled_functions`, so later calls reuse its graphs and it goes with the family."""
+    functions = family.compiled_functions
     if key not in functions:
         functions[key] = build()
     return functions[key]
 
 
-def compiled_seconds(owner):
-    """Seconds spent compiling the functions kept for `owner`."""
-    return sum(function.seconds for function in KEPT.get(owner, {}).values())
+def compiled_seconds(family):
+    """Seconds spent compiling the functions kept for `family`."""
+    return sum(function.seconds for function in family.compiled_functions.values())
 
 
-class CannotTrace(RuntimeError):
-    """The function's control flow reads a tensor's value, or its signature changes too often."""
+class CannotCompile(RuntimeError):
+    """Why a function runs eagerly: its control flow reads a tensor's value, torch.compile failed, or
+    its signatures are too many. `for_good`: whether every later call would fail the same way."""
+
+    def __init__(self, message, for_good=True):
+        super().__init__(message)
+        self.for_good = for_good
 
 
 class Compiled:
@@ -123,25 +140,25 @@ class Compiled:
     arguments. Calls run under no_grad: a graph that needs gradients computes them itself
     (`gradients=True` traces with autograd on, for fn to call torch.autograd.grad: `ValueAndGrads`).
     `seconds`: spent tracing and compiling (each graph's first call, which runs it once too).
-    `eager`: fn as it runs uncompiled, which takes over with a warning where fn cannot be traced
-    (else CannotTrace is raised)."""
+    `eager`: fn as it runs uncompiled, which takes over with a warning where fn cannot be compiled
+    (else CannotCompile is raised): for good, or for a signature past MAX_SIGNATURES."""
 
     def __init__(self, fn, what, gradients=False, eager=None):
         self.fn, self.what, self.gradients, self.eager = fn, what, gradients, eager
         self.graphs = {}  # signature -> (compiled graph, the names of the params it takes)
         self.seconds = 0.0
-        self.failed = False
+        self.failed = None  # why every call runs eagerly, once one could not be compiled
 
     def __call__(self, *args):
         if self.failed:
             return self.eager(*args)
         try:
             return self.compiled(*args)
-        except CannotTrace as reason:
+        except CannotCompile as reason:
             if self.eager is None:
                 raise
-            warnings.warn(f"{reason}: it runs eagerly from here on", stacklevel=2)
-            self.failed = True
+            warnings.warn(f"{reason}: it runs eagerly{' from here on' if reason.for_good else ''}", stacklevel=2)
+            self.failed = str(reason) if reason.for_good else None
             return self.eager(*args)
 
     def compiled(self, *args):
@@ -152,12 +169,19 @@ class Compiled:
             with torch.no_grad():
                 return graph(*params_named(names), *tensors)
         if len(self.graphs) == MAX_SIGNATURES:
-            raise CannotTrace(f"{self.what} was traced for {MAX_SIGNATURES} different argument shapes or values")
+            raise CannotCompile(f"{self.what} was traced for {MAX_SIGNATURES} different argument shapes or values, "
+                                "and this call has another", for_good=False)
         started = time.perf_counter()
         names = list(store_params())
-        graph = torch.compile(self.trace(args, params_named(names), tensors), dynamic=False, options=INDUCTOR_OPTIONS)
-        with torch.no_grad(), quiet_compiler():
-            out = graph(*params_named(names), *tensors)
+        traced = self.trace(args, params_named(names), tensors)
+        try:
+            graph = torch.compile(traced, dynamic=False, options=INDUCTOR_OPTIONS)
+            with torch.no_grad(), quiet_compiler(), \
+                    torch._dynamo.config.patch(capture_dynamic_output_shape_ops=CAPTURE_DATA_DEPENDENT_SHAPES):
+                out = graph(*params_named(names), *tensors)
+        except Exception as error:  # inductor's build, not the program: tracing ran it already
+            raise CannotCompile(f"torch.compile could not build {self.what} ({type(error).__name__}: "
+                                f"{str(error).strip().splitlines()[0] if str(error).strip() else ''})") from error
         self.graphs[key] = graph, names
         self.seconds += time.perf_counter() - started
         return out
@@ -181,12 +205,13 @@ class Compiled:
         except RuntimeError as error:
             if "value out of a tracing tensor" not in str(error) and "data-dependent" not in str(error):
                 raise
-            raise CannotTrace(f"{self.what} branches on the value of a tensor ({where_traced_code_read(error)}), "
-                              "which a traced graph cannot record") from None
+            raise CannotCompile(f"{self.what} branches on the value of a tensor ({where_traced_code_read(error)}), "
+                                "which a traced graph cannot record") from None
 
 
 def where_traced_code_read(error):
-    """The innermost frame outside torch in a tracing error's traceback: the line that read a value."""
+    """The innermost frame outside torch and this module in a tracing error's traceback: the line
+    that read a value."""
     frames = []
     traceback = error.__traceback__
     while traceback is not None:
@@ -194,7 +219,7 @@ def where_traced_code_read(error):
         traceback = traceback.tb_next
     for frame in reversed(frames):
         path = frame.f_code.co_filename
-        if "/torch/" not in path and "compiled.py" not in path:
+        if "/torch/" not in path and path != __file__:
             return f"{path}:{frame.f_lineno}"
     return "in torch"
 
@@ -210,22 +235,28 @@ def params_named(names):
     return [params[name] for name in names]
 
 
+# ---- the training step -----------------------------------------------------------------------
 class ValueAndGrads:
     """(loss, gradients of the surrogate loss with respect to the param store's params): the training
-    step's graph. When traced it records `names` (the params) and `used` (whether each reaches the
-    surrogate): the graph returns the gradients of those that do, and the others keep none, as after
-    backward()."""
+    step's graph. Each trace records, under its signature, the params' names and whether each reaches
+    the surrogate (`traced`): the graph returns the gradients of those that do, and the others keep
+    none, as after backward()."""
 
     def __init__(self, loss_and_surrogate):
         self.loss_and_surrogate = loss_and_surrogate
-        self.names, self.used = [], []
+        self.traced = {}  # signature -> (names, used)
 
     def __call__(self, *args):
         loss, surrogate = self.loss_and_surrogate(*args)
-        self.names = list(store_params())
-        grads = torch.autograd.grad(surrogate, params_named(self.names), allow_unused=True)
-        self.used = [grad is not None for grad in grads]
+        names = list(store_params())
+        grads = torch.autograd.grad(surrogate, params_named(names), allow_unused=True)
+        self.traced[signature(args)] = names, [grad is not None for grad in grads]
         return loss.detach(), *(grad for grad in grads if grad is not None)
+
+    def gradients(self, args, grads):
+        """{param name: gradient} of a graph's gradient outputs at these arguments."""
+        names, used = self.traced[signature(args)]
+        return dict(zip((name for name, got in zip(names, used) if got), grads))
 
 
 # What the function each of Pyro's JIT ELBOs hands its tracer returns, as (loss, surrogate loss).
@@ -242,44 +273,69 @@ class Taken(Exception):
 
 
 def jit_elbo_function(elbo, model, guide, args):
-    """The trace-friendly function of (*args) -> (loss, surrogate loss) that Pyro's JIT ELBO `elbo`
-    builds for `pyro.ops.jit.trace` (its ELBO written without reading any value: the code --jit runs),
-    taken from it on its first call, before anything runs."""
+    """The function of (*args) -> (loss, surrogate loss) that Pyro's JIT ELBO `elbo` builds for
+    `pyro.ops.jit.trace` (its ELBO written without reading any value: the code --jit runs), taken
+    from it on its first call, before anything runs. The ELBO keeps that function, bound to this
+    model and guide: use a new one for another pair."""
     taken = []
 
     def take(fn=None, **options):
         def keep(fn):
             def stop(*args, **kwargs):
-                taken.append(partial(fn, **kwargs))  # kwargs: the ids of model and guide, which fn pops
+                taken.append(lambda *args: fn(*args, **kwargs))  # kwargs: the ids of model and guide, which fn pops
                 raise Taken
 
             return stop
 
         return keep(fn) if fn is not None else keep
 
-    real, pyro.ops.jit.trace = pyro.ops.jit.trace, take
-    try:
-        elbo.loss_and_grads(model, guide, *args)
-    except Taken:
-        pass
-    finally:
-        pyro.ops.jit.trace = real
+    with TRACING:
+        real, pyro.ops.jit.trace = pyro.ops.jit.trace, take
+        try:
+            elbo.loss_and_grads(model, guide, *args)
+        except Taken:
+            pass
+        finally:
+            pyro.ops.jit.trace = real
+    if not taken:
+        raise RuntimeError(f"{type(elbo).__name__} no longer hands its function to pyro.ops.jit.trace, so `compile` "
+                           "cannot take it; this ppl_models does not know this version of Pyro")
     output = JIT_OUTPUTS[type(elbo)]
-    return lambda *args: output(taken[0](*args))
+
+    def function(*args, elbo=elbo):  # (the ELBO held here: its function reaches it by a weak reference)
+        return output(taken[0](*args))
+
+    return function
+
+
+class PyroJitELBO:
+    """One of Pyro's JIT ELBOs as a traceable objective, `loss_and_surrogate(model, guide, *args)`:
+    the function it builds for its tracer (`jit_elbo_function`), taken from a new instance (`build()`)
+    for each model and guide."""
+
+    def __init__(self, build):
+        self.build, self.functions = build, {}
+
+    def loss_and_surrogate(self, model, guide, *args):
+        if (model, guide) not in self.functions:
+            self.functions[(model, guide)] = jit_elbo_function(self.build(), model, guide, args)
+        return self.functions[(model, guide)](*args)
 
 
 class CompiledObjective:
     """A training objective whose `loss_and_grads` runs as one compiled graph (loss and gradients),
     with the interface of a Pyro ELBO (`loss`, `loss_and_grads(model, guide, *args)`).
 
-    `eager`: the objective as it runs without compiling (its `loss` creates the params; it takes
-    over, with a warning, where the program cannot be traced). `traceable`: one of Pyro's JIT ELBOs
-    with the same settings, or an objective with a pure `loss_and_surrogate(model, guide, *args)`."""
+    `eager`: the objective as it runs without compiling (its `loss` creates the params, and it takes
+    over, with a warning, where the step cannot be compiled: `fallback` then says why). `traceable`:
+    the same objective as `loss_and_surrogate(model, guide, *args)` -> (loss, surrogate loss), written
+    without reading any value (`PyroJitELBO`, objectives.IWAE, objectives.VIMCO). A step is compiled
+    for each (model, guide): give it the same objects every step, as SVI does."""
 
     def __init__(self, eager, traceable):
         self.eager, self.traceable = eager, traceable
         self.compiled = {}  # (model, guide) -> Compiled
-        self.fallback = False
+        self.fallback = None
 
     @property
     def seconds(self):
@@ -292,52 +348,49 @@ class CompiledObjective:
     def loss_and_grads(self, model, guide, *args):
         if self.fallback:
             return self.eager.loss_and_grads(model, guide, *args)
-        compiled = self.compiled.get((model, guide)) or self.compile(model, guide, args)
+        if (model, guide) not in self.compiled:
+            self.compiled[(model, guide)] = Compiled(
+                ValueAndGrads(lambda *args: self.traceable.loss_and_surrogate(model, guide, *args)),
+                "the training step", gradients=True)
+        compiled = self.compiled[(model, guide)]
         try:
             loss, *grads = compiled(*args)
-        except CannotTrace as reason:
-            warnings.warn(f"{reason}: it runs eagerly from here on", stacklevel=2)
-            self.fallback = True
+        except CannotCompile as reason:
+            warnings.warn(f"{reason}: it runs eagerly{' from here on' if reason.for_good else ''}", stacklevel=2)
+            self.fallback = str(reason) if reason.for_good else None
             return self.eager.loss_and_grads(model, guide, *args)
-        step = compiled.fn
-        params = store_params()
-        for name, grad in zip((name for name, used in zip(step.names, step.used) if used), grads):
+        params, given = store_params(), set()
+        for name, grad in compiled.fn.gradients(args, grads).items():
+            if grad.data_ptr() in given:  # two params handed one buffer: each must own its gradient
+                grad = grad.clone()
+            given.add(grad.data_ptr())
             param = params[name]
             param.grad = grad if param.grad is None else param.grad + grad  # as backward() accumulates
         return loss.item()
 
-    def compile(self, model, guide, args):
-        if hasattr(self.traceable, "loss_and_surrogate"):
-            function = partial(self.traceable.loss_and_surrogate, model, guide)
-        else:
-            function = jit_elbo_function(self.traceable, model, guide, args)
-        compiled = Compiled(ValueAndGrads(function), "the training step", gradients=True)
-        self.compiled[(model, guide)] = compiled
-        return compiled
-
 
 class CompiledOptimizer:
     """`optimizer_class(params, lr=lr)` with a fast update of every param at once: PyTorch's fused
-    implementation where the class has one for the params' device (Adam, AdamW, SGD and Adagrad; on
-    the CPU since torch 2.4), else its `step` compiled by torch.compile (RMSprop: one fused kernel,
-    as PyTorch documents for its optimizers). Measured on the VAE's step (z-dim 40, MLP 300-300): the
-    update 1.23 ms one param at a time, 0.60 compiled, 0.36 fused. `seconds`: spent compiling (the
-    first step in this process, which steps once too)."""
+    implementation where the class has one (Adam, AdamW, SGD and Adagrad, on the CPU since torch
+    2.4), else its `step` compiled by torch.compile (RMSprop). bench/compile_steps.py times the
+    update one param at a time, compiled and fused. `seconds`: spent compiling (the first step in
+    this process, which steps once too). A compiled step is Dynamo's, cached on the optimizer's
+    code: past Dynamo's recompile limit (8 optimizers in one process) later ones step eagerly."""
 
     def __init__(self, optimizer_class, params, lr):
-        try:
+        try:  # (a device the fused kernel does not know is refused at the first step, by torch >= 2.4)
             self.optimizer, self.update = optimizer_class(params, lr=lr, fused=True), None
-        except (TypeError, RuntimeError):  # no fused version, or none on this device or torch
+        except (TypeError, RuntimeError):  # no fused version (TypeError), or none for the CPU in torch < 2.4
             self.optimizer = optimizer_class(params, lr=lr)
             self.update = torch.compile(self.optimizer.step, options=INDUCTOR_OPTIONS)
-        self.seconds = 0.0
+        self.seconds, self.stepped = 0.0, False
 
     def step(self):
         if self.update is None:
             return self.optimizer.step()
-        if self.seconds:
+        if self.stepped:
             return self.update()
         started = time.perf_counter()
         with quiet_compiler():
             self.update()
-        self.seconds = time.perf_counter() - started
+        self.seconds, self.stepped = time.perf_counter() - started, True

@@ -88,7 +88,7 @@ class Config:
              "`eval_samples` must be 0 (none) or a positive integer"),
             (self.train_subset is None or self.train_subset > 0, "`train_subset` must be a positive integer"),
             (self.patience is None or self.patience > 0, "`patience` must be a positive integer"),
-            (self.compile in (True, False, "auto"), f"`compile` must be True, False or 'auto', got {self.compile!r}"),
+            (self.compile in COMPILE_SETTINGS, f"`compile` must be True, False or 'auto', got {self.compile!r}"),
         ]
         for ok, message in checks:
             if not ok:
@@ -96,6 +96,7 @@ class Config:
 
 
 AUTO_EVAL_SAMPLES = 1000  # the k of `eval_samples=None` for a model without an exact log-likelihood
+COMPILE_SETTINGS = (True, False, "auto")  # `compile=`: always, never, where it pays (README: Compiling)
 
 
 def steps_per_epoch(cfg, data):

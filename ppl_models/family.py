@@ -17,7 +17,6 @@ from pyro.infer import (
     JitTraceEnum_ELBO,
     JitTraceGraph_ELBO,
     JitTraceMeanField_ELBO,
-    RenyiELBO,
     Trace_ELBO,
     TraceEnum_ELBO,
     TraceGraph_ELBO,
@@ -26,7 +25,7 @@ from pyro.infer import (
 from pyro.poutine.util import site_is_subsample
 from torch import nn
 
-from .compiled import Compiled, CompiledObjective, kept
+from .compiled import Compiled, CompiledObjective, PyroJitELBO, kept
 from .config import SettingError
 from .inference import (
     importance_posterior,
@@ -99,32 +98,26 @@ class Report:
     findings: dict = field(default_factory=dict)
 
 
-# (eager, JIT) classes of each Pyro ELBO the families use; None where Pyro has no JIT version.
+# (eager, JIT) classes of each Pyro ELBO the families use.
 PYRO_ELBOS = {eager.__name__: (eager, jitted) for eager, jitted in (
     (Trace_ELBO, JitTrace_ELBO),
     (TraceMeanField_ELBO, JitTraceMeanField_ELBO),
     (TraceGraph_ELBO, JitTraceGraph_ELBO),
     (TraceEnum_ELBO, JitTraceEnum_ELBO),
-    (RenyiELBO, None),
 )}
 
 
-def pyro_elbo(kind, jit=False, particles=1, compile=False, traceable=None, **options):
+def pyro_elbo(kind, jit=False, particles=1, compile=False, **options):
     """The one place a Pyro ELBO is built: `kind` names its class ("Trace_ELBO", ...), eager or JIT, over `particles`
     samples of the latents per digit (vectorized: a particle plate at dim -2, the data plate at -1). `compile=True`:
-    the same objective as one compiled graph (`compiled.CompiledObjective`), traced from Pyro's JIT version of the
-    class, or from `traceable` (an objective with a pure `loss_and_surrogate`) where Pyro has none."""
+    the same objective as one compiled graph (`compiled.CompiledObjective`), traced from Pyro's JIT version."""
     eager, jitted = PYRO_ELBOS[kind]
-    for asked, setting in ((jit, "jit"), (compile and traceable is None, "compile")):
-        if asked and jitted is None:
-            raise SettingError(f"`{setting}=True` is not available with {kind} (Pyro has no JIT version to trace); "
-                               f"drop `{setting}`")
 
     def build(elbo_class):
         return elbo_class(num_particles=particles, vectorize_particles=particles > 1, max_plate_nesting=1, **options)
 
     if compile:
-        return CompiledObjective(build(eager), traceable or build(jitted))
+        return CompiledObjective(build(eager), PyroJitELBO(lambda: build(jitted)))
     return build(jitted if jit else eager)
 
 
@@ -188,6 +181,7 @@ class Family(nn.Module):
     def __init__(self, num_pixels=784):
         super().__init__()
         self.num_pixels = num_pixels
+        self.compiled_functions = {}  # compiled.kept: the family's compiled graphs, which go with it
         self.register_buffer("device_marker", torch.empty(0), persistent=False)  # follows .to(device)
 
     @property
@@ -333,8 +327,9 @@ class Family(nn.Module):
         """p(z | x_observed) for a batch of digits by `method` (one of `inference_methods(guide)`):
         `draws` importance samples or NUTS draws per digit (after `warmup` steps), `num_samples` of
         them returned as posterior samples; the trained guide's q(z | x) beside it where the guide is
-        not exact. `compile`: importance sampling's draws, or NUTS's potential energy, run as compiled
-        graphs (kept with the family, so later batches of the same size reuse them)."""
+        not exact. `compile`: importance sampling's draws run as compiled graphs (kept with the family,
+        so later batches of the same size reuse them), or NUTS's potential energy with its gradient
+        (compiled for this batch: its digits are the graph's constants)."""
         if method == "exact":
             return self.exact_posterior(x, observed, num_samples)
         trained = None if guide in self.exact_guides else self.guide(guide)

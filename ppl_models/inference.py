@@ -176,7 +176,8 @@ class CompiledPotential:
 
     def __init__(self, potential):
         self.potential, self.names = potential, None
-        self.compiled = Compiled(self.energy_and_grads, "NUTS's potential energy", gradients=True)
+        self.compiled = Compiled(self.energy_and_grads, "NUTS's potential energy", gradients=True,
+                                 eager=self.energy_and_grads)
 
     def energy_and_grads(self, *values):
         values = [value.detach().requires_grad_() for value in values]

@@ -5,10 +5,9 @@ over K samples z_k ~ q(z | x),
 
     L = log (1/K) sum_k w_k,    w_k = p(x, z_k) / q(z_k | x).
 
-IWAE (Burda et al. 2016), for reparameterized guides: the gradient of L itself. Pyro's
-RenyiELBO(alpha=0) trains the same bound; this is its form written without reading a value, which
-Pyro's RenyiELBO (computed with .item(), and with no JIT version) is not: the VAE's `elbo='iwae'`
-under `compile`.
+IWAE (Burda et al. 2016), for reparameterized guides: the gradient of L itself, the VAE's
+`elbo='iwae'`. Pyro's RenyiELBO(alpha=0) trains the same bound, but computes it with .item() and has
+no JIT version, so it cannot be traced and compiled; written here as one pure function, it can.
 
 VIMCO (Mnih & Rezende 2016), with score-function gradients for discrete z. Each sample's learning
 signal is L - L_{-k}, where L_{-k} is the bound with w_k replaced by the geometric mean of the

@@ -273,8 +273,10 @@ class Training:
         except (RuntimeError, KeyError, ValueError, AttributeError) as error:
             raise TrainingError(f"{self.checkpoint_path} does not fit this model ({type(error).__name__}: "
                                 f"{str(error).splitlines()[0]}); delete it and start the run again") from None
-        for group in self.svi.optimizer.param_groups:  # the saved state holds the old rate: a resume may change it
-            group["lr"] = self.cfg.lr
+        defaults = self.svi.optimizer.defaults
+        chosen = {key: defaults[key] for key in ("fused", "foreach") if key in defaults}
+        for group in self.svi.optimizer.param_groups:  # the saved state holds the old rate and implementation,
+            group.update(lr=self.cfg.lr, **chosen)  # and a resume may change the rate and `compile`
         set_rng_state(checkpoint["rng"], self.device)
         at = Progress(**checkpoint["progress"])
         self.log(f"resuming {self.dir} at epoch {at.epoch + 1}, step {at.step}" if at.epoch < self.cfg.epochs else

@@ -22,7 +22,7 @@ import pyro
 import torch
 from pyro import poutine
 
-from .config import Config, SettingError
+from .config import COMPILE_SETTINGS, Config, SettingError
 from .data import check_binary
 from .evaluate import COMPILE_DRAWS, per_digit_estimate
 from .inference import fill_in, join_fill_ins, join_posteriors
@@ -32,7 +32,9 @@ from .rundir import TrainingError, load_checkpoint, read_snapshot, restore_snaps
 from .train import evaluation_rng
 
 NUTS_DIGITS = 100  # digits per NUTS chain: their latents are sampled jointly, one step size for all
-COMPILE_NUTS_STEPS = 50_000  # digits x (warmup + draws) of a NUTS query that 'auto' compiles (its potential)
+# digits x (warmup + draws) of a NUTS chain whose potential 'auto' compiles: eager, a digit-step costs
+# about 1.4 ms on one core, compiled 0.9 (bench/inference_speed.py), and compiling 1.5-5 s
+COMPILE_NUTS_STEPS = 10_000
 MEMORY_FLOATS = 2**25  # importance draws x digits x pixels held at once: 128 MB
 MAX_IWAE_SAMPLES = 10**6
 
@@ -56,13 +58,11 @@ class TrainedModel:
     cfg      the run's Config (model, guide, data set, ...)
     source   which saved file the params came from, in words
     compile  whether importance sampling and NUTS run as compiled graphs (`compiled`): True, False,
-             or 'auto': for a query of COMPILE_DRAWS importance draws or more in all (digits x
-             draws), or COMPILE_NUTS_STEPS NUTS steps (digits x (warmup + draws)), which repay the
-             seconds compiling takes (README: Compiling)
+             or 'auto' (`compiles`), where they repay the seconds compiling takes (README: Compiling)
     """
 
     def __init__(self, family, cfg, params, source, compile="auto"):
-        if compile not in (True, False, "auto"):
+        if compile not in COMPILE_SETTINGS:
             raise SettingError(f"`compile` must be True, False or 'auto', got {compile!r}")
         self.family, self.cfg, self._params, self.source, self.compile = family, cfg, params, source, compile
 
@@ -146,17 +146,24 @@ class TrainedModel:
             raise SettingError(f"`warmup` must be 0 or a positive integer, got {warmup!r}")
         fits = max(1, MEMORY_FLOATS // (draws * x.shape[1]))  # the draws' pixel logits of a batch of digits
         size = {"nuts": min(NUTS_DIGITS, fits), "exact": len(x)}.get(method, fits)
-        work = len(x) * (warmup + draws) / COMPILE_NUTS_STEPS if method == "nuts" else len(x) * draws / COMPILE_DRAWS
-        compile = method != "exact" and (self.compile is True or self.compile == "auto" and work >= 1)
         answers = []
         with self.active(seed):
             for chunk, mask in zip(x.split(size), observed.split(size)):
                 with torch.set_grad_enabled(method == "nuts"):  # NUTS needs gradients in z
                     posterior = self.family.infer(chunk, mask, self.cfg.guide, method, num_samples, draws, warmup,
-                                                  progress, compile)
+                                                  progress, self.compiles(method, len(x), len(chunk), draws, warmup))
                 with torch.no_grad():
                     answers.append(answer(posterior, chunk, mask))
         return answers
+
+    def compiles(self, method, digits, chunk, draws, warmup):
+        """Whether a query compiles its inference: under 'auto', importance sampling of COMPILE_DRAWS
+        draws or more in all; NUTS, whose potential is compiled for each chunk of digits (the
+        digits are the graph's constants), for chunks of COMPILE_NUTS_STEPS digit-steps or more."""
+        if method == "exact" or self.compile is not True and self.compile != "auto":
+            return False
+        work = chunk * (warmup + draws) / COMPILE_NUTS_STEPS if method == "nuts" else digits * draws / COMPILE_DRAWS
+        return self.compile is True or work >= 1
 
     # ---- inputs ------------------------------------------------------------------------------
     def digits(self, x):

@@ -98,6 +98,13 @@ def test_fill_in_writes_the_completion_figure_and_exact_numbers(trained_run, tmp
         numbers["diagnostics"]
 
 
+def test_compiled_scores_and_fill_ins_are_the_eager_ones(trained_run, capsys):
+    for command in (["score", "--estimator", "iwae-50"], ["fill-in", "--observe", "top", "--method", "importance"]):
+        eager, compiled = (answer(capsys, command[0], trained_run, "test:0-9", *command[1:], "--compile", setting,
+                                  "--quiet") for setting in ("off", "on"))
+        assert compiled["per digit"] == pytest.approx(eager["per digit"], abs=1e-3), command[0]
+
+
 def test_infer_reports_the_posterior_and_its_method(trained_run, tmp_path, capsys):
     exact = answer(capsys, "infer", trained_run, "test:5", "--out", tmp_path / "i.png")
     assert exact["exact"] and set(exact["posterior"]) == {"p(z_m = 1 | x)", "most probable z"}

@@ -148,13 +148,82 @@ def test_a_program_that_reads_a_value_runs_eagerly_with_a_warning_saying_where()
     assert compiled_loss == pytest.approx(objective.eager.loss(family.model, family.guide_enum, x))
 
 
-def test_past_its_signatures_a_compiled_function_runs_eagerly(monkeypatch):
+def test_past_its_signatures_a_call_runs_eagerly_and_the_traced_ones_stay_compiled(monkeypatch):
     monkeypatch.setattr(compiled, "MAX_SIGNATURES", 1)
-    function = compiled.Compiled(lambda x: x * 2, "doubling", eager=lambda x: x * 2)
-    assert torch.equal(function(torch.ones(2)), torch.full((2,), 2.0))
-    with pytest.warns(UserWarning, match="doubling was traced for 1 different argument shapes or values"):
-        assert torch.equal(function(torch.ones(3)), torch.full((3,), 2.0))
-    assert function.failed and len(function.graphs) == 1
+    x = torch.bernoulli(torch.full((16, 784), 0.3), generator=torch.Generator().manual_seed(0))
+    family = BernoulliMixture(3)
+    model, guide = family.model, family.guide_enum  # (the same objects every step, as SVI passes them)
+    objective = family.elbo("enum", compile=True)
+    objective.loss(model, guide, x)
+    objective.loss_and_grads(model, guide, x)
+    with pytest.warns(UserWarning, match=r"the training step was traced for 1 different argument shapes or values, "
+                                         r"and this call has another: it runs eagerly$"):
+        assert objective.loss_and_grads(model, guide, x[:8]) == pytest.approx(objective.eager.loss(model, guide, x[:8]))
+    objective.loss_and_grads(model, guide, x)  # compiled still: no warning (they are errors)
+    assert objective.fallback is None and len(objective.compiled[(model, guide)].graphs) == 1
+
+
+def test_a_step_torch_compile_cannot_build_runs_eagerly_with_a_warning(monkeypatch):
+    """No C++ compiler, a Python torch.compile does not support: the run goes on eagerly, and says why."""
+    def fail(*args, **kwargs):
+        raise RuntimeError("Compiler: cc is not found.\nmore")
+
+    monkeypatch.setattr(torch, "compile", fail)
+    x = torch.bernoulli(torch.full((16, 784), 0.3), generator=torch.Generator().manual_seed(0))
+    family = BernoulliMixture(3)
+    objective = family.elbo("enum", compile=True)
+    objective.loss(family.model, family.guide_enum, x)
+    with pytest.warns(UserWarning, match=r"torch.compile could not build the training step \(RuntimeError: Compiler: "
+                                         r"cc is not found.\): it runs eagerly from here on"):
+        loss = objective.loss_and_grads(family.model, family.guide_enum, x)
+    assert loss == pytest.approx(objective.eager.loss(family.model, family.guide_enum, x))
+    assert objective.fallback.startswith("torch.compile could not build")
+
+
+def test_one_objective_compiles_each_model_and_guide_for_itself():
+    """A JIT ELBO keeps the model and guide of its first call: each pair takes a fresh one."""
+    x = torch.bernoulli(torch.full((8, 784), 0.3), generator=torch.Generator().manual_seed(0))
+    objective, eager = (build_model("vae", VAE, "cpu").elbo("normal", "trace", compile=compile) for compile in (1, 0))
+    for family in (build_model("vae", VAE, "cpu"), build_model("vae", {**VAE, "z_dim": 2}, "cpu")):
+        for guide in (family.guide_normal, family.guide_lowrank):
+            objective.loss(family.model, guide, x)
+            torch.manual_seed(1)
+            compiled_loss = objective.loss_and_grads(family.model, guide, x)
+            torch.manual_seed(1)
+            assert compiled_loss == pytest.approx(eager.loss(family.model, guide, x), rel=1e-6)
+    assert len(objective.compiled) == 4
+
+
+def test_compiled_graphs_go_with_their_family(tiny_dataset):
+    import gc
+    import weakref
+
+    family = build_model("vae", VAE, torch.device("cpu"))
+    per_digit_estimate(family, "normal", tiny_dataset.images["test"][:4], "iwae-5", compile=True)
+    assert compiled.compiled_seconds(family) > 0
+    gone = weakref.ref(family)
+    del family
+    gc.collect()
+    assert gone() is None
+
+
+def test_denormals_are_flushed_until_the_outermost_context_ends():
+    tiny = torch.tensor([1e-39])
+    with compiled.flushing_denormals():
+        with compiled.flushing_denormals():
+            assert (tiny * 1).item() == 0
+        assert (tiny * 1).item() == 0
+    assert (tiny * 1).item() == pytest.approx(1e-39)
+
+
+def test_a_resume_that_changes_compile_updates_as_the_new_setting_does(tiny_dataset, tmp_path):
+    """The saved optimizer state carries the old run's implementation (fused or not): the resume's is used."""
+    cfg = dict(model="vae", guide="normal", optimizer="adam", lr=3e-3, batch_size=50, eval_every=100, eval_digits=50,
+               eval_samples=0, model_args=VAE)
+    train(build_model("vae", VAE, "cpu"), tiny_dataset, Config(**cfg, epochs=1, compile=False), tmp_path, **QUIET)
+    train(build_model("vae", VAE, "cpu"), tiny_dataset, Config(**cfg, epochs=2, compile=True), tmp_path, resume=True,
+          **QUIET)
+    assert torch.load(tmp_path / "checkpoint.pt", weights_only=True)["optimizer"]["param_groups"][0]["fused"]
 
 
 def test_compiled_importance_estimates_are_the_eager_ones(tiny_dataset):
@@ -200,9 +269,13 @@ def test_compiled_inference_answers_as_eager_inference(tiny_dataset):
     assert torch.allclose(filled[0].log_prob_missing, filled[1].log_prob_missing, atol=1e-3)
     assert torch.allclose(filled[0].probabilities, filled[1].probabilities, atol=1e-3)  # weights of log weights ~ -500
 
+    chain = TrainedModel(family, cfg, params, "here", True).posterior(x[:3], observe("top"), method="nuts", draws=8,
+                                                                       warmup=4, seed=3)
+    assert chain.summary["posterior mean"].shape == (3, 3) and torch.isfinite(chain.summary["posterior mean"]).all()
+
     def potential(params):
         z = params["z"]
-        return (z**2).sum() / 2 - family.model.__self__.decoder(z).sigmoid().sum()
+        return (z**2).sum() / 2 - family.decoder(z).sigmoid().sum()
 
     z = torch.randn(5, 3)
     compiled_potential = CompiledPotential(potential)

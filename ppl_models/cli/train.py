@@ -134,7 +134,7 @@ def add_optimisation_arguments(parser):
                           "vimco), else the ELBO), stop after this many epochs "
                           "without a better score, and report and plot the best epoch's model (needs a valid "
                           "split: binarized-mnist; default: train every epoch and keep the last)")
-    opt.add_argument("--compile", nargs="?", const="on", choices=("auto", "on", "off"),
+    opt.add_argument("--compile", nargs="?", const="on", choices=tuple(COMPILE_CHOICES),
                      help="compile the training step (loss, gradients and the optimizer's update) with torch.compile: "
                           "the model and guide traced once into one fused graph, the same numbers as eager up to "
                           "rounding, 2-5x faster steps after 4-15 s of compiling (README: Compiling). auto "
@@ -247,9 +247,8 @@ def resumed_config(args):
     cfg.device = resolve_device(args.device)
     for setting in RESUME_MAY_CHANGE:
         if setting != "device" and given(getattr(args, setting)):
-            setattr(cfg, setting, getattr(args, setting))
-    if given(args.compile):
-        cfg.compile = COMPILE_CHOICES[args.compile]
+            value = getattr(args, setting)
+            setattr(cfg, setting, COMPILE_CHOICES[value] if setting == "compile" else value)
     return cfg
 
 

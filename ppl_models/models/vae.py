@@ -12,7 +12,8 @@ ELBOs (`--elbo`):
   trace      Trace_ELBO: one reparameterized sample of log p(x, z) - log q(z | x)
   meanfield  TraceMeanField_ELBO: the KL(q || p) term in closed form (seed problems 14, 19) where
              one exists (normal, lowrank), a sampled KL otherwise
-  iwae       RenyiELBO(alpha=0) with --particles k: the importance-weighted bound of Burda et al.
+  iwae       the importance-weighted bound of Burda et al. over --particles k samples
+             (objectives.IWAE: RenyiELBO(alpha=0)'s objective, written as one pure function)
 
 Encoder and decoder are MLPs with `--hidden` layers of `--activation` relu, tanh or gated units.
 
@@ -32,6 +33,7 @@ from pyro.distributions.transforms import AffineAutoregressive
 from pyro.nn import AutoRegressiveNN
 from torch import nn
 
+from ..compiled import CompiledObjective
 from ..config import SettingError, positive
 from ..distributions import LinearBernoulli
 from ..family import Family, Hyperparameter, pyro_elbo
@@ -124,7 +126,7 @@ class VAE(Family):
     elbos = {
         "trace": "Trace_ELBO, one reparameterized sample; the default",
         "meanfield": "TraceMeanField_ELBO: KL(q||p) in closed form where one exists",
-        "iwae": "the importance-weighted bound over `particles` samples, RenyiELBO with alpha=0",
+        "iwae": "the importance-weighted bound over `particles` samples (RenyiELBO(alpha=0)'s objective)",
     }
     importance_weighted_elbos = ("iwae",)
     hyperparameters = {
@@ -231,10 +233,10 @@ class VAE(Family):
                 raise SettingError("`kl_warmup` weights the KL term of a one-sample ELBO, which `elbo='iwae'` does not "
                                    "have; use `elbo='trace'` or meanfield, or drop `kl_warmup`")
             if jit:
-                raise SettingError("`jit=True` is not available with `elbo='iwae'` (Pyro has no JIT RenyiELBO); "
+                raise SettingError("`jit=True` is not available with `elbo='iwae'` (its loss is not a Pyro ELBO); "
                                    "use `compile=True`, or drop `jit`")
-            return pyro_elbo("RenyiELBO", particles=particles, alpha=0, compile=compile,
-                             traceable=IWAE(particles) if compile else None)
+            iwae = IWAE(particles)
+            return CompiledObjective(iwae, iwae) if compile else iwae
         return pyro_elbo("TraceMeanField_ELBO" if elbo == "meanfield" else "Trace_ELBO", jit, particles,
                          compile=compile)
 
