@@ -54,7 +54,8 @@ def test_a_second_writer_is_refused_while_the_first_runs(offline, tiny_binarized
     finally:
         first.kill()
         first.wait()
-    assert run_cli("--resume", str(out), "--epochs", "2") == 0  # the lock dies with its process
+    trained = torch.load(out / "checkpoint.pt", weights_only=True)["progress"]["epoch"]
+    assert run_cli("--resume", str(out), "--epochs", str(trained + 1)) == 0  # the lock dies with its process
 
 
 def test_a_new_run_does_not_replace_a_run_unless_asked(offline, tiny_binarized, tmp_path, capsys):
