@@ -50,7 +50,13 @@ def graph_step(workload, first_batch, update="eager"):
         svi.optimizer = getattr(torch.optim, optimizer)(svi.params, lr=lr, fused=True)
         svi.optimizer_step = svi.optimizer.step
     elif update == "compiled":
-        svi.optimizer_step = torch.compile(svi.optimizer.step)
+        update = torch.compile(svi.optimizer.step)
+
+        def compiled_update():  # (Dynamo's recompile limit lifted, as compiled.CompiledOptimizer lifts it)
+            with torch._dynamo.config.patch(**compiled.UNLIMITED_RECOMPILES):
+                update()
+
+        svi.optimizer_step = compiled_update
     return svi.step
 
 

@@ -374,8 +374,7 @@ class CompiledOptimizer:
     implementation where the class has one (Adam, AdamW, SGD and Adagrad, on the CPU since torch
     2.4), else its `step` compiled by torch.compile (RMSprop). bench/compile_steps.py times the
     update one param at a time, compiled and fused. `seconds`: spent compiling (the first step in
-    this process, which steps once too). A compiled step is Dynamo's, cached on the optimizer's
-    code: past Dynamo's recompile limit (8 optimizers in one process) later ones step eagerly."""
+    this process, which steps once too)."""
 
     def __init__(self, optimizer_class, params, lr):
         try:  # (a device the fused kernel does not know is refused at the first step, by torch >= 2.4)
@@ -391,6 +390,14 @@ class CompiledOptimizer:
         if self.stepped:
             return self.update()
         started = time.perf_counter()
-        with quiet_compiler():
+        with quiet_compiler(), torch._dynamo.config.patch(**UNLIMITED_RECOMPILES):
             self.update()
         self.seconds, self.stepped = time.perf_counter() - started, True
+
+
+# Dynamo keeps the compiled step of every optimizer on the one code of Optimizer.step, and past its
+# recompile limit (8) would step later optimizers eagerly: a process that trains several models (an
+# experiment, a test session) lifts the limit while an optimizer's step compiles. (Its name by torch.)
+UNLIMITED_RECOMPILES = {name: 10**6 for name in ("recompile_limit", "accumulated_recompile_limit",
+                                                  "cache_size_limit", "accumulated_cache_size_limit")
+                        if hasattr(torch._dynamo.config, name)}
