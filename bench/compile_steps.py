@@ -46,17 +46,9 @@ def graph_step(workload, first_batch, update="eager"):
     model = build_model(family, settings, first_batch.device)
     svi = SVI(model.model, model.guide(guide), model.elbo(guide, elbo, compile=True), getattr(torch.optim, optimizer),
               lr, (first_batch,))
-    if update == "fused":
-        svi.optimizer = getattr(torch.optim, optimizer)(svi.params, lr=lr, fused=True)
-        svi.optimizer_step = svi.optimizer.step
-    elif update == "compiled":
-        update = torch.compile(svi.optimizer.step)
-
-        def compiled_update():  # (Dynamo's recompile limit lifted, as compiled.CompiledOptimizer lifts it)
-            with torch._dynamo.config.patch(**compiled.UNLIMITED_RECOMPILES):
-                update()
-
-        svi.optimizer_step = compiled_update
+    if update != "eager":
+        fast = compiled.CompiledOptimizer(getattr(torch.optim, optimizer), svi.params, lr, fused=update == "fused")
+        svi.optimizer, svi.optimizer_step = fast.optimizer, fast.step
     return svi.step
 
 

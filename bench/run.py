@@ -45,7 +45,7 @@ def main():
     compile_rows = compile_time.measure(args.device, quick=args.quick)
     part_rows = compile_steps.measure(("mixture K=20", "VAE z-dim 2") if args.quick else tuple(compile_steps.WORKLOADS),
                                       args.device)
-    inference_rows, inference_compiling = inference_speed.measure(device=args.device)
+    inference_rows, inference_first = inference_speed.measure(device=args.device)
     distributed_lines = [] if args.quick or args.device != "cpu" else distributed_speed.measure(
         distributed_speed.settings([]))
     evaluation_rows = iwae_speed.measure(((2, (200, 200)),) if args.quick else ((2, (200, 200)), (40, (300, 300))),
@@ -107,9 +107,10 @@ def main():
         "## Inference given observed pixels",
         "",
         "Seconds for queries on VAE digits (z-dim 2, MLP 200-200) whose bottom half is missing, eager and compiled, "
-        "one thread, the median of three interleaved rounds (bench/inference_speed.py); the compiled query's "
-        "compile seconds apart: "
-        + "; ".join(f"{query}: {seconds:.1f} s" for query, seconds in inference_compiling.items()) + ".",
+        "one thread, the median of three interleaved rounds (bench/inference_speed.py; NUTS compiles its "
+        "potential for each chain, so its compiled rows include that, from inductor's cache). The first compiled "
+        "call of each, which traces and compiles (from the cache where this machine compiled the same graph "
+        "before): " + "; ".join(f"{query}: {seconds:.1f} s" for query, seconds in inference_first.items()) + ".",
         "",
         "| query | variant | s | x eager |",
         "| --- | --- | --- | --- |",

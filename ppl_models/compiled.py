@@ -373,11 +373,13 @@ class CompiledOptimizer:
     """`optimizer_class(params, lr=lr)` with a fast update of every param at once: PyTorch's fused
     implementation where the class has one (Adam, AdamW, SGD and Adagrad, on the CPU since torch
     2.4), else its `step` compiled by torch.compile (RMSprop). bench/compile_steps.py times the
-    update one param at a time, compiled and fused. `seconds`: spent compiling (the first step in
-    this process, which steps once too)."""
+    update one param at a time, compiled and fused (`fused=False`: compiled wherever). `seconds`:
+    spent compiling (the first step in this process, which steps once too)."""
 
-    def __init__(self, optimizer_class, params, lr):
+    def __init__(self, optimizer_class, params, lr, fused=True):
         try:  # (a device the fused kernel does not know is refused at the first step, by torch >= 2.4)
+            if not fused:
+                raise TypeError
             self.optimizer, self.update = optimizer_class(params, lr=lr, fused=True), None
         except (TypeError, RuntimeError):  # no fused version (TypeError), or none for the CPU in torch < 2.4
             self.optimizer = optimizer_class(params, lr=lr)
