@@ -153,8 +153,7 @@ class SigmoidBeliefNet(Family):
             if compile and 2**self.latents > distributions.STATE_CHUNK:
                 raise SettingError(f"`compile=True` with `guide='enum'` and `latents={self.latents}`: its graph would "
                                    f"keep the logits of all 2^{self.latents} states for the backward pass, which eager "
-                                   f"mode recomputes chunk by chunk; a step this large is compute-bound, so compiling "
-                                   f"gains little: drop `compile`, or use `latents` of at most "
+                                   f"mode recomputes chunk by chunk; drop `compile`, or use `latents` of at most "
                                    f"{distributions.STATE_CHUNK.bit_length() - 1}")
             return pyro_elbo("TraceEnum_ELBO", jit, compile=compile)  # exact: one pass, whatever `particles` says
         if guide == "bernoulli" and particles > 1 and self.baseline_kind != "average":
