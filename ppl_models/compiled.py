@@ -1,8 +1,9 @@
 """Pyro programs run as compiled graphs: traced once, then fused by torch.compile.
 
 Why not `torch.compile(elbo.loss_and_grads)`: Dynamo cannot trace Pyro's effect handlers (a message
-is a TypedDict with optional keys, `pyro.param` recompiles for every name, `sys._getframe`): the
-VAE's ELBO alone breaks into six graphs and hits the recompile limit, slower than eager.
+is a TypedDict with optional keys, `pyro.param` recompiles for every name, `sys._getframe`): a
+`Trace_ELBO` of one encoder and one decoder breaks into six graphs and hits the recompile limit,
+slower than eager.
 
 What this module does instead is what `torch.jit.trace` does for Pyro's JIT ELBOs, with the tools
 that replace it:
@@ -25,7 +26,8 @@ cannot be traced (make_fx refuses to read a value where torch.jit.trace would si
 nor one that torch.compile cannot build (no C++ compiler, an unsupported Python): either runs
 eagerly from then on, with a warning that says why. Tracing draws from a forked RNG stream, so it
 consumes none of the numbers the run draws. Tracing changes process-wide state for its duration
-(`pyro_tracing`, `jit_elbo_function`): one thread traces at a time.
+(`pyro_tracing`, `jit_elbo_function`): one thread traces at a time, and no other thread should run
+Pyro or torch.jit meanwhile (they would see that state too).
 """
 
 import logging
@@ -48,11 +50,10 @@ MAX_SIGNATURES = 8  # graphs traced for one function; a new signature past them 
 INDUCTOR_OPTIONS = {"fallback_random": True}
 # On its tracer path, Pyro's enumeration keeps the terms of nonzero probability (masked_select), whose
 # number depends on the data: Dynamo captures that into the graph, instead of splitting the graph
-# there, with this (bench/compile_steps.py times the mixture's step both ways).
+# there, with this (bench/compile_steps.py times an enumerated step both ways).
 CAPTURE_DATA_DEPENDENT_SHAPES = True
 
 TRACING = threading.RLock()  # the state `pyro_tracing` and `jit_elbo_function` change is the process's
-TRACING_STATE = torch._C._get_tracing_state  # torch's own, as it was at import
 
 
 @contextmanager
@@ -62,30 +63,33 @@ def pyro_tracing():
     torch.jit.trace, takes the branch that is right for every value. make_fx sets no such state:
     this says yes while a function is traced (torch itself only reads it as a truth value there)."""
     with TRACING:
-        torch._C._get_tracing_state = lambda: True
+        before, torch._C._get_tracing_state = torch._C._get_tracing_state, lambda: True
         try:
             yield
         finally:
-            torch._C._get_tracing_state = TRACING_STATE
+            torch._C._get_tracing_state = before
 
 
-FLUSHING = [0]  # how many `flushing_denormals` are open
+FLUSHING = threading.local()  # .open: how many `flushing_denormals` this thread has open
 
 
 @contextmanager
 def flushing_denormals():
-    """Floats below 1.2e-38 read as zero (flush-to-zero, as XLA does on CPU) until the outermost of
-    these ends. A mixture's posterior responsibilities reach such values, and x86 computes with them
-    many times slower: bench/mixture_speed.py times the mixture's step with them and without."""
-    if not FLUSHING[0] and not torch.set_flush_denormal(True):  # (False: the CPU cannot)
+    """Floats below 1.2e-38 read as zero (flush-to-zero, as XLA does on CPU) in this thread until the
+    outermost of these ends. Enumerated posterior responsibilities reach such values, and x86
+    computes with them many times slower: bench/mixture_speed.py times a step with them and without.
+    The setting is the calling thread's (the CPU's own): PyTorch's intra-op worker threads keep
+    theirs, so with several threads the share of the work they take still sees denormals."""
+    opened = getattr(FLUSHING, "open", 0)
+    if not opened and not torch.set_flush_denormal(True):  # (False: the CPU cannot)
         yield
         return
-    FLUSHING[0] += 1
+    FLUSHING.open = opened + 1
     try:
         yield
     finally:
-        FLUSHING[0] -= 1
-        if not FLUSHING[0]:
+        FLUSHING.open -= 1
+        if not FLUSHING.open:
             torch.set_flush_denormal(False)
 
 
@@ -132,6 +136,11 @@ class CannotCompile(RuntimeError):
         super().__init__(message)
         self.for_good = for_good
 
+    def warned(self):
+        """Say that this call runs eagerly (and every later one, if for good): the reason for good, or None."""
+        warnings.warn(f"{self}: it runs eagerly{' from here on' if self.for_good else ''}", stacklevel=3)
+        return str(self) if self.for_good else None
+
 
 class Compiled:
     """`fn(*args)` as compiled graphs, one per `signature(args)`. `fn` returns a tensor or a tuple
@@ -157,8 +166,7 @@ class Compiled:
         except CannotCompile as reason:
             if self.eager is None:
                 raise
-            warnings.warn(f"{reason}: it runs eagerly{' from here on' if reason.for_good else ''}", stacklevel=2)
-            self.failed = str(reason) if reason.for_good else None
+            self.failed = reason.warned()
             return self.eager(*args)
 
     def compiled(self, *args):
@@ -172,19 +180,27 @@ class Compiled:
             raise CannotCompile(f"{self.what} was traced for {MAX_SIGNATURES} different argument shapes or values, "
                                 "and this call has another", for_good=False)
         started = time.perf_counter()
+        try:
+            graph, names, out = self.build(args, tensors)
+        finally:
+            self.seconds += time.perf_counter() - started
+        self.graphs[key] = graph, names
+        return out
+
+    def build(self, args, tensors):
+        """(the compiled graph of fn at these arguments, the names of the params it takes, its output)."""
         names = list(store_params())
         traced = self.trace(args, params_named(names), tensors)
+        if list(store_params()) != names:  # a param fn created would be a constant of the graph
+            raise CannotCompile(f"{self.what} created params of Pyro's param store while it was traced",
+                                for_good=False)
         try:
             graph = torch.compile(traced, dynamic=False, options=INDUCTOR_OPTIONS)
             with torch.no_grad(), quiet_compiler(), \
                     torch._dynamo.config.patch(capture_dynamic_output_shape_ops=CAPTURE_DATA_DEPENDENT_SHAPES):
-                out = graph(*params_named(names), *tensors)
+                return graph, names, graph(*params_named(names), *tensors)
         except Exception as error:  # inductor's build, not the program: tracing ran it already
-            raise CannotCompile(f"torch.compile could not build {self.what} ({type(error).__name__}: "
-                                f"{str(error).strip().splitlines()[0] if str(error).strip() else ''})") from error
-        self.graphs[key] = graph, names
-        self.seconds += time.perf_counter() - started
-        return out
+            raise CannotCompile(f"torch.compile could not build {self.what} ({described(error)})") from error
 
     def trace(self, args, params, tensors):
         """The FX graph of fn at these arguments, from one run on a forked RNG stream."""
@@ -207,6 +223,12 @@ class Compiled:
                 raise
             raise CannotCompile(f"{self.what} branches on the value of a tensor ({where_traced_code_read(error)}), "
                                 "which a traced graph cannot record") from None
+
+
+def described(error):
+    """'Type: first line of the message' of an exception."""
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {lines[0] if lines else ''}"
 
 
 def where_traced_code_read(error):
@@ -330,7 +352,11 @@ class CompiledObjective:
     over, with a warning, where the step cannot be compiled: `fallback` then says why). `traceable`:
     the same objective as `loss_and_surrogate(model, guide, *args)` -> (loss, surrogate loss), written
     without reading any value (`PyroJitELBO`, objectives.IWAE, objectives.VIMCO). A step is compiled
-    for each (model, guide): give it the same objects every step, as SVI does."""
+    for each (model, guide): give it the same objects every step, as SVI does.
+
+    The graph reads the param store's tensors without calling `pyro.param`, so an optimizer must be
+    given the params (as `ppl_models.train.SVI` takes them from the store): `pyro.infer.SVI`, which
+    finds them by tracing `pyro.param` calls, would update none."""
 
     def __init__(self, eager, traceable):
         self.eager, self.traceable = eager, traceable
@@ -356,8 +382,7 @@ class CompiledObjective:
         try:
             loss, *grads = compiled(*args)
         except CannotCompile as reason:
-            warnings.warn(f"{reason}: it runs eagerly{' from here on' if reason.for_good else ''}", stacklevel=2)
-            self.fallback = str(reason) if reason.for_good else None
+            self.fallback = reason.warned()
             return self.eager.loss_and_grads(model, guide, *args)
         params, given = store_params(), set()
         for name, grad in compiled.fn.gradients(args, grads).items():
@@ -374,7 +399,8 @@ class CompiledOptimizer:
     implementation where the class has one (Adam, AdamW, SGD and Adagrad, on the CPU since torch
     2.4), else its `step` compiled by torch.compile (RMSprop). bench/compile_steps.py times the
     update one param at a time, compiled and fused (`fused=False`: compiled wherever). `seconds`:
-    spent compiling (the first step in this process, which steps once too)."""
+    spent compiling (the first step in this process, which steps once too). Where torch.compile cannot
+    build the step, it runs eagerly, with a warning: `fallback` says why."""
 
     def __init__(self, optimizer_class, params, lr, fused=True):
         try:  # (a device the fused kernel does not know is refused at the first step, by torch >= 2.4)
@@ -384,7 +410,7 @@ class CompiledOptimizer:
         except (TypeError, RuntimeError):  # no fused version (TypeError), or none for the CPU in torch < 2.4
             self.optimizer = optimizer_class(params, lr=lr)
             self.update = torch.compile(self.optimizer.step, options=INDUCTOR_OPTIONS)
-        self.seconds, self.stepped = 0.0, False
+        self.seconds, self.stepped, self.fallback = 0.0, False, None
 
     def step(self):
         if self.update is None:
@@ -392,8 +418,13 @@ class CompiledOptimizer:
         if self.stepped:
             return self.update()
         started = time.perf_counter()
-        with quiet_compiler(), torch._dynamo.config.patch(**UNLIMITED_RECOMPILES):
-            self.update()
+        try:
+            with quiet_compiler(), torch._dynamo.config.patch(**UNLIMITED_RECOMPILES):
+                self.update()
+        except Exception as error:  # inductor's build: the compiled update fails before it changes a param
+            reason = CannotCompile(f"torch.compile could not build the optimizer's update ({described(error)})")
+            self.fallback, self.update = reason.warned(), None
+            self.optimizer.step()
         self.seconds, self.stepped = time.perf_counter() - started, True
 
 

@@ -88,15 +88,20 @@ class Config:
              "`eval_samples` must be 0 (none) or a positive integer"),
             (self.train_subset is None or self.train_subset > 0, "`train_subset` must be a positive integer"),
             (self.patience is None or self.patience > 0, "`patience` must be a positive integer"),
-            (self.compile in COMPILE_SETTINGS, f"`compile` must be True, False or 'auto', got {self.compile!r}"),
         ]
         for ok, message in checks:
             if not ok:
                 raise SettingError(message)
+        check_compile_setting(self.compile)
 
 
 AUTO_EVAL_SAMPLES = 1000  # the k of `eval_samples=None` for a model without an exact log-likelihood
 COMPILE_SETTINGS = (True, False, "auto")  # `compile=`: always, never, where it pays (README: Compiling)
+
+
+def check_compile_setting(value):
+    if value not in COMPILE_SETTINGS:
+        raise SettingError(f"`compile` must be True, False or 'auto', got {value!r}")
 
 
 def steps_per_epoch(cfg, data):

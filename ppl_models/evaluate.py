@@ -97,20 +97,25 @@ def estimators(model, guide_name, split="test"):
 
 # Samples x digits x pixels scored at once (4 MB of logits), small enough that a chunk's logits
 # stay in cache between the decoder's last product and the softplus that reads them. Measured
-# (bench/iwae_speed.py; iwae-1000 of z-dim 2 and 40, one thread, 2026-12-04): eager 1.40x and 1.39x
-# its floor with 2^20, 1.53x and 1.36x with 2^22; compiled 0.96x and 0.97x with 2^20, 1.11x and
-# 1.07x with 2^22 (its fused softplus reads the product's output once, from cache or not); eager
-# 1.1-2.0x with 2^25 (2026-12-01).
+# (bench/iwae_speed.py; iwae-1000 of z-dim 2 and 40 against its floor, one thread, one run on
+# 2026-12-04): eager 1.40x and 1.39x with 2^20, 1.53x and 1.36x with 2^22; compiled 0.96x and 0.97x
+# with 2^20, 1.11x and 1.07x with 2^22; eager 1.1-2.0x with 2^25 (2026-12-01). BENCHMARKS.md has
+# the latest run (2^20: eager 1.47x and 1.53x, compiled 0.99x and 1.01x).
 CHUNK_FLOATS = 2**20
 
 
 # An importance-sampled estimate (elbo, iwae-k) or posterior with this many draws of z in all (digits x
 # draws) or more is compiled where `compile='auto'`. Compiling a graph costs about 5 s the first time,
-# 1-3 s from inductor's cache; a draw then costs 0.6-0.7 of what it did (bench/iwae_speed.py: iwae-1000
-# at 1.05-1.10x its floor against 1.51-1.55x; bench/inference_speed.py: importance sampling of digits
-# with a missing half, 0.62x), about 4 us less a draw on one core: 2 million draws save about 8 s.
+# 1-3 s from inductor's cache; a draw then costs 0.6-0.7 of what it did (BENCHMARKS.md, 2026-12-04:
+# iwae-1000 at 0.99-1.01x its floor against 1.47-1.53x; importance sampling of digits with a missing
+# half, 0.62x), about 4 us less a draw on one core: 2 million draws save about 8 s.
 # The exact sums are never compiled: they are a few large products already.
 COMPILE_DRAWS = 2_000_000
+
+
+def compiles_draws(compile, draws):
+    """Whether importance sampling of `draws` draws in all runs compiled under `compile` (True, False, 'auto')."""
+    return compile is True or compile == "auto" and draws >= COMPILE_DRAWS
 
 
 def per_digit_estimate(model, guide_name, x, name, progress=False, memory_floats=CHUNK_FLOATS, observed=None,
@@ -139,7 +144,7 @@ def per_digit_estimate(model, guide_name, x, name, progress=False, memory_floats
     if observed is not None:
         x = torch.where(observed, x, torch.zeros_like(x))
     draws = len(x) * samples_of(name)
-    compiling = name != "exact" and (compile is True or compile == "auto" and draws >= COMPILE_DRAWS)
+    compiling = name != "exact" and compiles_draws(compile, draws)
     log_weights = None if name == "exact" else log_weights_of(model, guide_name, compiling)
     values = []
     with torch.random.fork_rng(devices=[x.device] if x.device.type == "cuda" else []):

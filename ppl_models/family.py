@@ -58,6 +58,7 @@ class Experiment:
     help: str
     run: Callable
     sets: dict = field(default_factory=dict)  # {setting: why}: those it decides itself, whatever was given
+    trains: Callable = None  # (family, cfg) -> the Configs of the runs it trains, checked before it starts
 
 
 @dataclass

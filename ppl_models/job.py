@@ -41,7 +41,9 @@ def run(cfg, out, experiment=None, resume=False, progress=True, download=True, l
                                               available_memory(cfg.device)))
     model = family(**cfg.model_args).to(cfg.device)
     check_data_parallel(model, cfg, world)  # (train checks these two again, for the library's callers)
-    check_compile(model, cfg)
+    about = family.experiments[experiment] if experiment else None
+    for run_cfg in about.trains(family, cfg) if about and about.trains else [cfg]:  # before any of them trains
+        check_compile(model if run_cfg.model_args == cfg.model_args else family(**run_cfg.model_args), run_cfg)
     with ExitStack() as held:
         out = world.on_main(lambda: claim(held, out, experiment, cfg, resume, overwrite))
         data = world.main_first(lambda: load_dataset(cfg.dataset, binarize=cfg.binarize, data_dir=cfg.data_dir,
@@ -50,7 +52,6 @@ def run(cfg, out, experiment=None, resume=False, progress=True, download=True, l
         splits = [f"{split} {data.images[split].shape[0]:,} digits from {data.sources[split]}" for split in data.splits]
         log(f"{model.summary(cfg.guide)}, guide '{cfg.guide}'; {cfg.dataset} ({data.binarize} binarization): "
             + ", ".join(splits))
-        about = family.experiments[experiment] if experiment else None
         sets = about.sets if about else {}  # the settings an experiment decides itself
         unused = unused_settings(family, None if "guide" in sets else cfg.guide, cfg.dataset)
         unused |= {name: f"set by the experiment: {why}" for name, why in sets.items()}

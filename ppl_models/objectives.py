@@ -5,7 +5,7 @@ over K samples z_k ~ q(z | x),
 
     L = log (1/K) sum_k w_k,    w_k = p(x, z_k) / q(z_k | x).
 
-IWAE (Burda et al. 2016), for reparameterized guides: the gradient of L itself, the VAE's
+IWAE (Burda et al. 2016), for reparameterized guides: the gradient of L itself, a family's
 `elbo='iwae'`. Pyro's RenyiELBO(alpha=0) trains the same bound, but computes it with .item() and has
 no JIT version, so it cannot be traced and compiled; written here as one pure function, it can.
 

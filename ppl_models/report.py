@@ -302,9 +302,12 @@ def describe(summary, out):
 
 
 def compiling(summary):
-    """' (the step compiled: why; N s compiling, apart)' for a compiled run, else ''."""
+    """' (the step compiled: why; N s compiling, apart)' for a compiled run, else ''; or what ran
+    eagerly after all, and why."""
     compiled = summary["compile"]
     if not compiled["compiled"]:
         return ""
+    if compiled.get("ran_eagerly"):
+        return f" (to be compiled, {compiled['why']}, but run eagerly: {compiled['ran_eagerly']})"
     seconds = compiled["training_step_seconds"] + compiled["evaluation_seconds"]
     return f" (the step compiled by torch.compile, {compiled['why']}; {seconds:.1f} s compiling, not counted)"

@@ -63,7 +63,8 @@ class SVI:
 
     `compile=True`: the optimizer's update is fused or compiled too (`compiled.CompiledOptimizer`);
     the ELBO is then a `compiled.CompiledObjective` (the family's `elbo(..., compile=True)`).
-    `compile_seconds`: spent compiling both so far.
+    `compile_seconds`: spent compiling both so far; `ran_eagerly`: why either runs eagerly after all
+    (torch.compile could not build it, ...), or None.
     """
 
     def __init__(self, model, guide, elbo, optimizer_class, lr, first_args, world=ONE_PROCESS, compile=False):
@@ -84,6 +85,10 @@ class SVI:
     @property
     def compile_seconds(self):
         return sum(part.seconds for part in self.compiled_parts)
+
+    @property
+    def ran_eagerly(self):
+        return "; ".join(part.fallback for part in self.compiled_parts if part.fallback) or None
 
     def step(self, *args, extras=None):
         """One step; the loss summed over the global batch. `extras`, a float tensor, is summed over the
@@ -173,7 +178,7 @@ def train(model, data, cfg, run_dir, resume=False, progress=True, log=print, aft
         if run.best:
             run.restore_best_epoch()
         summary = summarise(model, data, cfg, run.at.epoch, run.at.seconds / max(run.at.epoch, 1), run.device, progress,
-                            log, world, compile="auto" if run.compiled else False)
+                            log, world, compile=False if cfg.compile is False else "auto")
         summary["compile"] = run.compile_summary()
         if run.best:
             summary["early_stopping"] = run.early_stopping_summary()
@@ -232,7 +237,7 @@ class Training:
 
         checkpoint = world.on_main(lambda: checked_checkpoint(self.checkpoint_path, cfg)) if resume else None
         self.compiled, self.compile_why = compile_decision(model, cfg, self.steps * cfg.epochs,
-                                                           checkpoint and checkpoint.get("compiled"))
+                                                           checkpoint.get("compiled", False) if checkpoint else None)
         pyro.clear_param_store()
         pyro.set_rng_seed(cfg.seed)
         model.reset_parameters()
@@ -266,17 +271,17 @@ class Training:
         """Restore params, optimizer, RNG and progress from the checkpoint (rank 0's, sent to every
         rank): (progress, early stopping state)."""
         if self.cfg.jit:
-            self.compile_training_step()
-        try:
+            self.jit_trace_training_step()
+        defaults = self.svi.optimizer.defaults  # the saved state holds the old rate and implementation, and
+        chosen = {key: defaults[key] for key in ("fused", "foreach") if key in defaults}  # a resume may change
+        try:  # the rate and `compile` (the implementation before loading: it decides where the state goes)
             restore_snapshot(self.model, checkpoint, self.device)
-            self.svi.optimizer.load_state_dict(checkpoint["optimizer"])
-        except (RuntimeError, KeyError, ValueError, AttributeError) as error:
+            saved = checkpoint["optimizer"]
+            self.svi.optimizer.load_state_dict({**saved, "param_groups": [{**group, **chosen, "lr": self.cfg.lr}
+                                                                          for group in saved["param_groups"]]})
+        except (RuntimeError, KeyError, ValueError, AttributeError, TypeError) as error:
             raise TrainingError(f"{self.checkpoint_path} does not fit this model ({type(error).__name__}: "
                                 f"{str(error).splitlines()[0]}); delete it and start the run again") from None
-        defaults = self.svi.optimizer.defaults
-        chosen = {key: defaults[key] for key in ("fused", "foreach") if key in defaults}
-        for group in self.svi.optimizer.param_groups:  # the saved state holds the old rate and implementation,
-            group.update(lr=self.cfg.lr, **chosen)  # and a resume may change the rate and `compile`
         set_rng_state(checkpoint["rng"], self.device)
         at = Progress(**checkpoint["progress"])
         self.log(f"resuming {self.dir} at epoch {at.epoch + 1}, step {at.step}" if at.epoch < self.cfg.epochs else
@@ -284,7 +289,7 @@ class Training:
         self.commands[:0] = checkpoint.get("commands", ["not recorded (a checkpoint of older code)"])
         return at, checkpoint.get("best")
 
-    def compile_training_step(self):
+    def jit_trace_training_step(self):
         """Trace the JIT ELBO's gradient step now, before the saved params and RNG state are restored.
         Tracing runs the model and guide once more than a compiled step does, drawing extra random
         numbers: an uninterrupted run pays that at its first step, so a resumed run must pay it
@@ -398,8 +403,8 @@ class Training:
         """metrics.json's `compile`: whether the step was compiled, why, and the seconds compiling took
         (kept apart from `seconds_per_epoch`): the training step's over the whole run, the final
         estimates' in this invocation."""
-        return {"compiled": self.compiled, "why": self.compile_why, "training_step_seconds": self.at.compile_seconds,
-                "evaluation_seconds": compiled_seconds(self.model)}
+        return {"compiled": self.compiled, "why": self.compile_why, "ran_eagerly": self.svi.ran_eagerly,
+                "training_step_seconds": self.at.compile_seconds, "evaluation_seconds": compiled_seconds(self.model)}
 
     def last_checkpoint(self):
         if self.checkpoint_path.exists():

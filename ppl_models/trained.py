@@ -22,9 +22,9 @@ import pyro
 import torch
 from pyro import poutine
 
-from .config import COMPILE_SETTINGS, Config, SettingError
+from .config import Config, SettingError, check_compile_setting
 from .data import check_binary
-from .evaluate import COMPILE_DRAWS, per_digit_estimate
+from .evaluate import compiles_draws, per_digit_estimate
 from .inference import fill_in, join_fill_ins, join_posteriors
 from .masks import check_mask
 from .models import family_of
@@ -62,8 +62,7 @@ class TrainedModel:
     """
 
     def __init__(self, family, cfg, params, source, compile="auto"):
-        if compile not in COMPILE_SETTINGS:
-            raise SettingError(f"`compile` must be True, False or 'auto', got {compile!r}")
+        check_compile_setting(compile)
         self.family, self.cfg, self._params, self.source, self.compile = family, cfg, params, source, compile
 
     @contextmanager
@@ -157,13 +156,12 @@ class TrainedModel:
         return answers
 
     def compiles(self, method, digits, chunk, draws, warmup):
-        """Whether a query compiles its inference: under 'auto', importance sampling of COMPILE_DRAWS
+        """Whether a query compiles its inference: under 'auto', importance sampling of evaluate.COMPILE_DRAWS
         draws or more in all; NUTS, whose potential is compiled for each chunk of digits (the
         digits are the graph's constants), for chunks of COMPILE_NUTS_STEPS digit-steps or more."""
-        if method == "exact" or self.compile is not True and self.compile != "auto":
-            return False
-        work = chunk * (warmup + draws) / COMPILE_NUTS_STEPS if method == "nuts" else digits * draws / COMPILE_DRAWS
-        return self.compile is True or work >= 1
+        if method == "nuts":
+            return self.compile is True or self.compile == "auto" and chunk * (warmup + draws) >= COMPILE_NUTS_STEPS
+        return method != "exact" and compiles_draws(self.compile, digits * draws)
 
     # ---- inputs ------------------------------------------------------------------------------
     def digits(self, x):

@@ -16,6 +16,7 @@ from ppl_models.config import Config, SettingError
 from ppl_models.evaluate import per_digit_estimate
 from ppl_models.models import build_model
 from ppl_models.models.mixture import BernoulliMixture
+from ppl_models.report import describe
 from ppl_models.train import AUTO_COMPILE_STEPS, compile_decision, reproducible, train
 
 QUIET = dict(progress=False, log=lambda *args: None)
@@ -128,6 +129,18 @@ def test_the_cli_takes_compile_and_may_change_it_on_resume(offline, tiny_binariz
     assert summary["compile"]["compiled"] and summary["epochs"] == 2
 
 
+def test_an_experiment_is_refused_before_it_trains_when_one_of_its_runs_cannot_be_compiled(offline, tiny_binarized,
+                                                                                          tmp_path, capsys):
+    """enum-vs-sampled trains every guide: the decaying-average baseline of `bernoulli` is refused before `enum`
+    trains."""
+    out = tmp_path / "experiment"
+    assert run_cli("--model", "sbn", "--experiment", "enum-vs-sampled", "--latents", "4", "--baseline", "average",
+                   "--compile", "--dataset", "binarized-mnist", "--data-dir", str(tiny_binarized), "--out",
+                   str(out)) == 2
+    assert "error: --compile cannot trace Pyro's decaying-average baseline" in capsys.readouterr().err
+    assert not out.exists()
+
+
 class BranchingPixels(BernoulliMixture):
     """A mixture whose model reads a tensor's value: no graph can record that branch."""
 
@@ -163,21 +176,44 @@ def test_past_its_signatures_a_call_runs_eagerly_and_the_traced_ones_stay_compil
     assert objective.fallback is None and len(objective.compiled[(model, guide)].graphs) == 1
 
 
-def test_a_step_torch_compile_cannot_build_runs_eagerly_with_a_warning(monkeypatch):
-    """No C++ compiler, a Python torch.compile does not support: the run goes on eagerly, and says why."""
+def test_a_run_whose_step_torch_compile_cannot_build_runs_eagerly_and_says_so(monkeypatch, tiny_dataset, tmp_path):
+    """No C++ compiler, a Python torch.compile does not support: the step and the optimizer's compiled update
+    (RMSprop's) run eagerly from their first call, with a warning, and metrics.json and the run's last line say so."""
     def fail(*args, **kwargs):
-        raise RuntimeError("Compiler: cc is not found.\nmore")
+        def build_fails(*args, **kwargs):
+            raise RuntimeError("Compiler: cc is not found.\nmore")
+        return build_fails
 
     monkeypatch.setattr(torch, "compile", fail)
-    x = torch.bernoulli(torch.full((16, 784), 0.3), generator=torch.Generator().manual_seed(0))
-    family = BernoulliMixture(3)
-    objective = family.elbo("enum", compile=True)
-    objective.loss(family.model, family.guide_enum, x)
+    cfg = Config(model="mixture", guide="enum", epochs=1, batch_size=100, eval_every=100, eval_digits=50,
+                 optimizer="rmsprop", compile=True)
     with pytest.warns(UserWarning, match=r"torch.compile could not build the training step \(RuntimeError: Compiler: "
-                                         r"cc is not found.\): it runs eagerly from here on"):
-        loss = objective.loss_and_grads(family.model, family.guide_enum, x)
-    assert loss == pytest.approx(objective.eager.loss(family.model, family.guide_enum, x))
-    assert objective.fallback.startswith("torch.compile could not build")
+                                         r"cc is not found.\): it runs eagerly from here on") as caught:
+        summary = train(BernoulliMixture(3), tiny_dataset, cfg, tmp_path, **QUIET)
+    assert len([w for w in caught if "could not build" in str(w.message)]) == 2  # once each, not every step
+    why = json.loads((tmp_path / "metrics.json").read_text())["compile"]["ran_eagerly"]
+    assert why.startswith("torch.compile could not build the training step") and "the optimizer's update" in why
+    assert summary["compile"]["ran_eagerly"] == why
+    assert f"but run eagerly: {why}" in describe(summary, tmp_path)
+
+
+def test_a_program_that_creates_params_while_traced_runs_eagerly_then_compiles():
+    """A param made during the trace would be a constant of the graph: that call runs eagerly, the next one,
+    the store then holding the param, is traced again and follows the param's later values."""
+    pyro.clear_param_store()
+
+    def scaled(x):
+        return x * pyro.param("scale", torch.tensor(2.0))
+
+    function = compiled.Compiled(scaled, "scaled", eager=scaled)
+    x = torch.ones(3)
+    with pytest.warns(UserWarning, match="created params of Pyro's param store while it was traced: it runs "
+                                         "eagerly$"):
+        assert torch.equal(function(x), 2 * x)
+    pyro.get_param_store()["scale"] = torch.tensor(3.0)
+    assert torch.equal(function(x), 3 * x)
+    pyro.get_param_store()["scale"] = torch.tensor(5.0)
+    assert torch.equal(function(x), 5 * x) and len(function.graphs) == 1
 
 
 def test_one_objective_compiles_each_model_and_guide_for_itself():
@@ -199,7 +235,8 @@ def test_compiled_graphs_go_with_their_family(tiny_dataset):
     import weakref
 
     family = build_model("vae", VAE, torch.device("cpu"))
-    per_digit_estimate(family, "normal", tiny_dataset.images["test"][:4], "iwae-5", compile=True)
+    for compile in (False, True):  # (eagerly first: that creates the params a graph reads)
+        per_digit_estimate(family, "normal", tiny_dataset.images["test"][:4], "iwae-5", compile=compile)
     assert compiled.compiled_seconds(family) > 0
     gone = weakref.ref(family)
     del family
@@ -214,6 +251,31 @@ def test_denormals_are_flushed_until_the_outermost_context_ends():
             assert (tiny * 1).item() == 0
         assert (tiny * 1).item() == 0
     assert (tiny * 1).item() == pytest.approx(1e-39)
+
+
+def test_denormals_are_flushed_per_thread_and_the_last_to_end_restores_them():
+    """The CPU's flush-to-zero flag is each thread's own: two threads' overlapping contexts neither miss
+    flushing nor leave it on."""
+    import threading
+
+    tiny, seen, entered, release = torch.tensor([1e-39]), {}, threading.Event(), threading.Event()  # (one number:
+    # computed by the calling thread, never by an intra-op worker, whose flag is its own)
+
+    def other():
+        with compiled.flushing_denormals():
+            entered.set()
+            release.wait()
+            seen["inside"] = (tiny * 1).item()
+        seen["after"] = (tiny * 1).item()
+
+    thread = threading.Thread(target=other)
+    with compiled.flushing_denormals():
+        thread.start()
+        entered.wait()
+    assert (tiny * 1).item() == pytest.approx(1e-39)  # ended here while the other thread's is open
+    release.set()
+    thread.join()
+    assert seen["inside"] == 0 and seen["after"] == pytest.approx(1e-39)
 
 
 def test_a_resume_that_changes_compile_updates_as_the_new_setting_does(tiny_dataset, tmp_path):

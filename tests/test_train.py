@@ -109,7 +109,8 @@ def test_run_directory_files_have_the_documented_keys(tiny_dataset, tmp_path):
     summary = json.loads((tmp_path / "metrics.json").read_text())
     assert {"model", "guide", "dataset", "epochs", "seconds_per_epoch", "final", "final_digits",
             "compile"} <= set(summary)
-    assert set(summary["compile"]) == {"compiled", "why", "training_step_seconds", "evaluation_seconds"}
+    assert set(summary["compile"]) == {"compiled", "why", "ran_eagerly", "training_step_seconds",
+                                        "evaluation_seconds"}
     assert set(summary["final"]) == {"train", "test"} and set(summary["final"]["test"]) == {"exact"}
     assert summary["final_digits"] == {"train": 600, "test": 200}
     rows = metric_rows(tmp_path)

@@ -137,7 +137,7 @@ def add_optimisation_arguments(parser):
     opt.add_argument("--compile", nargs="?", const="on", choices=tuple(COMPILE_CHOICES),
                      help="compile the training step (loss, gradients and the optimizer's update) with torch.compile: "
                           "the model and guide traced once into one fused graph, the same numbers as eager up to "
-                          "rounding; a step takes 0.2-0.5 of its eager time after 3-16 s of compiling (measured on a "
+                          "rounding; a step takes 0.2-0.5 of its eager time after 3-17 s of compiling (measured on a "
                           "2-core CPU, README: Compiling). auto "
                           f"(default): on where the guide can be compiled and the run has {AUTO_COMPILE_STEPS:,} steps "
                           "or more to repay it; a bare --compile is on")

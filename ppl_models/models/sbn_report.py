@@ -136,11 +136,12 @@ def plot_cost_against_latents(results, path, title):
 COST_AGAINST_LATENTS = Experiment(
     "seconds and memory per training step against M, each guide (seed problem 10)", cost_against_latents,
     sets={"guide": "it times every guide", "latents": "it times every M it plots", "optimizer": "it times Adam steps",
+          "compile": "it times eager steps",
           **dict.fromkeys(("epochs", "patience", "eval_every", "eval_digits", "eval_samples"),
                           "it times training steps, it trains no whole run")})
 GRADIENT_VARIANCE = Experiment(
     "each sampled guide's gradient variance at fixed parameters, against the exact gradient", gradient_variance,
     sets={"guide": "it compares the sampled guides with the exact gradient",
           **dict.fromkeys(("epochs", "lr", "optimizer", "patience", "eval_every", "eval_digits", "eval_samples",
-                           "train_subset", "elbo", "particles", "jit"),
+                           "train_subset", "elbo", "particles", "jit", "compile"),
                          "it trains nothing: the untrained model of the seed")})

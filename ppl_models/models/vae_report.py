@@ -143,7 +143,10 @@ def latent_means(model, guide_name, x, num_samples=100):
     return z.mean(0)
 
 
-def prior_vs_importance(family, cfg, data, out, progress, log=print, z_dims=(2, 5, 20),
+LATENT_SIZES = (2, 5, 20)  # prior-vs-importance's z-dims
+
+
+def prior_vs_importance(family, cfg, data, out, progress, log=print, z_dims=LATENT_SIZES,
                         sample_counts=(1, 10, 100, 1000, 10000), digits=20, repeats=10):
     """Seed problem 13, measured: log p(x) by plain Monte Carlo from the prior, log mean p(x | z_m)
     with z_m ~ p(z), against importance sampling from q, for growing M and several latent sizes.
@@ -151,8 +154,7 @@ def prior_vs_importance(family, cfg, data, out, progress, log=print, z_dims=(2, 
     plot shows the mean over digits of the mean estimate, and of its spread (sd over repeats)."""
     x = random_digits(data.binary("test"), digits)
     panels, results = {}, {}
-    for z_dim in z_dims:
-        run_cfg = replace(cfg, model_args={**cfg.model_args, "z_dim": z_dim}, eval_samples=0)
+    for z_dim, run_cfg in latent_size_runs(cfg, z_dims).items():
         model = family(**run_cfg.model_args).to(cfg.device)
         log(f"training the VAE with z-dim {z_dim}")
         train(model, data, run_cfg, out / f"z{z_dim}", progress=progress, log=log, overwrite=True)
@@ -197,8 +199,14 @@ def estimate_by_proposal(model, x, cfg, sample_counts, repeats):
     return lines, results
 
 
+def latent_size_runs(cfg, z_dims=LATENT_SIZES):
+    """{z-dim: the Config of prior-vs-importance's training run with it} (its estimates are its result:
+    the runs report none)."""
+    return {z_dim: replace(cfg, model_args={**cfg.model_args, "z_dim": z_dim}, eval_samples=0) for z_dim in z_dims}
+
+
 PRIOR_VS_IMPORTANCE = Experiment(
     "seed problem 13: log p(x) by Monte Carlo from the prior vs. importance sampling from q, M = 1..10^4 samples, "
     "z-dim 2, 5, 20", prior_vs_importance,
     sets={"z_dim": "it trains z-dim 2, 5 and 20", "eval_samples": "its own estimates are its result: its runs report "
-          "no iwae-k"})
+          "no iwae-k"}, trains=lambda family, cfg: list(latent_size_runs(cfg).values()))
