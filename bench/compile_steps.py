@@ -18,7 +18,6 @@ Not a test: numbers depend on the machine.
 
 import argparse
 import statistics
-import time
 
 import pyro
 import torch
@@ -27,7 +26,7 @@ import ppl_models.compiled as compiled
 from ppl_models.models import build_model
 from ppl_models.train import SVI, reproducible
 
-from common import pyro_step, training_batches
+from common import one_epoch, pyro_step, training_batches
 
 WORKLOADS = {  # name: (family, its settings, guide, elbo, optimizer, lr)
     "mixture K=20": ("mixture", {"components": 20}, "enum", None, "RMSprop", 0.01),
@@ -93,14 +92,7 @@ def measure(names=tuple(WORKLOADS), device="cpu", rounds=3, log=print):
             for _ in range(rounds):
                 for variant, (step, params) in built.items():
                     with store.scope(params):
-                        if device.type == "cuda":
-                            torch.cuda.synchronize()
-                        started = time.perf_counter()
-                        for batch in batches:
-                            step(batch)
-                        if device.type == "cuda":
-                            torch.cuda.synchronize()
-                        times[variant].append((time.perf_counter() - started) / len(batches) * 1e3)
+                        times[variant].append(one_epoch(step, batches, device) / len(batches) * 1e3)
             eager = statistics.median(times["eager"])
             for variant, values in times.items():
                 rows.append((name, variant, statistics.median(values), statistics.median(values) / eager))

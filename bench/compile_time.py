@@ -37,7 +37,7 @@ def child(name, device):
 
     from ppl_models.train import reproducible
 
-    from common import pyro_step, training_batches
+    from common import one_epoch, pyro_step, training_batches
 
     family, settings, guide, elbo, optimizer, lr = WORKLOADS[name]
     device = torch.device(device)
@@ -55,12 +55,7 @@ def child(name, device):
         for _ in range(3):
             for label, (step, params, _) in built.items():
                 with store.scope(params):
-                    started = time.perf_counter()
-                    for batch in batches:
-                        step(batch)
-                    if device.type == "cuda":
-                        torch.cuda.synchronize()
-                per_step[label].append((time.perf_counter() - started) / len(batches) * 1e3)
+                    per_step[label].append(one_epoch(step, batches, device) / len(batches) * 1e3)
     compile_seconds = built["compiled"][2]
     return {"compile_seconds": compile_seconds, **{label: statistics.median(v) for label, v in per_step.items()}}
 
