@@ -302,11 +302,11 @@ def describe(summary, out):
 
 
 def compiling(summary):
-    """' (the step compiled: why; N s compiling, apart)' for a compiled run, else ''; or what ran
-    eagerly after all, and why."""
+    """' (the step compiled: why; N s compiling, apart)' for a compiled run, or what ran eagerly after
+    all, and why; for a run 'auto' left eager, why; else ''."""
     compiled = summary["compile"]
     if not compiled["compiled"]:
-        return ""
+        return "" if compiled["why"] == "`compile=False`" else f" (the step eager, {compiled['why']})"
     if compiled.get("ran_eagerly"):
         return f" (to be compiled, {compiled['why']}, but run eagerly: {compiled['ran_eagerly']})"
     seconds = compiled["training_step_seconds"] + compiled["evaluation_seconds"]

@@ -345,3 +345,12 @@ def test_compiled_inference_answers_as_eager_inference(tiny_dataset):
     assert energy.item() == pytest.approx(potential({"z": z}).item(), rel=1e-6)
     expected = torch.autograd.grad(potential({"z": z}), z)[0]
     assert torch.allclose(torch.autograd.grad(energy, z)[0], expected, atol=1e-5)
+
+
+def test_the_run_line_says_why_auto_left_the_step_eager():
+    from ppl_models.report import compiling
+
+    left = {"compiled": False, "why": "'auto': not compiled, 50 steps being too few to repay compiling",
+            "ran_eagerly": None, "training_step_seconds": 0.0, "evaluation_seconds": 0.0}
+    assert compiling({"compile": left}) == f" (the step eager, {left['why']})"
+    assert compiling({"compile": {**left, "why": "`compile=False`"}}) == ""  # asked for: nothing to explain
