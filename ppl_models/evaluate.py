@@ -113,9 +113,10 @@ CHUNK_FLOATS = 2**20
 COMPILE_DRAWS = 2_000_000
 
 
-def compiles_draws(compile, draws):
-    """Whether importance sampling of `draws` draws in all runs compiled under `compile` (True, False, 'auto')."""
-    return compile is True or compile == "auto" and draws >= COMPILE_DRAWS
+def compile_pays(compile, work, repaid_from=COMPILE_DRAWS):
+    """Whether `work` (importance draws in all, by default) runs compiled under `compile` (True, False or
+    'auto': from `repaid_from` on)."""
+    return compile is True or compile == "auto" and work >= repaid_from
 
 
 def per_digit_estimate(model, guide_name, x, name, progress=False, memory_floats=CHUNK_FLOATS, observed=None,
@@ -144,7 +145,7 @@ def per_digit_estimate(model, guide_name, x, name, progress=False, memory_floats
     if observed is not None:
         x = torch.where(observed, x, torch.zeros_like(x))
     draws = len(x) * samples_of(name)
-    compiling = name != "exact" and compiles_draws(compile, draws)
+    compiling = name != "exact" and compile_pays(compile, draws)
     log_weights = None if name == "exact" else log_weights_of(model, guide_name, compiling)
     values = []
     with torch.random.fork_rng(devices=[x.device] if x.device.type == "cuda" else []):

@@ -24,7 +24,7 @@ from pyro import poutine
 
 from .config import Config, SettingError, check_compile_setting
 from .data import check_binary
-from .evaluate import compiles_draws, per_digit_estimate
+from .evaluate import compile_pays, per_digit_estimate
 from .inference import fill_in, join_fill_ins, join_posteriors
 from .masks import check_mask
 from .models import family_of
@@ -160,8 +160,8 @@ class TrainedModel:
         draws or more in all; NUTS, whose potential is compiled for each chunk of digits (the
         digits are the graph's constants), for chunks of COMPILE_NUTS_STEPS digit-steps or more."""
         if method == "nuts":
-            return self.compile is True or self.compile == "auto" and chunk * (warmup + draws) >= COMPILE_NUTS_STEPS
-        return method != "exact" and compiles_draws(self.compile, digits * draws)
+            return compile_pays(self.compile, chunk * (warmup + draws), COMPILE_NUTS_STEPS)
+        return method != "exact" and compile_pays(self.compile, digits * draws)
 
     # ---- inputs ------------------------------------------------------------------------------
     def digits(self, x):
