@@ -156,17 +156,17 @@ class Compiled:
         self.fn, self.what, self.gradients, self.eager = fn, what, gradients, eager
         self.graphs = {}  # signature -> (compiled graph, the names of the params it takes)
         self.seconds = 0.0
-        self.failed = None  # why every call runs eagerly, once one could not be compiled
+        self.fallback = None  # why every call runs eagerly, once one could not be compiled
 
     def __call__(self, *args):
-        if self.failed:
+        if self.fallback:
             return self.eager(*args)
         try:
             return self.compiled(*args)
         except CannotCompile as reason:
             if self.eager is None:
                 raise
-            self.failed = reason.warned()
+            self.fallback = reason.warned()
             return self.eager(*args)
 
     def compiled(self, *args):
