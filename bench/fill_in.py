@@ -1,4 +1,4 @@
-"""Fill-in quality of trained runs on binarized-mnist test digits: the README's table.
+"""Fill-in quality of trained runs on binarized-mnist test digits: the table of docs/filling_in.md.
 
     PPL_MODELS_DATA=../shared/data python bench/fill_in.py RUN_DIR[:METHOD[:DIGITS[:DRAWS]]] ... [--json FILE]
 

@@ -1,5 +1,5 @@
 """How close q(z | x) comes to the true posterior of a z-dim-2 VAE: both on a grid, for a few test
-digits and each guide. The README's figure.
+digits and each guide: the figure of docs/filling_in.md.
 
     PPL_MODELS_DATA=../shared/data python bench/vae_posterior_grid.py RUN_DIR ... --out FIGURE.png
 

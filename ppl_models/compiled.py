@@ -1,8 +1,8 @@
 """Pyro programs run as compiled graphs: traced once, then fused by torch.compile.
 
 Why not `torch.compile(elbo.loss_and_grads)`: Dynamo cannot trace Pyro's effect handlers (a message
-is a TypedDict with optional keys, `pyro.param` recompiles for every name, `sys._getframe`): a
-`Trace_ELBO` of one encoder and one decoder breaks into six graphs and hits the recompile limit,
+is a TypedDict with optional keys, `pyro.param` recompiles for every name, ``sys._getframe``): a
+``Trace_ELBO`` of one encoder and one decoder breaks into six graphs and hits the recompile limit,
 slower than eager.
 
 What this module does instead is what `torch.jit.trace` does for Pyro's JIT ELBOs, with the tools
@@ -295,7 +295,7 @@ class Taken(Exception):
 
 
 def jit_elbo_function(elbo, model, guide, args):
-    """The function of (*args) -> (loss, surrogate loss) that Pyro's JIT ELBO `elbo` builds for
+    """The function of ``(*args) -> (loss, surrogate loss)`` that Pyro's JIT ELBO `elbo` builds for
     `pyro.ops.jit.trace` (its ELBO written without reading any value: the code --jit runs), taken
     from it on its first call, before anything runs. The ELBO keeps that function, bound to this
     model and guide: use a new one for another pair."""

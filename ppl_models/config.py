@@ -48,6 +48,31 @@ def positive(value) -> bool:
 
 @dataclass
 class Config:
+    """A run's settings: what ``ppl-models train``'s flags set (``--batch-size`` is ``batch_size``),
+    saved as the run's config.json. `validate` refuses a setting that cannot work with a
+    `SettingError`; a family's own settings (``components``, ``latents``, ``z_dim``, ...) are in
+    ``model_args`` and checked by the family.
+
+    Attributes:
+        model: a registered family's name (``mixture``, ``sbn``, ``vae``).
+        guide: one of its guides (``enum``, ``sampled``; ``bernoulli``, ``relaxed``; ``normal``, ...).
+        elbo: the training objective where the family offers a choice; None: the guide's own.
+        particles: samples of the latents per digit in the objective (k of ``elbo='iwae'``).
+        dataset, binarize, data_dir: the data (`ppl_models.data.load_dataset`).
+        model_args: the family's hyperparameters.
+        optimizer, lr, batch_size, epochs: the optimisation (``adam``, ``rmsprop``, ``sgd``, ``adagrad``).
+        seed: seed of initialisation, batches and every draw.
+        device: ``cpu``, ``cuda``, ``cuda:N``.
+        jit: Pyro's JIT ELBOs (TorchScript, deprecated: use ``compile``).
+        compile: compile the training step and evaluation: True, False or ``"auto"`` (where it pays).
+        detect_anomaly: autograd's anomaly detection, to find the operation that made a NaN.
+        eval_every, eval_digits: learning curves every so many steps, on so many fixed digits.
+        eval_samples: k of the final iwae-k test estimate; 0: none; None: 1000 where the model has no
+            exact log-likelihood, none where it has.
+        train_subset: train on the first N training digits only.
+        patience: early stopping after this many epochs without a better validation score.
+    """
+
     model: str  # a registered family's name
     guide: str  # one of its guides
     elbo: str | None = None  # None: the ELBO the guide calls for
@@ -96,7 +121,7 @@ class Config:
 
 
 AUTO_EVAL_SAMPLES = 1000  # the k of `eval_samples=None` for a model without an exact log-likelihood
-COMPILE_SETTINGS = (True, False, "auto")  # `compile=`: always, never, where it pays (README: Compiling)
+COMPILE_SETTINGS = (True, False, "auto")  # `compile=`: always, never, where it pays (docs/compiling.md)
 
 
 def check_compile_setting(value):

@@ -160,7 +160,28 @@ def load_dataset(
     download: bool = True,
     progress: bool = True,
 ) -> Dataset:
-    """Load a whole data set into memory on `device`, binarized by `binarize` (see BINARIZATIONS)."""
+    """Load a whole data set into memory on `device`, binarized by `binarize`.
+
+    Args:
+        name: ``"mnist"``, ``"binarized-mnist"`` or ``"fashion-mnist"``.
+        binarize: for the grayscale sets, ``"threshold"`` (intensity above 127/255), ``"dynamic"``
+            (training digits drawn afresh each epoch as Bernoulli(intensity), the other splits once)
+            or ``"static"`` (one seeded draw per split); binarized-mnist is binary already.
+        data_dir: looked in first, before ``$PPL_MODELS_DATA`` and the cache (`data_roots`).
+        device: where the tensors go.
+        seed: seed of a random binarization.
+        download: fetch files found nowhere into the cache (checked against checksums).
+        progress: show download progress.
+
+    Returns:
+        `Dataset`: ``images`` {split: (N, 784) float tensor of 0/1 values}, ``labels`` {split: (N,)
+        int64 tensor, or None}, ``sources`` {split: where it came from}.
+
+    Raises:
+        DataError: a missing file (with ``download=False`` or offline), a corrupt or wrongly shaped
+            one; the message names the file and says what to do.
+        ValueError: an unknown ``name`` or ``binarize``.
+    """
     if name not in DATASETS:
         raise ValueError(f"unknown data set {name!r}; choose one of {', '.join(DATASETS)}")
     if binarize not in BINARIZATIONS:

@@ -159,7 +159,7 @@ def launched():
 def launch_command(program):
     """How to start `program` ("python run.py", "ppl-models train") as this launch did: under torchrun,
     the torchrun command with this launch's processes (a multi-node launch's rendezvous flags are
-    not known here: `...` stands for them)."""
+    not known here: ``...`` stands for them)."""
     if not launched():
         return program
     size, per_node = int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_WORLD_SIZE", os.environ["WORLD_SIZE"]))

@@ -1,18 +1,19 @@
 """Distributions that let Pyro enumerate discrete latents at the cost of a matrix product.
 
 When Pyro enumerates a discrete z in parallel, the generic path scores every (state, digit,
-pixel) triple: an S x N x D tensor. For Bernoulli pixels with logits theta_s,
+pixel) triple: an S x N x D tensor. For Bernoulli pixels with logits theta_s::
 
     log p(x | z = s) = x . theta_s - sum_d softplus(theta_sd)
 
 so all S x N log-likelihoods cost one (N, D) x (D, S) product (`table_log_likelihood`).
 
-  IndexedBernoulli   x | z ~ Bernoulli(logits = theta[z]) for a table theta: the mixture (theta = w + c)
-  IndependentBits    the SBN prior: M independent bits, enumerable as one site over all 2^M codes
-  LinearBernoulli    x | z ~ Bernoulli(logits = z @ w + c): the SBN likelihood, scored over enumerated
-                     codes in chunks of states (`chunked_table_log_likelihood`), and the VAE's last
-                     layer, scored for many z per digit at one pass over the logits
-  StraightThroughBernoulli  hard Bernoulli samples with relaxed (Concrete) gradients
+- `IndexedBernoulli`: x | z ~ Bernoulli(logits = theta[z]) for a table theta: the mixture
+  (theta = w + c).
+- `IndependentBits`: the SBN prior, M independent bits, enumerable as one site over all 2^M codes.
+- `LinearBernoulli`: x | z ~ Bernoulli(logits = z @ w + c): the SBN likelihood, scored over
+  enumerated codes in chunks of states (`chunked_table_log_likelihood`), and the VAE's last layer,
+  scored for many z per digit at one pass over the logits.
+- `StraightThroughBernoulli`: hard Bernoulli samples with relaxed (Concrete) gradients.
 """
 
 import math

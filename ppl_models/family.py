@@ -1,7 +1,7 @@
 """What a model family is: the one contract between a family and the shared code.
 
 A family is a subclass of `Family` in its own module (or two: the model, and its report), plus one
-line in `models.FAMILIES`. Shared code (the training loop, evaluation, the CLI, the report) asks a
+line in `ppl_models.models.FAMILIES`. Shared code (the training loop, evaluation, the CLI, the report) asks a
 family only what this class declares; it never probes for attributes or names a family or a guide.
 """
 
@@ -127,32 +127,34 @@ class Family(nn.Module):
     with the guides that train it. An `nn.Module`: its networks are its submodules, so `.to(device)`
     moves them and `reset_parameters()` re-draws them.
 
-    A subclass declares (class attributes):
-      name                 its --model value
-      title                a few words saying what it is, for --help and reports
-      guides               {guide name: one line saying what it is}; guide `g` is the method `guide_g`
-      default_guide        the guide used when none is given
-      exact_guides         guides whose objective is the exact log-likelihood (z enumerated): no ELBO
-                           is reported for them, nor an importance-sampled estimate
-      elbos                {name: one line}: the objectives users may choose (`elbo=`); empty when
-                           the guide decides the objective
-      importance_weighted_elbos  which of those train the k-particle bound: early stopping then
-                           selects on iwae-k, not on the one-sample ELBO
-      hyperparameters      {constructor argument: Hyperparameter}: what users set (CLI flags), and
-                           which guides each shapes (reports leave it out of the others' settings)
-      training_defaults    optimizer, lr, batch_size and epochs when none are given
-                           (any it leaves out come from Family's)
-      experiments          {name: Experiment} it offers besides a training run
-    and implements `model(x, *step_args, observed=None)` (observed site "x" in a plate "data" at dim
-    -1, scoring only the pixels where the boolean mask `observed` is True; the latents at site
-    `latent_site`), the guides (same arguments: they see x with missing pixels set to 0),
-    `elbo(...)`, `pixel_logits(z)`, and where it has them the exact `log_likelihood(x, observed)` and
+    A subclass declares, as class attributes:
+
+    - ``name``: its ``--model`` value.
+    - ``title``: a few words saying what it is, for ``--help`` and reports.
+    - ``guides``: {guide name: one line saying what it is}; guide ``g`` is the method ``guide_g``.
+    - ``default_guide``: the guide used when none is given.
+    - ``exact_guides``: guides whose objective is the exact log-likelihood (z enumerated): no ELBO is
+      reported for them, nor an importance-sampled estimate.
+    - ``elbos``: {name: one line}: the objectives users may choose (``elbo=``); empty when the guide
+      decides the objective.
+    - ``importance_weighted_elbos``: which of those train the k-particle bound: early stopping then
+      selects on iwae-k, not on the one-sample ELBO.
+    - ``hyperparameters``: {constructor argument: `Hyperparameter`}: what users set (CLI flags), and
+      which guides each shapes (reports leave it out of the others' settings).
+    - ``training_defaults``: optimizer, lr, batch_size and epochs when none are given (any it leaves
+      out come from Family's).
+    - ``experiments``: {name: `Experiment`} it offers besides a training run.
+
+    It implements ``model(x, *step_args, observed=None)`` (observed site ``"x"`` in a plate
+    ``"data"`` at dim -1, scoring only the pixels where the boolean mask ``observed`` is True; the
+    latents at site `latent_site`), the guides (same arguments: they see x with missing pixels set
+    to 0), `elbo`, `pixel_logits`, and where it has them the exact `log_likelihood` and
     `exact_posterior`. Everything else has a default here that a family may override: `step_args`
     (a schedule), `loss_name`, `sample`, `inference_methods`, `infer` (the posterior given observed
-    pixels, ppl_models.inference), `weighted_summary`, `summary`, `memory_parts` (refuse what cannot
-    fit, before building), `data_parallel_refusal` (what cannot train in several processes),
-    `epoch_hook`, `report`. Errors name settings as parameters in backquotes (`z_dim`), which the
-    CLI says as flags. Hyperparameter names may be shared between families (one CLI flag).
+    pixels, `ppl_models.inference`), `weighted_summary`, `summary`, `memory_parts` (refuse what
+    cannot fit, before building), `data_parallel_refusal` (what cannot train in several processes),
+    `epoch_hook`, `report`. Errors name settings as parameters in backquotes (```z_dim```), which
+    the CLI says as flags. Hyperparameter names may be shared between families (one CLI flag).
     """
 
     name: ClassVar[str]
@@ -187,6 +189,7 @@ class Family(nn.Module):
 
     @property
     def device(self):
+        """The torch.device its networks (and the params it creates) live on."""
         return self.device_marker.device
 
     # ---- settings ----------------------------------------------------------------------------
@@ -251,6 +254,9 @@ class Family(nn.Module):
 
     # ---- training ----------------------------------------------------------------------------
     def model(self, x, *step_args):
+        """The Pyro model, p(z) p(x | z): ``x`` (N, num_pixels) observed at site ``"x"`` in a plate
+        ``"data"`` at dim -1, the latents at `latent_site`; with ``observed=`` (a boolean mask like x)
+        only the observed pixels are scored. Returns nothing: what it defines is its trace."""
         raise NotImplementedError
 
     def guide(self, name):

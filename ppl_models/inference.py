@@ -1,21 +1,22 @@
 """Queries about a trained model answered by inference, for any family: the posterior over the
 latents given the observed pixels, and the posterior predictive of the missing ones.
 
-Which algorithm answers what:
-  exact       enumeration of every latent state (the family's `exact_posterior`, where it has one)
-  importance  self-normalised importance sampling, the trained guide q(z | x) as proposal. The guide
-              sees the digit with its missing pixels set to 0: it was never trained on partial
-              digits, so it is a proposal, not the answer; the weights correct for it, and the
-              effective sample size says how well
-  prior       the same with the prior p(z) as proposal: the baseline that shows what q is worth
-  nuts        Pyro's MCMC(NUTS) on continuous latents with the networks fixed, every digit's z in one
-              chain (independent latents); split R-hat and the effective sample size per coordinate
+Which algorithm answers what (``method=``):
+
+- ``exact``: enumeration of every latent state (the family's `exact_posterior`, where it has one).
+- ``importance``: self-normalised importance sampling, the trained guide q(z | x) as proposal. The
+  guide sees the digit with its missing pixels set to 0: it was never trained on partial digits, so
+  it is a proposal, not the answer; the weights correct for it, and the effective sample size says
+  how well.
+- ``prior``: the same with the prior p(z) as proposal: the baseline that shows what q is worth.
+- ``nuts``: Pyro's ``MCMC(NUTS)`` on continuous latents with the networks fixed, every digit's z in
+  one chain (independent latents); split R-hat and the effective sample size per coordinate.
 
 Every method gives the posterior as weighted latent values (`Posterior.weighted`): all states with
 their posterior probabilities (exact), proposal draws with normalised importance weights, or MCMC
-draws with equal weights. The fill-in is then one formula whatever the method:
-    p(x_missing | x_observed) = sum_s w_s p(x_missing | z_s)
-exact where the weighted values are every state, an estimate otherwise.
+draws with equal weights. The fill-in is then one formula whatever the method,
+p(x_missing | x_observed) = sum_s w_s p(x_missing | z_s), exact where the weighted values are every
+state, an estimate otherwise.
 """
 
 import math
@@ -39,16 +40,19 @@ HIGH_R_HAT = 1.1  # an MCMC chain whose split R-hat exceeds this has not mixed
 
 @dataclass
 class Posterior:
-    """p(z | x_observed) for each of N digits, and how it was found.
+    """p(z | x_observed) for each of N digits, and how it was found: what `TrainedModel.posterior`
+    returns.
 
-    method       which algorithm (see the module's docstring), with its sizes
-    exact        whether the numbers are exact (every latent state summed) or estimates
-    weighted     () -> iterator of (latent values (S, N or 1, ...), log weights (S, N) normalised over
-                 all chunks): the posterior as weighted values, in chunks so 2^20 states fit in memory;
-                 None once the posteriors of several batches of digits are joined
-    samples      (num_samples, N, ...) draws of z from the posterior
-    summary      {name: (N, ...) tensor}: what the family reports of it (probabilities, means, modes)
-    diagnostics  {name: (N,) tensor}: effective sample sizes, R-hat
+    Attributes:
+        method: which algorithm, in words, with its sizes, e.g. ``"importance sampling, the trained
+            guide q(z | x) as proposal, 1000 draws per digit"``.
+        exact: whether the numbers are exact (every latent state summed) or estimates.
+        weighted: () -> iterator of (latent values (S, N or 1, ...), log weights (S, N) normalised
+            over all chunks): the posterior as weighted values, in chunks so that 2^20 states fit in
+            memory; None once the posteriors of several batches of digits are joined.
+        samples: (num_samples, N, ...) draws of z from the posterior.
+        summary: {name: (N, ...) tensor}: what the family reports of it (probabilities, means, modes).
+        diagnostics: {name: (N,) tensor}: effective sample sizes, split R-hat (empty when exact).
     """
 
     method: str
@@ -59,8 +63,9 @@ class Posterior:
     diagnostics: dict = field(default_factory=dict)
 
     def warnings(self):
-        """Sentences on the digits whose estimate should not be trusted (few effective samples, a
-        chain that has not mixed)."""
+        """Sentences naming the digits whose estimate should not be trusted: fewer than 10 effective
+        samples, a chain whose split R-hat is above 1.1 or that had divergent transitions. An empty
+        list when every estimate passes (and always for exact posteriors)."""
         checks = {"effective sample size": (lambda v: v < LOW_ESS, f"rest on fewer than {LOW_ESS} effective samples"),
                   "effective sample size, worst coordinate": (lambda v: v < LOW_ESS, f"have fewer than {LOW_ESS} "
                                                                                      "effective samples"),
@@ -78,14 +83,17 @@ class Posterior:
 
 @dataclass
 class FillIn:
-    """The posterior predictive of the missing pixels of N digits given their observed ones.
+    """The posterior predictive of the missing pixels of N digits given their observed ones: what
+    `TrainedModel.fill_in` returns.
 
-    probabilities     (N, D): p(x_d = 1 | x_observed); the observed pixels keep their values
-    samples           (num_samples, N, D) completed digits, observed pixels as given
-    log_prob_missing  (N,) log p(x_missing | x_observed) of the values the digits hold at their
-                      missing pixels (their truth, where it is known)
-    estimator         "exact", or the estimate's name
-    posterior         the Posterior it came from
+    Attributes:
+        probabilities: (N, D) p(x_d = 1 | x_observed); the observed pixels keep their values.
+        samples: (num_samples, N, D) completed digits, observed pixels as given.
+        log_prob_missing: (N,) log p(x_missing | x_observed) in nats, of the values the digits hold
+            at their missing pixels (their truth, where it is known).
+        estimator: ``"exact"``, or ``"estimate: "`` followed by the posterior's method
+            (``"estimate: NUTS, 200 draws after 200 warm-up steps"``).
+        posterior: the `Posterior` it came from.
     """
 
     probabilities: torch.Tensor

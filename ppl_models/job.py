@@ -20,12 +20,33 @@ from .train import check_compile, check_data_parallel, claim_run_dir, train
 
 def run(cfg, out, experiment=None, resume=False, progress=True, download=True, log=print, overwrite=False,
         command=None, world=None):
-    """One training run (or an experiment), its report, and a printed summary; returns the summary
-    (an experiment's findings). The run directory is this process's until the report is written
-    (`rundir.exclusive`), and is checked before any data is loaded. `command`: the command line that
-    asked for it, for the report (None: the Python API). In a `world` of several processes (default:
-    torch.distributed's process group, if this process is in one) they train the model together;
-    rank 0 alone holds the directory, logs, and draws the report."""
+    """The main job of ``ppl-models train``: one training run (or an experiment), the family's report
+    (figures, report.html) and a printed summary.
+
+    The run directory is this process's until the report is written (a lock on its ``lock`` file),
+    and is checked before any data is loaded.
+
+    Args:
+        cfg: the run's `ppl_models.config.Config`.
+        out: the run directory.
+        experiment: the name of one of the family's experiments to run instead of a training run.
+        resume: go on from the checkpoint in ``out``.
+        progress: show progress bars.
+        download: fetch missing data files (else a missing file is a `ppl_models.data.DataError`).
+        log: where the run's lines go.
+        overwrite: replace what ``out`` holds.
+        command: the command line that asked for it, for the report (None: the Python API).
+        world: as for `ppl_models.train.train`; rank 0 alone holds the directory, logs and draws
+            the report.
+
+    Returns:
+        dict: `ppl_models.train.train`'s summary with the family's findings added (what
+        metrics.json holds), or an experiment's findings.
+
+    Raises:
+        ppl_models.config.SettingError, ppl_models.rundir.TrainingError,
+        ppl_models.data.DataError, ppl_models.files.WriteError: each with a message saying what to do.
+    """
     world = world or current()
     if not world.main:
         progress, log = False, lambda line: None

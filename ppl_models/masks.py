@@ -11,9 +11,34 @@ SIDES = ("top", "bottom", "left", "right")
 
 
 def observe(spec, shape=(784,), device=None, generator=None):
-    """The mask `spec` names, of `shape` (..., D) for square digits of D pixels:
-      top, bottom, left, right   that half of the image is observed
-      random:F                   each digit observes a random fraction F of its pixels (0 < F < 1)
+    """The mask of observed pixels that `spec` names.
+
+    Args:
+        spec: ``"top"``, ``"bottom"``, ``"left"`` or ``"right"``: that half of the image is observed;
+            ``"random:F"``: each digit observes a random fraction F of its pixels (0 < F < 1),
+            exactly round(F D) of them.
+        shape: (..., D) for square digits of D pixels: (784,) for one mask shared by all digits,
+            (N, 784) for one per digit (a random mask then differs between digits).
+        device: where the mask goes.
+        generator: the ``torch.Generator`` a random mask draws from (default: the global one).
+
+    Returns:
+        A boolean tensor of `shape`, True where a pixel is observed.
+
+    Raises:
+        SettingError: an unknown name, a fraction outside (0, 1), digits that are not square.
+
+    Example:
+        >>> from ppl_models import observe
+        >>> top = observe("top")
+        >>> top.shape, top.sum().item(), top[:392].all().item()
+        (torch.Size([784]), 392, True)
+        >>> observe("random:0.25", (3, 784)).sum(-1).tolist()
+        [196, 196, 196]
+        >>> observe("middle")  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        ppl_models.config.SettingError: unknown `observe=middle`; use one of top, bottom, left, right, or random:F ...
     """
     side = math.isqrt(shape[-1])
     if side * side != shape[-1]:
@@ -46,9 +71,14 @@ def parse_fraction(spec):
 
 
 def check_mask(observed, num_digits, num_pixels, to_fill=True):
-    """A boolean (N, D) mask from any (D,) or (N, D) mask of 0/1 values or an `observe` spec ("top"),
-    refusing one that observes no pixel of some digit (nothing to condition on) or, `to_fill`, every
-    pixel (nothing to fill in)."""
+    """A boolean (N, D) mask from any (D,) or (N, D) mask of 0/1 values or an `observe` spec
+    (``"top"``): what `ppl_models.trained.TrainedModel`'s queries accept as ``observed``.
+
+    Raises:
+        SettingError: a mask of another shape or with values other than 0/1, one that observes no
+            pixel of some digit (nothing to condition on) or, with `to_fill`, every pixel of one
+            (nothing to fill in).
+    """
     if isinstance(observed, str):
         observed = observe(observed, (num_digits, num_pixels))
     if observed is None:

@@ -1,7 +1,7 @@
 """Training objectives Pyro does not ship, each one pure function `loss_and_surrogate(model, guide,
 *args)` -> (loss, surrogate loss): run eagerly by `loss_and_grads` (Pyro's ELBO interface), or
 traced and compiled as it is (`compiled.CompiledObjective`). Both are importance-weighted bounds
-over K samples z_k ~ q(z | x),
+over K samples z_k ~ q(z | x)::
 
     L = log (1/K) sum_k w_k,    w_k = p(x, z_k) / q(z_k | x).
 
@@ -12,7 +12,7 @@ no JIT version, so it cannot be traced and compiled; written here as one pure fu
 VIMCO (Mnih & Rezende 2016), with score-function gradients for discrete z. Each sample's learning
 signal is L - L_{-k}, where L_{-k} is the bound with w_k replaced by the geometric mean of the
 other K - 1 weights: a baseline built from the other samples, so no baseline network is needed.
-The gradient is
+The gradient is::
 
     sum_k (L - L_{-k}) grad log q(z_k | x)  +  sum_k (w_k / sum_j w_j) grad log w_k.
 """

@@ -141,14 +141,46 @@ class SVI:
 # ---- the loop --------------------------------------------------------------------------------
 def train(model, data, cfg, run_dir, resume=False, progress=True, log=print, after_epoch=None, overwrite=False,
           command=None, world=None):
-    """Fit `model` (a Family) with `cfg.guide` by SVI; write the run directory; return the summary
-    dict. `after_epoch(epoch)`, if given, is called before training (epoch 0) and after each epoch,
-    before that epoch's checkpoint. A new run refuses a directory that holds one unless `overwrite`.
-    `command`, the command line (None: the Python API), is kept in the checkpoint after those of the
-    run's earlier invocations: the summary's `commands` lists them all, the first one started it.
-    `world` (default: torch.distributed's process group, if this process is in one): the processes
-    that train the model together, each calling `train` alike; rank 0 alone writes, logs, shows
-    progress and calls `after_epoch`, and every rank returns the summary."""
+    """Fit `model` with ``cfg.guide`` by SVI, writing the run directory as it goes.
+
+    Example (the tour does this for all three families)::
+
+        cfg = Config(model="vae", guide="normal", model_args={"z_dim": 2}, optimizer="adam", lr=1e-3)
+        summary = train(build_model("vae", cfg.model_args), load_dataset("mnist"), cfg, "runs/vae")
+        model = ppl_models.load("runs/vae")
+
+    Args:
+        model: a `ppl_models.family.Family`, e.g. from `ppl_models.models.build_model`.
+        data: a `ppl_models.data.Dataset` (`ppl_models.data.load_dataset`).
+        cfg: the run's `ppl_models.config.Config`.
+        run_dir: the folder to write: config.json, metrics.csv, checkpoint.pt every epoch, best.pt
+            under early stopping, metrics.json at the end (`A run and its files` in the docs).
+        resume: go on from the checkpoint in ``run_dir``; the run then ends exactly where an
+            uninterrupted one would.
+        progress: show progress bars.
+        log: where the run's lines go (one string per call).
+        after_epoch: ``after_epoch(epoch)``, if given, is called before training (epoch 0) and after
+            each epoch, before that epoch's checkpoint.
+        overwrite: replace a run the folder holds (a new run refuses such a folder otherwise).
+        command: the command line that asked for it (None: the Python API), kept in the checkpoint
+            after those of the run's earlier invocations: the summary's ``commands`` lists them all.
+        world: the processes that train the model together (default: torch.distributed's process
+            group, if this process is in one), each calling `train` alike; rank 0 alone writes, logs,
+            shows progress and calls ``after_epoch``, and every rank returns the summary.
+
+    Returns:
+        dict: metrics.json's content: ``final`` {split: {estimator: mean log-likelihood per digit, in
+        nats}} (``exact``, ``elbo``, ``iwae-k``), ``final_digits`` (how many digits each split's
+        numbers average), ``epochs``, ``seconds_per_epoch``, ``compile``, ``commands`` and, under
+        early stopping, ``early_stopping``.
+
+    Raises:
+        ppl_models.config.SettingError: a setting that cannot work (said as a parameter).
+        ppl_models.rundir.TrainingError: a folder in use or holding another run, a damaged or
+            mismatched checkpoint, training that diverged or became NaN.
+        ppl_models.train.Interrupted: Ctrl-C or SIGTERM between two steps, after the checkpoint was
+            written.
+    """
     world = world or current()
     if not world.main:
         progress, log, after_epoch = False, lambda line: None, None
@@ -470,7 +502,7 @@ def check_data_parallel(model, cfg, world):
         raise SettingError(refusal)
 
 
-AUTO_COMPILE_STEPS = 2000  # `compile='auto'` compiles a run of this many steps or more (README: Compiling)
+AUTO_COMPILE_STEPS = 2000  # `compile='auto'` compiles a run of this many steps or more (docs/compiling.md)
 
 
 def compile_decision(model, cfg, steps, started_compiled=None):

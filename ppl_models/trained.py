@@ -41,8 +41,17 @@ MAX_IWAE_SAMPLES = 10**6
 
 @dataclass
 class Scores:
-    """log p(x) (or log p(x_observed)) per digit by `estimator`, and its mean with the standard error
-    over digits (a spread over digits, not the estimator's own error)."""
+    """What `TrainedModel.log_prob` returns: log p(x) (or log p(x_observed)) per digit, in nats.
+
+    Attributes:
+        log_prob: (N,) float tensor, one value per digit, in nats (natural log).
+        estimator: how it was computed: ``"exact"`` (every latent state summed), ``"elbo"`` (a one-draw
+            lower bound) or ``"iwae-<k>"`` (importance-weighted with k draws from the trained guide; a
+            lower bound in expectation that tightens as k grows).
+        mean: the mean over the N digits, in nats per digit.
+        stderr: the standard error of that mean over digits (a spread over digits, not the estimator's
+            own Monte Carlo error); NaN for a single digit.
+    """
 
     log_prob: torch.Tensor
     estimator: str
@@ -51,14 +60,29 @@ class Scores:
 
 
 class TrainedModel:
-    """A trained model family with its params, which live in their own Pyro param store scope: several
-    trained models can be used side by side, and loading one does not touch the global param store.
+    """A trained model, from `load`: the four queries a generative model answers.
 
-    family   the Family (an nn.Module, on the device it was loaded to)
-    cfg      the run's Config (model, guide, data set, ...)
-    source   which saved file the params came from, in words
-    compile  whether importance sampling and NUTS run as compiled graphs (`compiled`): True, False,
-             or 'auto' (`compiles`), where they repay the seconds compiling takes (README: Compiling)
+    Its params live in their own Pyro param-store scope: several trained models can be used side by
+    side, and loading one does not touch the global param store. Every query is seeded (``seed=``,
+    the run's seed by default) and leaves the global random state as it was, so the same call gives
+    the same answer.
+
+    Digits (``x``) are one (D,) digit, an (N, D) array or (N, 28, 28) images, of 0/1 values of any
+    dtype (uint8, bool, float), on any device. Masks (``observed``) say which pixels are observed
+    (True): a name `ppl_models.masks.observe` knows (``"top"``, ``"random:0.5"``), one (D,) mask
+    for all digits, or an (N, D) mask per digit.
+
+    Attributes:
+        family: the `ppl_models.family.Family` (an ``nn.Module`` on the device it was loaded to).
+        cfg: the run's `ppl_models.config.Config` (model, guide, data set, ...).
+        source: which saved file the params came from, in words.
+        compile: whether importance sampling and NUTS run as compiled graphs: True, False, or
+            ``"auto"`` (see `compiles`), where they repay the seconds compiling takes (docs: Compiling).
+
+    Every method raises `ppl_models.config.SettingError` with a sentence saying what to change for
+    digits of the wrong shape or with values other than 0 and 1, a mask of the wrong shape or one
+    that observes nothing, a method or estimator the model cannot use, and counts that are not
+    positive integers.
     """
 
     def __init__(self, family, cfg, params, source, compile="auto"):
@@ -78,24 +102,50 @@ class TrainedModel:
 
     @property
     def inference_methods(self):
-        """{method: what it is} for `posterior` and `fill_in`; the first is the default."""
+        """The inference methods this model offers to `posterior` and `fill_in`, as a dict of each
+        method's name and what it is; the first is the default."""
         return self.family.inference_methods(self.cfg.guide)
 
     # ---- the four queries ----------------------------------------------------------------------
     @torch.no_grad()
     def sample(self, n, seed=None):
-        """n digits x ~ p(x) by ancestral sampling from the Pyro model: `family.Samples` (the digits, the
-        Bernoulli means they were drawn from, the latents)."""
+        """Draw n digits x ~ p(x) by ancestral sampling from the Pyro model (z first, then x given z).
+
+        Args:
+            n: how many digits, a positive integer.
+            seed: seed of the draws (default: the run's).
+
+        Returns:
+            `ppl_models.family.Samples`: ``digits`` (n, D) 0/1 floats, ``probabilities`` (n, D) the
+            Bernoulli means p(x_d = 1 | z) they were drawn from, ``latents`` {site name: value}.
+        """
         if not isinstance(n, int) or n < 1:
             raise SettingError(f"the number of samples must be a positive integer, got {n!r}")
         with self.active(seed):
             return self.family.sample(n)
 
     def log_prob(self, x, observed=None, estimator=None, draws=1000, seed=None, progress=False):
-        """log p(x) per digit (log p(x_observed) with a mask): `exact` where the model has it, else
-        `iwae-<draws>` (the trained guide as proposal); any estimator metrics.json names (exact,
-        elbo, iwae-k) may be asked for. With the run's seed (the default) on a whole split,
-        metrics.json's number."""
+        """Score digits: log p(x) per digit, in nats (log p(x_observed) with a mask).
+
+        With the run's seed (the default) on a whole split, this is the number metrics.json holds.
+
+        Args:
+            x: the digits.
+            observed: a mask; the unobserved pixels are summed out (default: every pixel observed).
+            estimator: ``"exact"`` (every latent state summed; the mixture, and the SBN up to M = 20),
+                ``"elbo"`` or ``"iwae-<k>"`` (k draws from the trained guide; at most iwae-1,000,000).
+                Default: exact where the model has it, else ``f"iwae-{draws}"``.
+            draws: k of the default iwae-k estimator.
+            seed: seed of the draws (default: the run's).
+            progress: show a progress bar.
+
+        Returns:
+            `Scores`: the per-digit values, the estimator's name, their mean and standard error.
+
+        Raises:
+            SettingError: ``exact`` for a model without an exact log-likelihood, a sampled estimator for
+                a model trained with an exact guide (it has no guide to sample from), an unknown name.
+        """
         x = self.digits(x)
         observed = None if observed is None else check_mask(observed, len(x), x.shape[1], to_fill=False)
         check_counts(draws=draws)
@@ -109,9 +159,26 @@ class TrainedModel:
 
     def posterior(self, x, observed=None, method=None, num_samples=100, draws=1000, warmup=200, seed=None,
                   progress=False):
-        """p(z | x) (p(z | x_observed) with a mask) by `method` (see `inference_methods`): an
-        `inference.Posterior` with `num_samples` draws of z per digit, the family's summary of it and
-        the diagnostics of an estimate (effective sample size, R-hat)."""
+        """Infer the latents that caused each digit: p(z | x), or p(z | x_observed) with a mask.
+
+        Args:
+            x: the digits.
+            observed: a mask (default: every pixel observed).
+            method: how the posterior is found, one of `inference_methods` (default: the first):
+                ``"exact"`` (enumeration), ``"importance"`` (the trained guide as proposal),
+                ``"prior"`` (the prior as proposal) or ``"nuts"`` (MCMC, continuous latents).
+            num_samples: draws of z returned per digit.
+            draws: importance samples per digit, or NUTS draws after warm-up (at least 4).
+            warmup: NUTS warm-up steps.
+            seed: seed of the draws (default: the run's).
+            progress: show a progress bar.
+
+        Returns:
+            `ppl_models.inference.Posterior`: ``samples`` (num_samples, N, ...) of z, the family's
+            ``summary`` (e.g. ``"p(z = k | x)"`` for the mixture, ``"p(z_m = 1 | x)"`` for the SBN,
+            posterior means for the VAE), ``diagnostics`` (effective sample size, split R-hat) and
+            ``warnings()`` naming the digits whose estimate is unreliable.
+        """
         x = self.digits(x)
         observed = torch.ones_like(x, dtype=torch.bool) if observed is None else \
             check_mask(observed, len(x), x.shape[1], to_fill=False)
@@ -120,9 +187,27 @@ class TrainedModel:
 
     def fill_in(self, x, observed, method=None, num_samples=16, draws=1000, warmup=200, seed=None,
                 progress=False):
-        """The posterior predictive of the missing pixels: per-pixel probabilities, `num_samples`
-        completed digits, and log p(x_missing | x_observed) of the values x holds there (exact where
-        the posterior is; its `estimator` says which). Missing pixels of x may hold anything 0/1."""
+        """Fill in missing pixels: the posterior predictive p(x_missing | x_observed).
+
+        Args:
+            x: the digits; their missing pixels may hold any 0/1 values (the truth, where it is known,
+                which ``log_prob_missing`` then scores).
+            observed: a mask, e.g. ``"top"`` (the bottom half is filled in); required. It must
+                observe some pixel, and leave some pixel to fill in, of every digit.
+            method: as for `posterior`.
+            num_samples: completed digits returned per digit.
+            draws: as for `posterior`.
+            warmup: as for `posterior`.
+            seed: seed of the draws (default: the run's).
+            progress: show a progress bar.
+
+        Returns:
+            `ppl_models.inference.FillIn`: ``probabilities`` (N, D) p(x_d = 1 | x_observed) (observed
+            pixels keep their values), ``samples`` (num_samples, N, D) completed digits,
+            ``log_prob_missing`` (N,) log p(x_missing | x_observed) of the values x holds at the
+            missing pixels, in nats, ``estimator`` (``"exact"`` or the estimate's name) and the
+            ``posterior`` it came from.
+        """
         x = self.digits(x)
         observed = check_mask(observed, len(x), x.shape[1])
 
@@ -195,9 +280,28 @@ class TrainedModel:
 
 
 def load(run_dir, device="cpu", compile="auto"):
-    """The trained model in `run_dir` (a training run's folder): the params of its best valid epoch
-    under early stopping (best.pt, as metrics.json reports), else of its last checkpoint. `compile`:
-    `TrainedModel.compile`."""
+    """Load a trained run as a model to use.
+
+    Example::
+
+        model = ppl_models.load("figures/vae")
+        model.fill_in(x, "top").probabilities   # the bottom half of each digit, filled in
+
+    Args:
+        run_dir: a training run's folder, as ``ppl-models train --out DIR`` (or ``python run.py``)
+            wrote it, after at least one epoch; not an experiment's folder (load one of its runs).
+        device: where the networks go: ``"cpu"``, ``"cuda"``, ``"cuda:N"``.
+        compile: whether inference runs compiled: True, False or ``"auto"`` (see `TrainedModel.compiles`).
+
+    Returns:
+        `TrainedModel`: the params of the run's best validation epoch under early stopping
+        (``best.pt``, the model metrics.json reports), else of its last checkpoint.
+
+    Raises:
+        ppl_models.rundir.TrainingError: a folder that is not a training run, an experiment's
+            folder, a damaged checkpoint, or one that lacks params the model needs.
+        ppl_models.config.SettingError: an unknown ``compile`` setting.
+    """
     run_dir = Path(run_dir)
     if (run_dir / "experiment.json").exists():
         raise TrainingError(f"{run_dir} holds an experiment, which trains several models; load one training run's "

@@ -11,7 +11,7 @@ import torch
 from conftest import run_cli
 from PIL import Image
 
-from ppl_models import load
+from ppl_models import load, read_digits
 from ppl_models.cli import main
 
 
@@ -79,6 +79,10 @@ def test_an_image_of_any_size_drawn_dark_on_light_is_inverted_and_scored(trained
     assert list(scores) == [str(tmp_path / "one.png"), f"{tmp_path / 'digits.npy'}[0]", f"{tmp_path / 'digits.npy'}[1]"]
     model = load(trained_run)
     assert scores[f"{tmp_path / 'digits.npy'}[0]"] == pytest.approx(model.log_prob(digit).mean, abs=1e-4)
+    notes = []  # the same files from Python read as the same digits
+    x, names = read_digits([str(tmp_path / "one.png"), str(tmp_path / "digits.npy")], model, notes.append)
+    assert names == list(scores) and any("inverted" in note for note in notes)
+    assert model.log_prob(x).log_prob.tolist() == pytest.approx(list(scores.values()), abs=1e-4)
 
 
 def test_fill_in_writes_the_completion_figure_and_exact_numbers(trained_run, tmp_path, capsys):

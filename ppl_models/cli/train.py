@@ -11,7 +11,7 @@ Examples:
   python run.py --model sbn --latents 16            # exact: all 65,536 states of z summed every step
   python run.py --model sbn --latents 200 --guide bernoulli
   python run.py --resume figures/mixture            # continue an interrupted run
-  torchrun --nproc_per_node 4 run.py --model vae    # data-parallel in 4 processes (see README: torchrun)
+  torchrun --nproc_per_node 4 run.py --model vae    # data-parallel in 4 processes (docs/distributed.md)
 
 Every number printed or written says what it is: `exact` log-likelihood, `elbo`, or `iwae-<k>`,
 in nats per digit, with the split and the number of digits it was averaged over.
@@ -45,7 +45,8 @@ class OneLineErrors(argparse.ArgumentParser):
         self.exit(2, f"error: {message} (see --help)\n" if distributed.launched_as_main() else None)
 
 
-def parse_args(argv=None, prog=None):
+def build_parser(prog=None):
+    """The parser of `ppl-models train` (and run.py): every family's settings become its flags."""
     parser = OneLineErrors(
         prog=prog,
         description=__doc__.split("\n\n")[0],
@@ -59,7 +60,7 @@ def parse_args(argv=None, prog=None):
     add_data_arguments(parser)
     add_optimisation_arguments(parser)
     add_running_arguments(parser)
-    return parser, parser.parse_args(argv)
+    return parser
 
 
 def add_model_arguments(parser):
@@ -138,7 +139,7 @@ def add_optimisation_arguments(parser):
                      help="compile the training step (loss, gradients and the optimizer's update) with torch.compile: "
                           "the model and guide traced once into one fused graph, the same numbers as eager up to "
                           "rounding; a step takes 0.2-0.5 of its eager time after 3-17 s of compiling (measured on a "
-                          "2-core CPU, README: Compiling). auto "
+                          "2-core CPU, docs/compiling.md). auto "
                           f"(default): on where the guide can be compiled and the run has {AUTO_COMPILE_STEPS:,} steps "
                           "or more to repay it; a bare --compile is on")
     opt.add_argument("--jit", action="store_true",
@@ -257,7 +258,8 @@ def main(argv=None, prog=None):
     """`prog` is how the user called it ("ppl-models train"; run.py's name by default), for its hints."""
     warnings.formatwarning = lambda message, category, *rest: f"warning: {message}\n"
     argv = sys.argv[1:] if argv is None else list(argv)
-    parser, args = parse_args(argv, prog)
+    parser = build_parser(prog)
+    args = parser.parse_args(argv)
     command = distributed.launch_command(prog or "python run.py")
     out, world = None, distributed.ONE_PROCESS
     main_rank = distributed.launched_as_main()  # under torchrun only rank 0 says what every rank would

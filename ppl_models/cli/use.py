@@ -16,9 +16,9 @@ from ..config import as_flags
 from ..data import DataError
 from ..evaluate import COMPILE_DRAWS
 from ..files import WriteError, atomic_write, write_json
+from ..inputs import read_digits, read_mask
 from ..rundir import TrainingError
 from ..trained import COMPILE_NUTS_STEPS, load
-from .inputs import read_digits, read_mask
 from .train import COMPILE_CHOICES, OneLineErrors, resolve_device
 
 SHOWN = 16  # digits drawn in a figure
@@ -133,7 +133,7 @@ def parser():
                                       "posteriors) and NUTS's potential as compiled graphs: the same "
                                       "numbers up to rounding, in 0.6-0.7 of the time after seconds of compiling; auto "
                                       f"(default): for {COMPILE_DRAWS:,} importance draws or more in all, or NUTS "
-                                      f"chains of {COMPILE_NUTS_STEPS:,} digit-steps (README: Compiling)")
+                                      f"chains of {COMPILE_NUTS_STEPS:,} digit-steps (docs/compiling.md)")
         command.add_argument("--json", type=Path, help="write the numbers to this file instead of stdout")
         command.add_argument("--npy", help="save the result array here: samples, per-digit log p, fill-in "
                              "probabilities (N, 784), or posterior draws of z")

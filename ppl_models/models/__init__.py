@@ -6,6 +6,7 @@ from .mixture import BernoulliMixture
 from .sbn import SigmoidBeliefNet
 from .vae import VAE
 
+#: {name: Family subclass}: every registered family, by its ``--model`` name
 FAMILIES = {family.name: family for family in (
     BernoulliMixture,
     SigmoidBeliefNet,

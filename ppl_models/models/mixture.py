@@ -1,14 +1,15 @@
-"""Mixture of Bernoullis ("Naive Bayes" with a categorical latent), seed equations 1-2.
+"""Mixture of Bernoullis ("Naive Bayes" with a categorical latent), seed equations 1-2::
 
     z ~ Categorical(softmax(b))
     x_d | z = k ~ Bernoulli(sigm(w_kd + c_d))      d = 1..784
 
 Guides:
-  enum     no guide at all: z is enumerated in the model, so TraceEnum_ELBO is the exact
-           negative log-likelihood (seed equations 3-5).
-  sampled  an amortized q(z | x) (an MLP giving Categorical logits), trained with the
-           score-function ELBO of TraceGraph_ELBO, variance reduced by an input-dependent
-           neural baseline (as in NVIL, Mnih & Gregor 2014).
+
+- ``enum``: no guide at all: z is enumerated in the model, so TraceEnum_ELBO is the exact negative
+  log-likelihood (seed equations 3-5).
+- ``sampled``: an amortized q(z | x) (an MLP giving Categorical logits), trained with the
+  score-function ELBO of TraceGraph_ELBO, variance reduced by an input-dependent neural baseline
+  (as in NVIL, Mnih & Gregor 2014).
 """
 
 import pyro

@@ -1,21 +1,22 @@
-"""Sigmoid belief net: M binary causes instead of one category (seed equations 8-9).
+"""Sigmoid belief net: M binary causes instead of one category (seed equations 8-9)::
 
     z_m ~ Bernoulli(sigm(b_m))                   m = 1..M, independently
     x_d | z ~ Bernoulli(sigm(z . w_d + c_d))     d = 1..784
 
 Guides:
-  enum       no guide: all 2^M values of z are summed (one enumerated site over the codes, the
-             likelihood as a chunked matrix product), so TraceEnum_ELBO is the exact
-             log-likelihood. Cost O(2^M D (M + N)) a step (seed problem 10).
-  bernoulli  amortized q(z | x) = prod_m Bernoulli(sigm(f(x)_m)), score-function gradients
-             (TraceGraph_ELBO) with baselines (--baseline): an input-dependent neural baseline
-             (neural, the default), Pyro's decaying average of the learning signal (average), or
-             the network fitting what is left after the average (both, as NVIL centres its signal).
-  relaxed    the same q, its discrete samples given gradients through a Concrete (relaxed
-             Bernoulli) sample at --temperature: the straight-through estimator, with Trace_ELBO.
 
-`--elbo vimco --particles K` trains guide bernoulli on VIMCO's K-sample bound instead, whose
-baseline is built from the other samples (ppl_models/objectives.py).
+- ``enum``: no guide: all 2^M values of z are summed (one enumerated site over the codes, the
+  likelihood as a chunked matrix product), so TraceEnum_ELBO is the exact log-likelihood. Cost
+  O(2^M D (M + N)) a step (seed problem 10).
+- ``bernoulli``: amortized q(z | x) = prod_m Bernoulli(sigm(f(x)_m)), score-function gradients
+  (TraceGraph_ELBO) with baselines (``--baseline``): an input-dependent neural baseline (neural, the
+  default), Pyro's decaying average of the learning signal (average), or the network fitting what is
+  left after the average (both, as NVIL centres its signal).
+- ``relaxed``: the same q, its discrete samples given gradients through a Concrete (relaxed
+  Bernoulli) sample at ``--temperature``: the straight-through estimator, with Trace_ELBO.
+
+``--elbo vimco --particles K`` trains guide bernoulli on VIMCO's K-sample bound instead, whose
+baseline is built from the other samples (`ppl_models.objectives.VIMCO`).
 """
 
 import math

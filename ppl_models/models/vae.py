@@ -1,19 +1,21 @@
-"""Variational autoencoder, seed equations 11-12 and 23.
+"""Variational autoencoder, seed equations 11-12 and 23::
 
     z ~ N(0, I)                                   (z-dim latents)
     x_d | z ~ Bernoulli(logits = decoder(z)_d)    d = 1..784
 
 Guides (all amortized and reparameterized):
-  normal   q(z | x) = N(mu(x), diag sigma(x)^2): one encoder, two heads, sigma = exp(last layer)
-  iaf      the same Normal pushed through inverse-autoregressive flows (Kingma et al. 2016)
-  lowrank  q(z | x) = N(mu(x), F(x) F(x)^T + diag d(x)): correlated latents, rank --rank
 
-ELBOs (`--elbo`):
-  trace      Trace_ELBO: one reparameterized sample of log p(x, z) - log q(z | x)
-  meanfield  TraceMeanField_ELBO: the KL(q || p) term in closed form (seed problems 14, 19) where
-             one exists (normal, lowrank), a sampled KL otherwise
-  iwae       the importance-weighted bound of Burda et al. over --particles k samples
-             (objectives.IWAE: RenyiELBO(alpha=0)'s objective, written as one pure function)
+- ``normal``: q(z | x) = N(mu(x), diag sigma(x)^2): one encoder, two heads, sigma = exp(last layer).
+- ``iaf``: the same Normal pushed through inverse-autoregressive flows (Kingma et al. 2016).
+- ``lowrank``: q(z | x) = N(mu(x), F(x) F(x)^T + diag d(x)): correlated latents, rank ``--rank``.
+
+ELBOs (``--elbo``):
+
+- ``trace``: Trace_ELBO, one reparameterized sample of log p(x, z) - log q(z | x).
+- ``meanfield``: TraceMeanField_ELBO, the KL(q || p) term in closed form (seed problems 14, 19)
+  where one exists (normal, lowrank), a sampled KL otherwise.
+- ``iwae``: the importance-weighted bound of Burda et al. over ``--particles`` k samples
+  (`ppl_models.objectives.IWAE`: RenyiELBO(alpha=0)'s objective, written as one pure function).
 
 Encoder and decoder are MLPs with `--hidden` layers of `--activation` relu, tanh or gated units.
 

@@ -1,5 +1,6 @@
-"""What the `ppl-models` commands read: digits from image files, .npy arrays or the run's own data
-set (`test:0-15`), and masks of observed pixels (`top`, `random:0.5`, or a mask image)."""
+"""Reading a user's digits and masks, for the `ppl-models` commands and from Python: digits from
+image files, .npy arrays or the run's own data set (``test:0-15``), and masks of observed pixels
+(``top``, ``random:0.5``, or a mask image)."""
 
 import re
 from pathlib import Path
@@ -7,16 +8,39 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..config import SettingError
-from ..data import DataError, binarization_of, binarize_new, load_dataset
-from ..masks import observe
+from .config import SettingError
+from .data import DataError, binarization_of, binarize_new, load_dataset
+from .masks import observe
 
 SPLIT_DIGITS = re.compile(r"^(?P<split>[a-z]+):(?P<indices>[0-9][0-9,\-]*)$")
 
 
-def read_digits(specs, model, log, download=True):
-    """(digits (N, D) binary, a name for each) from every spec: an image file (PNG, JPEG, ...), a
-    .npy array, or `split:indices` of the run's data set (test:0-15, test:3,7)."""
+def read_digits(specs, model, log=print, download=True):
+    """Read digits for `model` to use, as the ``ppl-models`` commands do.
+
+    Example::
+
+        model = ppl_models.load("figures/vae")
+        x, names = ppl_models.read_digits(["my_digit.png"], model)
+        filled = model.fill_in(x, "top")          # its bottom half, from its top half
+
+    Args:
+        specs: a list of image files (PNG, JPEG, ...; any size, made 28 x 28 grayscale, inverted if
+            dark on light), ``.npy`` arrays ((D,), (N, D), (28, 28) or (N, 28, 28); 0/1 values as
+            they are, grayscale binarized as the run's data were), or ``split:indices`` of the run's
+            own data set (``test:0-15``, ``test:3,7``).
+        model: the `ppl_models.trained.TrainedModel` the digits are for (its data set and binarization).
+        log: where notes go (an image that was inverted, grayscale that was binarized).
+        download: fetch the run's data set if it is missing (for ``split:indices``).
+
+    Returns:
+        (digits, names): an (N, D) float tensor of 0/1 values, and a name for each digit
+        (``"my_digit.png"``, ``"test:3"``, ``"digits.npy[2]"``).
+
+    Raises:
+        ppl_models.data.DataError: a missing or unreadable file, an array of the wrong shape.
+        ppl_models.config.SettingError: ``split:indices`` past the split's end, or malformed.
+    """
     digits, names = [], []
     for spec in specs:
         match = SPLIT_DIGITS.match(spec)
@@ -106,8 +130,9 @@ def binarization(model):
 
 
 def read_mask(spec, shape, seed):
-    """The observed pixels `spec` names (top, bottom, left, right, random:F) or a mask image (white
-    = observed), for digits of `shape` (N, D)."""
+    """The observed pixels `spec` names (top, bottom, left, right, random:F; see
+    `ppl_models.masks.observe`) or a mask image (white = observed), for digits of `shape` (N, D):
+    a boolean tensor of that shape; a random mask is drawn from `seed`."""
     if Path(spec).suffix.lower() in (".png", ".jpg", ".jpeg", ".bmp", ".gif"):
         return (read_gray(spec, "NEAREST") > 0.5).flatten().expand(shape)
     return observe(spec, shape, generator=torch.Generator().manual_seed(seed))
