@@ -28,8 +28,13 @@ def flag(setting: str) -> str:
 
 
 def as_flags(message: str) -> str:
-    """A library message in command-line words: `batch_size` -> --batch-size, `guide='enum'` -> --guide enum,
-    `jit=True` -> --jit, `compile=False` -> --compile off. Text outside backquotes is left as it is."""
+    """A library message in command-line words: ``batch_size`` -> --batch-size, ``guide='enum'`` ->
+    --guide enum, ``jit=True`` -> --jit, ``compile=False`` -> --compile off. Text outside backquotes
+    is left as it is.
+
+    >>> as_flags("`batch_size` must be a positive integer; use `guide='bernoulli'` or drop `jit=True`")
+    '--batch-size must be a positive integer; use --guide bernoulli or drop --jit'
+    """
     def in_flags(match):
         value = match["value"]
         if value is None or value == "True":

@@ -31,6 +31,19 @@ TABLE_FLOATS = 2**25  # digits x components scored at once when scoring or infer
 
 
 class BernoulliMixture(Family):
+    """The mixture of Bernoullis (``--model mixture``), its params b (K,), w (K, D) and c (D,) in
+    Pyro's param store; the module's docstring gives its equations and guides.
+
+    Args:
+        components: K, the number of components (``--components``).
+        num_pixels: D.
+        init_scale: the spread of w's random initial values.
+        encoder_hidden: the hidden units of guide ``sampled``'s encoder and baseline networks.
+
+    Raises:
+        SettingError: a K that is not a positive integer.
+    """
+
     name = "mixture"
     title = "mixture of Bernoullis"
     guides = {

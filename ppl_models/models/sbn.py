@@ -45,6 +45,21 @@ FLOPS = 2e10  # a 2-core CPU's sustained float throughput, for the refusal messa
 
 
 class SigmoidBeliefNet(Family):
+    """The sigmoid belief net (``--model sbn``), its params b (M,), w (M, D) and c (D,) in Pyro's
+    param store; the module's docstring gives its equations and guides. Its log-likelihood is exact
+    (`exact`) for M <= 20, where the 2^M codes can be summed.
+
+    Args:
+        latents: M, the number of binary latents (``--latents``).
+        temperature: the Concrete relaxation's temperature, for guide ``relaxed``.
+        baseline: guide ``bernoulli``'s baseline: ``"neural"``, ``"average"`` or ``"both"``.
+        num_pixels: D.
+        encoder_hidden: the hidden units of the guides' encoder and baseline networks.
+
+    Raises:
+        SettingError: an M, temperature or baseline that cannot work.
+    """
+
     name = "sbn"
     title = "sigmoid belief net"
     guides = {

@@ -116,6 +116,24 @@ GUIDE_NETWORKS = {"normal": ("encoder",), "iaf": ("encoder", "flows"), "lowrank"
 
 
 class VAE(Family):
+    """The VAE (``--model vae``): a decoder network and, per guide, an encoder; the module's
+    docstring gives its equations, guides and ELBOs. No exact log-likelihood: it is estimated by
+    importance sampling with the trained guide (iwae-k).
+
+    Args:
+        z_dim: latent dimensions (``--z-dim``; 2 gives the manifold plot).
+        hidden: hidden layer sizes of encoder and decoder (``--hidden 300,300``).
+        activation: ``"relu"``, ``"tanh"`` or ``"gated"``.
+        flows: inverse-autoregressive flow layers of guide ``iaf``.
+        rank: the covariance factor's rank for guide ``lowrank``.
+        kl_warmup: epochs over which the KL term's weight grows from 0 to 1 (0: none).
+        num_pixels: D.
+
+    Raises:
+        SettingError: sizes that are not positive, no hidden layer, an unknown activation, a
+            negative ``kl_warmup``.
+    """
+
     name = "vae"
     title = "variational autoencoder"
     guides = {
