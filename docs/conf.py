@@ -26,6 +26,7 @@ extensions = [
 ]
 exclude_patterns = ["_build"]
 smartquotes = False  # --flags stay two hyphens, in the CLI reference above all
+highlight_language = "text"  # a block without a language (usage lines, the layout) is not Python
 autodoc_inherit_docstrings = False  # torch.autograd.Function.forward's own docstring is not ours
 myst_heading_anchors = 3  # [text](page.md#a-heading) links, as on GitHub
 myst_enable_extensions = ["dollarmath"]
@@ -33,7 +34,8 @@ myst_enable_extensions = ["dollarmath"]
 # The API reference: members in source order, type hints in the description.
 autodoc_member_order = "bysource"
 autodoc_typehints = "description"
-autodoc_default_options = {"members": True, "undoc-members": False}
+autodoc_typehints_description_target = "documented"  # no second list of a dataclass's fields
+# Members are listed where api.rst asks (a default `members` here overrides the lists api.rst gives).
 napoleon_google_docstring = True
 napoleon_numpy_docstring = False
 napoleon_use_ivar = True  # a dataclass's Attributes as fields of its description (autodoc lists the fields too)
@@ -52,8 +54,10 @@ nitpick_ignore_regex = [
 # No network at build time: intersphinx would fetch inventories, so none is configured.
 intersphinx_mapping = {}
 
-# The tour is executed when it changed (cached in the build folder); a failing cell fails the build.
+# The tour is executed when its code changed (cached in docs/_build, whatever the output folder; `-D
+# nb_execution_mode=force` runs it anyway, as the tests do); a failing cell fails the build.
 nb_execution_mode = "cache"
+nb_execution_cache_path = str(Path(__file__).resolve().parent / "_build" / ".jupyter_cache")
 nb_execution_raise_on_error = True
 nb_execution_timeout = 600
 nb_merge_streams = True
@@ -65,8 +69,9 @@ if os.environ.get("PPL_MODELS_DATA"):
 
 def resolve_short_names(app, env, node, contnode):
     """`TrainedModel.fill_in` or `Posterior` written in a docstring of another module: the one documented
-    object whose full name ends so (ppl_models.load is documented as ppl_models.trained.load)."""
-    if node.get("refdomain") != "py":
+    object whose full name ends so (ppl_models.load is documented as ppl_models.trained.load). A bare
+    lower-case name is a parameter or a local, never guessed at."""
+    if node.get("refdomain") != "py" or not ("." in node["reftarget"] or node["reftarget"][:1].isupper()):
         return None
     target = node["reftarget"].removeprefix("ppl_models.")
     domain = env.get_domain("py")
@@ -95,5 +100,6 @@ def setup(app):
 html_theme = "alabaster"
 html_title = f"ppl_models {version}"
 html_theme_options = {"description": "Generative models of binary digits as Pyro programs",
-                      "fixed_sidebar": True, "page_width": "1300px", "sidebar_width": "240px"}
+                      "fixed_sidebar": True, "page_width": "auto", "body_max_width": "none",
+                      "sidebar_width": "240px"}  # code lines of about 115 characters fit a laptop's window
 html_sidebars = {"**": ["about.html", "navigation.html", "relations.html", "searchbox.html"]}

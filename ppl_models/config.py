@@ -56,22 +56,29 @@ class Config:
     """A run's settings: what ``ppl-models train``'s flags set (``--batch-size`` is ``batch_size``),
     saved as the run's config.json. `validate` refuses a setting that cannot work with a
     `SettingError`; a family's own settings (``components``, ``latents``, ``z_dim``, ...) are in
-    ``model_args`` and checked by the family.
+    ``model_args`` and checked by the family. The defaults here are the seed mixture's; the CLI
+    starts from each family's ``training_defaults`` instead (the VAE's: Adam, lr 1e-3, 5 epochs).
 
     Attributes:
         model: a registered family's name (``mixture``, ``sbn``, ``vae``).
         guide: one of its guides (``enum``, ``sampled``; ``bernoulli``, ``relaxed``; ``normal``, ...).
         elbo: the training objective where the family offers a choice; None: the guide's own.
         particles: samples of the latents per digit in the objective (k of ``elbo='iwae'``).
-        dataset, binarize, data_dir: the data (`ppl_models.data.load_dataset`).
+        dataset: ``mnist``, ``binarized-mnist`` or ``fashion-mnist`` (`ppl_models.data.load_dataset`).
+        binarize: how grayscale data is made binary: ``threshold``, ``dynamic`` or ``static``.
+        data_dir: a folder looked in first for the data files.
         model_args: the family's hyperparameters.
-        optimizer, lr, batch_size, epochs: the optimisation (``adam``, ``rmsprop``, ``sgd``, ``adagrad``).
+        optimizer: ``adam``, ``rmsprop``, ``sgd`` or ``adagrad``, one over the whole param store.
+        lr: its learning rate.
+        batch_size: digits per step.
+        epochs: passes over the training digits.
         seed: seed of initialisation, batches and every draw.
         device: ``cpu``, ``cuda``, ``cuda:N``.
         jit: Pyro's JIT ELBOs (TorchScript, deprecated: use ``compile``).
         compile: compile the training step and evaluation: True, False or ``"auto"`` (where it pays).
         detect_anomaly: autograd's anomaly detection, to find the operation that made a NaN.
-        eval_every, eval_digits: learning curves every so many steps, on so many fixed digits.
+        eval_every: steps between two points of the learning curves.
+        eval_digits: the fixed random digits of each split the learning curves are computed on.
         eval_samples: k of the final iwae-k test estimate; 0: none; None: 1000 where the model has no
             exact log-likelihood, none where it has.
         train_subset: train on the first N training digits only.

@@ -12,7 +12,7 @@ Which algorithm answers what (``method=``):
 - ``nuts``: Pyro's ``MCMC(NUTS)`` on continuous latents with the networks fixed, every digit's z in
   one chain (independent latents); split R-hat and the effective sample size per coordinate.
 
-Every method gives the posterior as weighted latent values (`Posterior.weighted`): all states with
+Every method gives the posterior as weighted latent values (``Posterior.weighted``): all states with
 their posterior probabilities (exact), proposal draws with normalised importance weights, or MCMC
 draws with equal weights. The fill-in is then one formula whatever the method,
 p(x_missing | x_observed) = sum_s w_s p(x_missing | z_s), exact where the weighted values are every

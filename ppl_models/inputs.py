@@ -22,10 +22,10 @@ def read_digits(specs, model, log=print, download=True):
 
         model = ppl_models.load("figures/vae")
         x, names = ppl_models.read_digits(["my_digit.png"], model)
-        filled = model.fill_in(x, "top")          # its bottom half, from its top half
+        filled = model.fill_in(x, "top", method="nuts")   # its bottom half, from its top half
 
     Args:
-        specs: a list of image files (PNG, JPEG, ...; any size, made 28 x 28 grayscale, inverted if
+        specs: a list (or one) of image files (PNG, JPEG, ...; any size, made 28 x 28 grayscale, inverted if
             dark on light), ``.npy`` arrays ((D,), (N, D), (28, 28) or (N, 28, 28); 0/1 values as
             they are, grayscale binarized as the run's data were), or ``split:indices`` of the run's
             own data set (``test:0-15``, ``test:3,7``).
@@ -38,11 +38,16 @@ def read_digits(specs, model, log=print, download=True):
         (``"my_digit.png"``, ``"test:3"``, ``"digits.npy[2]"``).
 
     Raises:
-        ppl_models.data.DataError: a missing or unreadable file, an array of the wrong shape.
-        ppl_models.config.SettingError: ``split:indices`` past the split's end, or malformed.
+        ppl_models.data.DataError: a missing or unreadable file, an array of the wrong shape, a split
+            the run's data set does not have.
+        ppl_models.config.SettingError: no specs; ``split:indices`` past the split's end, or malformed.
     """
+    if isinstance(specs, (str, Path)):
+        specs = [specs]  # one file
+    if not specs:
+        raise SettingError("no digits to read: give image files, .npy arrays or split:indices, e.g. ['test:0-15']")
     digits, names = [], []
-    for spec in specs:
+    for spec in map(str, specs):
         match = SPLIT_DIGITS.match(spec)
         if match and not Path(spec).exists():
             x, indices = split_digits(model, match["split"], match["indices"], download)

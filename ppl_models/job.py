@@ -44,8 +44,10 @@ def run(cfg, out, experiment=None, resume=False, progress=True, download=True, l
         metrics.json holds), or an experiment's findings.
 
     Raises:
-        ppl_models.config.SettingError, ppl_models.rundir.TrainingError,
-        ppl_models.data.DataError, ppl_models.files.WriteError: each with a message saying what to do.
+        ppl_models.config.SettingError: a setting that cannot work.
+        ppl_models.rundir.TrainingError: as for `ppl_models.train.train`.
+        ppl_models.data.DataError: data that is missing (with ``download=False``) or damaged.
+        ppl_models.files.WriteError: a file that cannot be written (disk full, read-only).
     """
     world = world or current()
     if not world.main:

@@ -70,9 +70,10 @@ def parse_fraction(spec):
     return fraction
 
 
-def check_mask(observed, num_digits, num_pixels, to_fill=True):
+def check_mask(observed, num_digits, num_pixels, to_fill=True, generator=None):
     """A boolean (N, D) mask from any (D,) or (N, D) mask of 0/1 values or an `observe` spec
-    (``"top"``): what `ppl_models.trained.TrainedModel`'s queries accept as ``observed``.
+    (``"top"``; a random one drawn from `generator`): what `ppl_models.trained.TrainedModel`'s
+    queries accept as ``observed``.
 
     Raises:
         SettingError: a mask of another shape or with values other than 0/1, one that observes no
@@ -80,7 +81,7 @@ def check_mask(observed, num_digits, num_pixels, to_fill=True):
             (nothing to fill in).
     """
     if isinstance(observed, str):
-        observed = observe(observed, (num_digits, num_pixels))
+        observed = observe(observed, (num_digits, num_pixels), generator=generator)
     if observed is None:
         raise SettingError("a mask of observed pixels is needed, e.g. `observed='top'`")
     observed = torch.as_tensor(observed)

@@ -79,10 +79,11 @@ class TrainedModel:
         compile: whether importance sampling and NUTS run as compiled graphs: True, False, or
             ``"auto"`` (see `compiles`), where they repay the seconds compiling takes (docs: Compiling).
 
-    Every method raises `ppl_models.config.SettingError` with a sentence saying what to change for
-    digits of the wrong shape or with values other than 0 and 1, a mask of the wrong shape or one
-    that observes nothing, a method or estimator the model cannot use, and counts that are not
-    positive integers.
+    Every query raises `ppl_models.config.SettingError` with a sentence saying what to change for
+    digits of the wrong shape, a mask of the wrong shape or one that observes nothing, a method or
+    estimator the model cannot use, and counts that are not positive integers; and
+    `ppl_models.data.DataError` for digits with values other than 0 and 1 (binarize them first:
+    `ppl_models.read_digits` does it for images and grayscale arrays).
     """
 
     def __init__(self, family, cfg, params, source, compile="auto"):
@@ -147,7 +148,7 @@ class TrainedModel:
                 a model trained with an exact guide (it has no guide to sample from), an unknown name.
         """
         x = self.digits(x)
-        observed = None if observed is None else check_mask(observed, len(x), x.shape[1], to_fill=False)
+        observed = None if observed is None else self.mask(observed, x, seed, to_fill=False)
         check_counts(draws=draws)
         estimator = estimator or ("exact" if self.family.exact else f"iwae-{draws}")
         self.check_estimator(estimator)
@@ -181,7 +182,7 @@ class TrainedModel:
         """
         x = self.digits(x)
         observed = torch.ones_like(x, dtype=torch.bool) if observed is None else \
-            check_mask(observed, len(x), x.shape[1], to_fill=False)
+            self.mask(observed, x, seed, to_fill=False)
         return join_posteriors(self._per_chunk(x, observed, method, num_samples, draws, warmup, seed, progress,
                                                answer=lambda posterior, chunk, mask: posterior))
 
@@ -209,7 +210,7 @@ class TrainedModel:
             ``posterior`` it came from.
         """
         x = self.digits(x)
-        observed = check_mask(observed, len(x), x.shape[1])
+        observed = self.mask(observed, x, seed, to_fill=True)
 
         def answer(posterior, chunk, mask):
             return fill_in(self.family.pixel_logits, chunk, mask, posterior, num_samples)
@@ -265,6 +266,12 @@ class TrainedModel:
         check_binary(x, "digits", pixels)
         return x
 
+    def mask(self, observed, x, seed, to_fill):
+        """`check_mask`'s (N, D) mask for digits x; a random one (``"random:0.5"``) is drawn from the
+        query's seed, so the same call gives the same mask and the global RNG is left alone."""
+        generator = torch.Generator().manual_seed(self.cfg.seed if seed is None else seed)
+        return check_mask(observed, len(x), x.shape[1], to_fill, generator).to(x.device)
+
     def check_estimator(self, name):
         sampled = name == "elbo" or (name.startswith("iwae-") and name[5:].isdigit() and int(name[5:]) > 0)
         if name == "exact" and not self.family.exact:
@@ -285,7 +292,7 @@ def load(run_dir, device="cpu", compile="auto"):
     Example::
 
         model = ppl_models.load("figures/vae")
-        model.fill_in(x, "top").probabilities   # the bottom half of each digit, filled in
+        model.fill_in(x, "top", method="nuts").probabilities   # the bottom half of each digit, filled in
 
     Args:
         run_dir: a training run's folder, as ``ppl-models train --out DIR`` (or ``python run.py``)

@@ -13,6 +13,7 @@ from PIL import Image
 
 from ppl_models import load, read_digits
 from ppl_models.cli import main
+from ppl_models.config import SettingError
 
 
 @pytest.fixture(scope="module")
@@ -83,6 +84,10 @@ def test_an_image_of_any_size_drawn_dark_on_light_is_inverted_and_scored(trained
     x, names = read_digits([str(tmp_path / "one.png"), str(tmp_path / "digits.npy")], model, notes.append)
     assert names == list(scores) and any("inverted" in note for note in notes)
     assert model.log_prob(x).log_prob.tolist() == pytest.approx(list(scores.values()), abs=1e-4)
+    one, _ = read_digits(tmp_path / "one.png", model, notes.append)  # one file, as a Path
+    assert torch.equal(one, x[:1])
+    with pytest.raises(SettingError, match="no digits to read"):
+        read_digits([], model)
 
 
 def test_fill_in_writes_the_completion_figure_and_exact_numbers(trained_run, tmp_path, capsys):

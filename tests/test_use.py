@@ -237,6 +237,11 @@ def test_load_gives_the_trained_model_and_the_numbers_metrics_json_has(offline, 
     samples = model.sample(6, seed=3)
     assert samples.digits.shape == (6, 784) and torch.equal(samples.digits, model.sample(6, seed=3).digits)
     assert ((samples.probabilities > 0) & (samples.probabilities < 1)).all()
+    rng = torch.get_rng_state()  # a random mask is the query's, drawn from its seed: the same call, the same answer
+    filled = [model.fill_in(test_digits[:3], "random:0.5", seed=1, draws=20) for _ in range(2)]
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert torch.equal(filled[0].log_prob_missing, filled[1].log_prob_missing)
+    assert torch.equal(filled[0].probabilities, filled[1].probabilities)
 
 
 def test_load_refuses_what_is_not_a_trained_run(tmp_path):
