@@ -102,4 +102,6 @@ html_title = f"ppl_models {version}"
 html_theme_options = {"description": "Generative models of binary digits as Pyro programs",
                       "fixed_sidebar": True, "page_width": "auto", "body_max_width": "none",
                       "sidebar_width": "240px"}  # code lines of about 115 characters fit a laptop's window
+html_static_path = ["_static"]
+html_css_files = ["tables.css"]
 html_sidebars = {"**": ["about.html", "navigation.html", "relations.html", "searchbox.html"]}
