@@ -1,8 +1,8 @@
 """Sphinx configuration of ppl_models' documentation: `python -m sphinx -W docs docs/_build/html`
 (from `pip install -e '.[docs]'`; offline). The pages are MyST Markdown; the API reference comes
 from the docstrings (autodoc, Google style), the CLI reference from the argparse parsers
-(sphinx-argparse), and the tour notebook is executed by myst-nb during the build (cached in the
-build folder, so a rebuild re-runs it only when it changed)."""
+(sphinx-argparse), and the tour notebook is executed by myst-nb during the build (cached in
+docs/_build, so a rebuild re-runs it only when its code changed)."""
 
 import importlib
 import os
@@ -20,7 +20,6 @@ extensions = [
     "myst_nb",  # Markdown pages (MyST) and the executed tour notebook
     "sphinx.ext.autodoc",
     "sphinx.ext.napoleon",
-    "sphinx.ext.intersphinx",
     "sphinx.ext.viewcode",
     "sphinxarg.ext",
 ]
@@ -29,7 +28,6 @@ smartquotes = False  # --flags stay two hyphens, in the CLI reference above all
 highlight_language = "text"  # a block without a language (usage lines, the layout) is not Python
 autodoc_inherit_docstrings = False  # torch.autograd.Function.forward's own docstring is not ours
 myst_heading_anchors = 3  # [text](page.md#a-heading) links, as on GitHub
-myst_enable_extensions = ["dollarmath"]
 
 # The API reference: members in source order, type hints in the description.
 autodoc_member_order = "bysource"
@@ -51,8 +49,6 @@ nitpick_ignore_regex = [
     ("py:.*", r"(torch|pyro|poutine|nn|os|sys|pathlib|numpy|np)(\..*)?"),
 ]
 
-# No network at build time: intersphinx would fetch inventories, so none is configured.
-intersphinx_mapping = {}
 
 # The tour is executed when its code changed (cached in docs/_build, whatever the output folder; `-D
 # nb_execution_mode=force` runs it anyway, as the tests do); a failing cell fails the build.

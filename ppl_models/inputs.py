@@ -10,7 +10,6 @@ import torch
 
 from .config import SettingError
 from .data import DataError, binarization_of, binarize_new, load_dataset
-from .masks import observe
 
 SPLIT_DIGITS = re.compile(r"^(?P<split>[a-z]+):(?P<indices>[0-9][0-9,\-]*)$")
 
@@ -134,10 +133,11 @@ def binarization(model):
     return binarization_of(model.cfg.dataset, model.cfg.binarize)
 
 
-def read_mask(spec, shape, seed):
-    """The observed pixels `spec` names (top, bottom, left, right, random:F; see
-    `ppl_models.masks.observe`) or a mask image (white = observed), for digits of `shape` (N, D):
-    a boolean tensor of that shape; a random mask is drawn from `seed`."""
+def read_mask(spec, shape):
+    """What the queries take as ``observed`` from the command line's ``--observe``: a mask image
+    (white = observed) as a boolean tensor of `shape` (N, D), or a name (top, bottom, left, right,
+    random:F; see `ppl_models.masks.observe`) as it is, which the query turns into its mask (a
+    random one drawn from the query's seed)."""
     if Path(spec).suffix.lower() in (".png", ".jpg", ".jpeg", ".bmp", ".gif"):
         return (read_gray(spec, "NEAREST") > 0.5).flatten().expand(shape)
-    return observe(spec, shape, generator=torch.Generator().manual_seed(seed))
+    return spec

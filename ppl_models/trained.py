@@ -148,7 +148,7 @@ class TrainedModel:
                 a model trained with an exact guide (it has no guide to sample from), an unknown name.
         """
         x = self.digits(x)
-        observed = None if observed is None else self.mask(observed, x, seed, to_fill=False)
+        observed = None if observed is None else self.observed_pixels(observed, x, seed, to_fill=False)
         check_counts(draws=draws)
         estimator = estimator or ("exact" if self.family.exact else f"iwae-{draws}")
         self.check_estimator(estimator)
@@ -182,7 +182,7 @@ class TrainedModel:
         """
         x = self.digits(x)
         observed = torch.ones_like(x, dtype=torch.bool) if observed is None else \
-            self.mask(observed, x, seed, to_fill=False)
+            self.observed_pixels(observed, x, seed, to_fill=False)
         return join_posteriors(self._per_chunk(x, observed, method, num_samples, draws, warmup, seed, progress,
                                                answer=lambda posterior, chunk, mask: posterior))
 
@@ -210,7 +210,7 @@ class TrainedModel:
             ``posterior`` it came from.
         """
         x = self.digits(x)
-        observed = self.mask(observed, x, seed, to_fill=True)
+        observed = self.observed_pixels(observed, x, seed)
 
         def answer(posterior, chunk, mask):
             return fill_in(self.family.pixel_logits, chunk, mask, posterior, num_samples)
@@ -266,9 +266,11 @@ class TrainedModel:
         check_binary(x, "digits", pixels)
         return x
 
-    def mask(self, observed, x, seed, to_fill):
-        """`check_mask`'s (N, D) mask for digits x; a random one (``"random:0.5"``) is drawn from the
-        query's seed, so the same call gives the same mask and the global RNG is left alone."""
+    def observed_pixels(self, observed, x, seed=None, to_fill=True):
+        """The boolean (N, D) mask a query given ``observed`` uses for the (N, D) digits x
+        (`ppl_models.masks.check_mask`): a random one (``"random:0.5"``) is drawn from the query's
+        seed (the run's if None), so the same call gives the same mask and the global RNG is left
+        alone."""
         generator = torch.Generator().manual_seed(self.cfg.seed if seed is None else seed)
         return check_mask(observed, len(x), x.shape[1], to_fill, generator).to(x.device)
 

@@ -37,7 +37,7 @@ def sample(model, args, log):
 
 def score(model, args, log):
     x, names = read_digits(args.inputs, model, log, download=not args.no_download)
-    observed = None if args.observe is None else read_mask(args.observe, x.shape, args.seed)
+    observed = None if args.observe is None else read_mask(args.observe, x.shape)
     scores = model.log_prob(x, observed, estimator=args.estimator, draws=args.draws, seed=args.seed,
                             progress=not args.quiet)
     save_array(args.npy, scores.log_prob)
@@ -49,7 +49,7 @@ def score(model, args, log):
 
 def fill_in(model, args, log):
     x, names = read_digits(args.inputs, model, log, download=not args.no_download)
-    observed = read_mask(args.observe, x.shape, args.seed)
+    observed = model.observed_pixels(read_mask(args.observe, x.shape), x, args.seed)  # also for the figure
     filled = model.fill_in(x, observed, method=args.method, num_samples=args.num_samples, draws=args.draws,
                            warmup=args.warmup, seed=args.seed, progress=not args.quiet)
     save_array(args.npy, filled.probabilities)
@@ -71,7 +71,7 @@ def fill_in(model, args, log):
 
 def infer(model, args, log):
     x, names = read_digits(args.inputs, model, log, download=not args.no_download)
-    observed = None if args.observe is None else read_mask(args.observe, x.shape, args.seed)
+    observed = None if args.observe is None else read_mask(args.observe, x.shape)
     posterior = model.posterior(x, observed, method=args.method, num_samples=args.num_samples, draws=args.draws,
                                 warmup=args.warmup, seed=args.seed, progress=not args.quiet)
     save_array(args.npy, posterior.samples)
