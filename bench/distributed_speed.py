@@ -1,5 +1,6 @@
-"""Data parallelism on this machine: the same work in 1 process x 2 threads and in 2 processes x
-1 thread (torch.distributed, gloo), with ppl_models' own training step and evaluation:
+"""Data parallelism on this machine: the same work in 1 process x 1 thread, 1 process x 2 threads
+and 2 processes x 1 thread (torch.distributed, gloo), with ppl_models' own training step and
+evaluation:
 
   - an epoch of the VAE (z-dim 40, MLP 300-300, 500 steps of 100 digits), from `--steps` steps;
   - the final iwae-5000 on binarized-mnist's 10,000 test digits, from `--digits` digits;
@@ -7,11 +8,13 @@
     exact log-likelihood of the 10,000 test digits, from `--sbn-digits` digits (the processes
     share the codes);
   - the all-reduce each step makes (bytes, and seconds from 200 repetitions), and each step at 2
-    digits per process: the part of a step that does not shrink as the processes share the batch.
+    digits per process: the part of a step that does not shrink as the processes share the batch;
+  - how far the layouts' params are apart after `--agreement-steps` steps of that VAE from the same
+    start (the same steps, their floating-point sums ordered differently).
 
     PPL_MODELS_DATA=../shared/data python bench/distributed_speed.py
 
-The two layouts run one after the other, `--repeats` times each, interleaved; medians are reported.
+The layouts run one after the other, `--repeats` times each, interleaved; medians are reported.
 """
 
 import argparse
@@ -64,8 +67,17 @@ def allreduce_seconds(world, numel, repeats=200):
     return (clock(world) - started) / repeats
 
 
+def trained(world, batches, steps, last=100):
+    """The bench VAE after `steps` steps from its seeded start, one batch each: its params, and its
+    -ELBO per digit over the `last` steps."""
+    step = pyro_step("vae", VAE, "normal", "Adam", 1e-3, batches[0], world=world)
+    losses = [step(world.shard(batch)) / len(batch) for batch in batches[:steps]]
+    return {"params": {name: p.detach().clone() for name, p in pyro.get_param_store().named_parameters()},
+            "loss": statistics.mean(losses[-last:])}
+
+
 def time_layout(rank, size, threads, port, args, out):
-    """One process of one layout: its timings, saved by rank 0."""
+    """One process of one layout: its timings, and the VAE `trained` for `args.agreement_steps`, saved by rank 0."""
     torch.set_num_threads(threads)
     if size > 1:
         dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=size)
@@ -94,6 +106,7 @@ def time_layout(rank, size, threads, port, args, out):
     started = clock(world)
     per_digit_estimate(sbn, "enum", test[:args.sbn_digits], "exact", world=world)
     results["sbn M=18 exact log p(x), 10,000 digits"] = (clock(world) - started) * len(test) / args.sbn_digits
+    results["vae trained"] = trained(world, batches, args.agreement_steps)
     if size > 1:
         for name in ("vae", "sbn"):
             results[f"all-reduce, {name}"] = allreduce_seconds(world, results[f"{name} parameters"] + 3)
@@ -108,13 +121,13 @@ def free_port():
         return probe.getsockname()[1]
 
 
-LAYOUTS = {"1 process x 2 threads": (1, 2), "2 processes x 1 thread": (2, 1)}
+LAYOUTS = {"1 process x 1 thread": (1, 1), "1 process x 2 threads": (1, 2), "2 processes x 1 thread": (2, 1)}
 ROWS = ("vae epoch", "vae step of 2 digits per process", "iwae-5000, 10,000 digits", "sbn M=18 exact step",
         "sbn M=18 exact step of 2 digits per process", "sbn M=18 exact log p(x), 10,000 digits")
 
 
 def measure(args, log=print):
-    """Both layouts, `args.repeats` times each, interleaved: the markdown section of BENCHMARKS.md."""
+    """Every layout, `args.repeats` times each, interleaved: the markdown section of BENCHMARKS.md."""
     out = Path(tempfile.mkdtemp()) / "timings.pt"  # where each layout's rank 0 leaves its timings
     runs = {layout: [] for layout in LAYOUTS}
     for repeat in range(args.repeats):
@@ -123,23 +136,46 @@ def measure(args, log=print):
             mp.start_processes(time_layout, args=(size, threads, free_port(), args, out), nprocs=size,
                                start_method="spawn")
             runs[layout].append(torch.load(out))
-    one, two = ({key: statistics.median(run[key] for run in runs[layout]) for key in runs[layout][0]}
-                for layout in LAYOUTS)
+    alone, threads, two = ({key: statistics.median(run[key] for run in runs[layout]) for key in runs[layout][0]
+                            if key != "vae trained"} for layout in LAYOUTS)
     lines = [
         "## Processes against threads (torch.distributed)", "",
-        f"The same work in one process with 2 threads and in 2 processes with one thread each (gloo, loopback), "
-        f"with ppl_models' training step and evaluation; the median of {args.repeats} interleaved runs "
-        f"(bench/distributed_speed.py: VAE z-dim 40, MLP 300-300, from {args.steps} steps; iwae-5000 from "
-        f"{args.digits} test digits; the SBN's exact log p(x) from {args.sbn_digits}). A step 'of 2 digits per "
-        "process' is the part of a step that does not shrink as processes share the batch.", "",
-        "| work | 1 process x 2 threads | 2 processes x 1 thread | speed-up |", "| --- | --- | --- | --- |",
-        *(f"| {key} | {one[key]:.3g} s | {two[key]:.3g} s | {one[key] / two[key]:.2f}x |" for key in ROWS),
+        f"The same work in one process with one thread, in one process with 2 threads and in 2 processes with one "
+        f"thread each (gloo, loopback), with ppl_models' training step and evaluation; the median of {args.repeats} "
+        f"interleaved runs (bench/distributed_speed.py: VAE z-dim 40, MLP 300-300, from {args.steps} steps; "
+        f"iwae-5000 from {args.digits} test digits; the SBN's exact log p(x) from {args.sbn_digits}). A step 'of 2 "
+        "digits per process' is the part of a step that does not shrink as processes share the batch; the "
+        "speed-ups are those of 2 processes.", "",
+        f"| work | {' | '.join(LAYOUTS)} | speed-up on 1 x 1 | on 1 x 2 |", "| --- | --- | --- | --- | --- | --- |",
+        *(f"| {key} | {alone[key]:.3g} s | {threads[key]:.3g} s | {two[key]:.3g} s | {alone[key] / two[key]:.2f}x | "
+          f"{threads[key] / two[key]:.2f}x |" for key in ROWS),
     ]
     for name in ("vae", "sbn"):
         numel = two[f"{name} parameters"] + 3
-        lines.append(f"| all-reduce of a {name} step: {numel:,.0f} floats, {numel * 4 / 1e6:.2f} MB | | "
-                     f"{two[f'all-reduce, {name}'] * 1e3:.2f} ms | |")
-    return lines + [""]
+        lines.append(f"| all-reduce of a {name} step: {numel:,.0f} floats, {numel * 4 / 1e6:.2f} MB | | | "
+                     f"{two[f'all-reduce, {name}'] * 1e3:.2f} ms | | |")
+    return lines + [""] + agreement_lines({layout: runs[layout][0]["vae trained"] for layout in LAYOUTS}, args)
+
+
+def agreement_lines(trained, args):
+    """How far each two layouts' VAEs are after the same steps (the runs are deterministic: the first's)."""
+    def gaps(ours, theirs):
+        differences = torch.cat([(ours[name] - theirs[name]).abs().flatten() for name in ours])
+        return differences.max().item(), differences.mean().item()
+
+    params = {layout: run["params"] for layout, run in trained.items()}
+    largest = max(p.abs().max().item() for p in params["1 process x 1 thread"].values())
+    layouts = list(LAYOUTS)
+    pairs = [(one, other) for i, one in enumerate(layouts) for other in layouts[i + 1:]]
+    return [
+        f"After {args.agreement_steps} steps of that VAE (Adam, lr 1e-3, batches of 100 binarized-mnist digits) "
+        f"from the same start, the params of the layouts differ by (the largest param is {largest:.3g}; the -ELBO "
+        "per digit of the last 100 steps: " + ", ".join(f"{run['loss']:.3f} in {layout}" for layout, run in
+                                                         trained.items()) + "):", "",
+        "| layouts | largest difference | mean difference |", "| --- | --- | --- |",
+        *(f"| {one} against {other} | {largest_gap:.3g} | {mean_gap:.3g} |"
+          for one, other in pairs for largest_gap, mean_gap in [gaps(params[one], params[other])]), "",
+    ]
 
 
 def main():
@@ -153,6 +189,8 @@ def settings(argv=None):
     parser.add_argument("--sbn-digits", type=int, default=1000,
                         help="test digits for the SBN's exact log-likelihood (default: 1000)")
     parser.add_argument("--repeats", type=int, default=2, help="runs of each layout (default: 2)")
+    parser.add_argument("--agreement-steps", type=int, default=500,
+                        help="VAE steps after which the layouts' params are compared (default: 500)")
     return parser.parse_args(argv)
 
 

@@ -23,8 +23,8 @@ class SettingError(ValueError):
 
 
 def flag(setting: str) -> str:
-    """The command-line flag of a setting: batch_size -> --batch-size."""
-    return "--" + setting.replace("_", "-")
+    """The command-line flag of a setting: batch_size -> --batch-size, n -> -n."""
+    return ("-" if len(setting) == 1 else "--") + setting.replace("_", "-")
 
 
 def as_flags(message: str) -> str:
@@ -48,7 +48,16 @@ def as_flags(message: str) -> str:
 
 def positive(value) -> bool:
     """True for a positive finite number (NaN and infinity are not)."""
-    return isinstance(value, (int, float)) and math.isfinite(value) and value > 0
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
+
+
+def positive_int(value) -> bool:
+    """True for a positive integer (not 2.5, "3" or True)."""
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+MAX_LR = 1e6  # past this a step overflows float32 (1e308 as an optimizer's rate) or diverges at once
+MAX_IWAE_SAMPLES = 10**6  # k of an iwae-k estimate: days of computing past this on a test set
 
 
 @dataclass
@@ -113,23 +122,59 @@ class Config:
     patience: int | None = None  # early stopping: epochs without a better validation score before stopping
 
     def validate(self):
+        optional = {"train_subset": self.train_subset, "patience": self.patience}
+        counts = {"batch_size": self.batch_size, "epochs": self.epochs, "eval_every": self.eval_every,
+                  "eval_digits": self.eval_digits, "particles": self.particles,
+                  **{name: value for name, value in optional.items() if value is not None}}
+        for name, value in counts.items():
+            if not positive_int(value):
+                raise SettingError(f"`{name}` must be a positive integer, got {value!r}")
+        eval_samples = 0 if self.eval_samples is None else self.eval_samples
         checks = [
             (self.optimizer in OPTIMIZERS, f"`optimizer` must be one of {', '.join(OPTIMIZERS)}"),
-            (positive(self.lr), "`lr` must be positive"),
-            (self.batch_size > 0, "`batch_size` must be a positive integer"),
-            (self.epochs > 0, "`epochs` must be a positive integer"),
-            (self.eval_every > 0, "`eval_every` must be a positive integer"),
-            (self.eval_digits > 0, "`eval_digits` must be a positive integer"),
-            (self.particles > 0, "`particles` must be a positive integer"),
-            (self.eval_samples is None or self.eval_samples >= 0,
-             "`eval_samples` must be 0 (none) or a positive integer"),
-            (self.train_subset is None or self.train_subset > 0, "`train_subset` must be a positive integer"),
-            (self.patience is None or self.patience > 0, "`patience` must be a positive integer"),
+            (positive(self.lr), f"`lr` must be a positive number, got {self.lr!r}"),
+            (not positive(self.lr) or self.lr <= MAX_LR, f"`lr={self.lr}` is past {MAX_LR:g}, where a step overflows "
+             "or diverges at once; rates of 1e-4 to 1e-1 train these models"),
+            (eval_samples == 0 or positive_int(eval_samples), "`eval_samples` must be 0 (none) or a positive integer, "
+                                                              f"got {self.eval_samples!r}"),
+            (not positive_int(eval_samples) or eval_samples <= MAX_IWAE_SAMPLES,
+             f"`eval_samples={self.eval_samples}`: at most {MAX_IWAE_SAMPLES:,} (days of computing past that)"),
+            (isinstance(self.seed, int) and not isinstance(self.seed, bool) and 0 <= self.seed < 2**63,
+             f"`seed` must be an integer from 0 to 2**63 - 1, got {self.seed!r}"),
         ]
         for ok, message in checks:
             if not ok:
                 raise SettingError(message)
         check_compile_setting(self.compile)
+        resolve_device(self.device)
+
+
+def resolve_device(name):
+    """The device `name` asks for, checked: ``"cpu"``, ``"cuda"`` or ``"cuda:N"`` of a GPU PyTorch
+    sees, or ``"auto"`` (a GPU if PyTorch sees one, else the CPU), which is resolved.
+
+    >>> resolve_device("meta")  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    ppl_models.config.SettingError: `device='meta'`: ppl_models runs on cpu or cuda, not meta; use ...
+    """
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError, ValueError):
+        raise SettingError(f"`device={name!r}` is not a device; use `device='cpu'`, cuda, cuda:N or auto") from None
+    if device.type not in ("cpu", "cuda"):
+        raise SettingError(f"`device={name!r}`: ppl_models runs on cpu or cuda, not {device.type}; use `device='cpu'`, "
+                           "cuda, cuda:N or auto")
+    gpus = torch.cuda.device_count() if device.type == "cuda" and torch.cuda.is_available() else 0
+    if device.type == "cuda" and not gpus:
+        raise SettingError(f"`device={name!r}` was asked for but PyTorch sees no CUDA GPU; use `device='cpu'` "
+                           "(or auto)")
+    if device.type == "cuda" and device.index is not None and device.index >= gpus:
+        raise SettingError(f"`device={name!r}`: PyTorch sees {gpus} GPU{'s' if gpus > 1 else ''} (cuda:0 to "
+                           f"cuda:{gpus - 1}); choose one of them, or `device='cuda'`")
+    return name
 
 
 AUTO_EVAL_SAMPLES = 1000  # the k of `eval_samples=None` for a model without an exact log-likelihood

@@ -1,7 +1,7 @@
 """Data parallelism over processes with `torch.distributed`, as launched by `torchrun`.
 
-    torchrun --nproc_per_node 2 run.py --model vae            # 2 processes on this machine (gloo on CPU)
-    torchrun --nproc_per_node 8 run.py --model vae --device cuda      # one GPU per process (NCCL)
+    torchrun --standalone --nproc_per_node 2 run.py --model vae          # 2 processes on this machine (gloo on CPU)
+    torchrun --standalone --nproc_per_node 8 run.py --model vae --device cuda --batch-size 96  # a GPU each (NCCL)
 
 Every process (a rank) holds the whole model and takes its share of every batch. Three rules make
 a run of N processes end where a run of one would, up to the order of floating-point sums:
@@ -16,21 +16,29 @@ a run of N processes end where a run of one would, up to the order of floating-p
   A checkpoint is therefore the same whatever the world size, and resumes in any.
 - Rank 0 alone writes files, prints and shows progress.
 
+Every rank must be given the same command (`check_same_settings`); a collective waits for the other
+ranks at most `PPL_MODELS_TIMEOUT` seconds (`collective_timeout`); and a job that torchrun restarts
+(`--max-restarts`) resumes from the checkpoint it wrote before (`resume_after_restart`).
+
 `World()` is one process, where every collective is the identity, so shared code is written once.
 """
 
+import argparse
+import math
 import os
 import pickle
 import threading
 import time
 from dataclasses import dataclass
 from datetime import timedelta
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
 from pyro.poutine.messenger import Messenger
+from torch.distributions import TransformedDistribution
 
-from .config import SettingError
+from .config import SettingError, flag
 
 DATA_PLATE = "data"  # the plate over digits every family's model and guides use (see Family)
 
@@ -132,6 +140,12 @@ def share_of(n, index, count):
     return range(start, start + per + (index < extra))
 
 
+def nearest_multiples(n, size):
+    """The multiples of `size` nearest `n` on either side (positive ones): the batches `size` ranks can share."""
+    below = n // size * size
+    return [multiple for multiple in (below, below + size) if multiple > 0]
+
+
 def sendable(error):
     """`error`, or a RuntimeError saying it where it cannot be pickled to the other ranks."""
     try:
@@ -158,12 +172,13 @@ def launched():
 
 def launch_command(program):
     """How to start `program` ("python run.py", "ppl-models train") as this launch did: under torchrun,
-    the torchrun command with this launch's processes (a multi-node launch's rendezvous flags are
-    not known here: ``...`` stands for them)."""
+    the torchrun command with this launch's processes: on one machine `--standalone`, which takes a
+    free port (plain torchrun takes port 29500, and fails where another job holds it); a multi-node
+    launch's rendezvous flags are not known here: ``...`` stands for them."""
     if not launched():
         return program
     size, per_node = int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_WORLD_SIZE", os.environ["WORLD_SIZE"]))
-    nodes = f"--nnodes {size // per_node} ... " if size > per_node else ""
+    nodes = f"--nnodes {size // per_node} ... " if size > per_node else "--standalone "
     script = program.removeprefix("python ") if program.startswith("python ") else f"--no-python {program}"
     return f"torchrun {nodes}--nproc_per_node {per_node} {script}"
 
@@ -189,9 +204,131 @@ def start(device):
                                "(torchrun --nproc_per_node)")
         device = f"cuda:{local_rank}"
         torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    backend, timeout = "nccl" if device.startswith("cuda") else "gloo", collective_timeout()
+    if attempt() > 0 and "MASTER_ADDR" in os.environ:
+        # A restart meets in the launcher's store, which still holds the failed attempt's addresses
+        # under the same keys: ranks that read a dead peer's address fail to connect. Its own keys.
+        store = dist.PrefixStore(key("process_group"), launcher_store(timeout))
+        dist.init_process_group(backend, store=store, rank=int(os.environ["RANK"]), world_size=size, timeout=timeout)
+    else:
+        dist.init_process_group(backend, timeout=timeout)
     start_heartbeat(dist.get_rank())
     return current(), device
+
+
+TIMEOUT_VARIABLE = "PPL_MODELS_TIMEOUT"
+DEFAULT_TIMEOUT_SECONDS = 600  # long enough for rank 0 to fetch the data while the others wait in a broadcast
+
+
+def collective_timeout():
+    """How long a collective waits for the other ranks before it fails: $PPL_MODELS_TIMEOUT seconds
+    (600 by default). Without it, gloo waits 30 minutes for a rank that is stopped (SIGSTOP) or hung,
+    so the job hangs that long before any rank can say so."""
+    text = os.environ.get(TIMEOUT_VARIABLE, str(DEFAULT_TIMEOUT_SECONDS))
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = math.nan
+    if not seconds > 0:
+        raise SettingError(f"${TIMEOUT_VARIABLE}={text} is not a number of seconds; set it to how long a rank waits "
+                           f"for the others (default {DEFAULT_TIMEOUT_SECONDS}), or unset it")
+    return timedelta(seconds=seconds)
+
+
+def timed_out(error):
+    """Whether `error` is a collective that gave up waiting for another rank (`collective_timeout`):
+    gloo's "Timed out waiting 600000ms for recv ...", then "Application timeout caused pair closure";
+    NCCL's watchdog's "... collective operation timeout ..."."""
+    return isinstance(error, RuntimeError) and any(phrase in str(error).lower() for phrase in ("timed out", "timeout"))
+
+
+def silent_stop(error):
+    """What to say of ranks that stopped without leaving word, when this rank saw `error`."""
+    if timed_out(error):
+        seconds = collective_timeout().total_seconds()
+        return (f"no answer in {seconds:g} s: stopped, hung or killed; ${TIMEOUT_VARIABLE} sets how long the others "
+                "wait")
+    return "killed, or failed"
+
+
+# ---- every rank the same command -------------------------------------------------------------
+def check_same_settings(world, settings, may_differ=("data_dir",)):
+    """Refuse, on every rank, a job whose ranks were given different `settings` ({name: value}: a
+    command's parsed flags). They would fall out of step: a `--resume` on one rank only fails in
+    that rank's first read of the run, and any other flag is overruled by rank 0's without a word.
+    Only `may_differ` may: where each machine keeps its data."""
+    if world.size == 1:
+        return
+    ours = {name: value for name, value in settings.items() if name not in may_differ}
+    everyone = [None] * world.size
+    dist.all_gather_object(everyone, ours)
+    for name in ours:
+        ranks_by_value = {}
+        for rank, theirs in enumerate(everyone):
+            ranks_by_value.setdefault(shown(theirs.get(name)), []).append(rank)
+        if len(ranks_by_value) > 1:
+            where = " and ".join(f"{value} on {ranks_named(ranks)}" for value, ranks in ranks_by_value.items())
+            raise SettingError(f"the ranks were started with different commands: {flag(name)} is {where}; start "
+                               "every rank with the same command")
+
+
+def shown(value):
+    """A flag's value as a person reads it: 'not given' for a flag left out, 'given' for a switch that is on."""
+    return "not given" if value is None or value is False else "given" if value is True else str(value)
+
+
+def ranks_named(ranks):
+    return ("ranks " if len(ranks) > 1 else "rank ") + ", ".join(map(str, ranks))
+
+
+# ---- restarts (torchrun --max-restarts) ------------------------------------------------------
+# torchrun restarts every worker with the same command when one fails. Elastic training expects the
+# workers to go on from where the job was: a new run in a folder holding a checkpoint would be
+# refused, and one started afresh would lose the steps taken. So rank 0 notes, as the job begins,
+# which checkpoint the run directory held (in the launcher's store, which outlives the workers),
+# and a restart resumes the run from a checkpoint written since.
+JOB_BEGAN_WITH = "ppl_models/checkpoint when the job began"  # one key for every attempt
+
+
+def resume_after_restart(world, args, run_dir, may_change, log=print):
+    """`args`, a command's parsed flags; or, where torchrun restarted the workers of a new run in
+    `run_dir` that had written a checkpoint since the job began, the flags that resume it:
+    `resume=run_dir` and those named in `may_change` (what a resumed run may be given), the other
+    settings left to the checkpoint (they are the same: the same command started it)."""
+    if args.resume or _store is None:  # a --resume resumes by itself; without torchrun's store nothing is known
+        return args
+    restarted = world.on_main(lambda: written_by_this_job(run_dir))
+    if not restarted:
+        return args
+    if world.main:
+        log(f"torchrun restarted the processes (restart {attempt()} of {os.environ.get('TORCHELASTIC_MAX_RESTARTS')}, "
+            f"--max-restarts): resuming {run_dir} from the checkpoint this job wrote")
+    kept = {*may_change, "quiet", "no_download"}
+    resumed = argparse.Namespace(**{name: value if name in kept else None for name, value in vars(args).items()})
+    resumed.resume = str(run_dir)
+    return resumed
+
+
+def written_by_this_job(run_dir):
+    """Whether `run_dir` holds a checkpoint that an earlier attempt of this job wrote; the first
+    attempt notes which checkpoint it began with (rank 0's, the one that writes)."""
+    now = checkpoint_stamp(run_dir)
+    try:
+        if attempt() == 0:
+            _store.set(JOB_BEGAN_WITH, now or "none")
+            return False
+        return now is not None and _store.check([JOB_BEGAN_WITH]) and _store.get(JOB_BEGAN_WITH).decode() != now
+    except (RuntimeError, ValueError):  # no store to tell: a restart starts the run again
+        return False
+
+
+def checkpoint_stamp(run_dir):
+    """Which checkpoint `run_dir` holds (it is replaced whole, by rename, at every save), or None."""
+    try:
+        stat = (Path(run_dir) / "checkpoint.pt").stat()
+    except OSError:
+        return None
+    return f"{stat.st_ino}:{stat.st_mtime_ns}"
 
 
 def stop():
@@ -209,29 +346,43 @@ def stop():
 # ---- which rank stopped, and why -------------------------------------------------------------
 # torchrun's key-value store (at MASTER_ADDR:MASTER_PORT, kept by the launcher, not by a rank) holds
 # a counter per rank that a thread of the rank advances while it lives, and a failed rank's last
-# word: after a collective fails, the survivors can say which rank stopped and why.
+# word: after a collective fails, the survivors can say which rank stopped and why. The store
+# outlives the workers when torchrun restarts them (`--max-restarts`): each attempt keeps its own keys.
 BEAT_SECONDS = 0.2
 _store = None  # this process's client of the launcher's store; None where there is none
 _heart = None  # (the heartbeat thread, the event that stops it)
 
 
-def launcher_store():
-    return dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
-                         timeout=timedelta(seconds=30))
+def attempt():
+    """Which start of the workers this is: 0, then 1, 2, ... as torchrun restarts them (`--max-restarts`)."""
+    return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+
+
+def key(name):
+    """`name`'s key in the launcher's store for this attempt (its counters start from nothing)."""
+    return f"ppl_models/{attempt()}/{name}"
+
+
+def launcher_store(timeout=timedelta(seconds=30)):
+    return dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False, timeout=timeout)
 
 
 def start_heartbeat(rank):
-    """A daemon thread that counts, in the launcher's store, that this rank is alive."""
+    """A daemon thread that counts, in the launcher's store, that this rank is alive, until the
+    launcher that keeps the store (this process's parent) is gone."""
     global _store, _heart
     if "MASTER_ADDR" not in os.environ:
         return
     _store, beats, stopping = launcher_store(), launcher_store(), threading.Event()  # the thread has its own client
+    launcher = os.getppid()
 
     def beat():
-        while not stopping.is_set():
+        # A killed torchrun leaves its workers running (to the end); a call to its closed store
+        # would print a C++ stack trace before it fails, so the thread stops when its parent changes.
+        while not stopping.is_set() and os.getppid() == launcher:
             try:
-                beats.add(f"ppl_models/beat/{rank}", 1)
-            except (RuntimeError, ValueError):  # the launcher is gone: so is the job
+                beats.add(key(f"beat/{rank}"), 1)
+            except (RuntimeError, ValueError):  # the store is gone (on another machine): so is the job
                 return
             stopping.wait(BEAT_SECONDS)
 
@@ -244,11 +395,11 @@ def stopped_ranks(world, wait=1.0):
     there is no store to tell)."""
     if _store is None:
         return None
-    keys = [f"ppl_models/beat/{rank}" for rank in range(world.size)]
+    beats = [key(f"beat/{rank}") for rank in range(world.size)]
     try:
-        before = [_store.add(key, 0) for key in keys]
+        before = [_store.add(beat, 0) for beat in beats]
         time.sleep(wait)
-        return [rank for rank, key in enumerate(keys) if _store.add(key, 0) == before[rank]]
+        return [rank for rank, beat in enumerate(beats) if _store.add(beat, 0) == before[rank]]
     except (RuntimeError, ValueError):
         return None
 
@@ -257,7 +408,7 @@ def first_to_report():
     """Whether this rank is the first survivor to report the stop (then it says it; the others stay
     silent, even those that fail later, when the first has gone)."""
     try:
-        return _store is None or _store.add("ppl_models/reported", 1) == 1
+        return _store is None or _store.add(key("reported"), 1) == 1
     except (RuntimeError, ValueError):
         return True
 
@@ -266,7 +417,7 @@ def leave_word(rank, message):
     """Keep this rank's error message where the survivors' report of its stop will read it."""
     if _store is not None:
         try:
-            _store.set(f"ppl_models/word/{rank}", message)
+            _store.set(key(f"word/{rank}"), message)
         except (RuntimeError, ValueError):
             pass
 
@@ -275,20 +426,20 @@ def last_words(ranks):
     """{rank: the message it left} for those of `ranks` that left one."""
     words = {}
     for rank in ranks:
-        key = f"ppl_models/word/{rank}"
+        word = key(f"word/{rank}")
         try:
-            if _store is not None and _store.check([key]):
-                words[rank] = _store.get(key).decode()
+            if _store is not None and _store.check([word]):
+                words[rank] = _store.get(word).decode()
         except (RuntimeError, ValueError):
             pass
     return words
 
 
 def failed_collective(error):
-    """Whether `error` is a collective that failed because another rank went away."""
-    return isinstance(error, getattr(dist, "DistError", ())) or (isinstance(error, RuntimeError) and any(
-        phrase in str(error) for phrase in ("Connection closed by peer", "Connection reset", "Broken pipe", "gloo",
-                                            "NCCL")))
+    """Whether `error` is a collective that failed because another rank went away, or did not answer in time."""
+    return isinstance(error, getattr(dist, "DistError", ())) or timed_out(error) or (
+        isinstance(error, RuntimeError) and any(phrase in str(error) for phrase in (
+            "Connection closed by peer", "Connection reset", "Broken pipe", "gloo", "NCCL")))
 
 
 class SameDraws(Messenger):
@@ -304,7 +455,13 @@ class SameDraws(Messenger):
     It relies on a sampler using the random stream by position, whatever the parameters: true of
     Normal, Bernoulli, Categorical and the Concrete relaxation the guides use, not of rejection
     samplers (Gamma, Beta, Dirichlet, Poisson), with which ranks would drift apart. Sites outside
-    the data plate (global latents) draw as usual: every rank then draws the same value."""
+    the data plate (global latents) draw as usual: every rank then draws the same value.
+
+    A transformed distribution (the VAE's `iaf` guide: a Normal through flows) draws its base for
+    the global batch and transforms this rank's rows only, as one process transforms its draw. The
+    flows then hold this value in their cache, from which its log-density is read: a value they
+    had not made (a row of the global batch's draw) would be inverted afresh, one pass of each flow
+    per latent dimension (a rank's step took 4.2-4.9x as long at z-dim 32-40, measured)."""
 
     def __init__(self, world):
         super().__init__()
@@ -315,5 +472,9 @@ class SameDraws(Messenger):
                 or not any(frame.name == DATA_PLATE for frame in msg["cond_indep_stack"])):
             return
         fn = msg["fn"]
-        draws = fn.expand((self.world.size, *fn.batch_shape))
-        msg["value"] = (draws.rsample() if fn.has_rsample else draws.sample())[self.world.rank]
+        base, transforms = (fn.base_dist, fn.transforms) if isinstance(fn, TransformedDistribution) else (fn, [])
+        draws = base.expand((self.world.size, *base.batch_shape))
+        value = (draws.rsample() if base.has_rsample else draws.sample())[self.world.rank]
+        for transform in transforms:
+            value = transform(value)
+        msg["value"] = value

@@ -144,6 +144,8 @@ class Family(nn.Module):
     - ``training_defaults``: optimizer, lr, batch_size and epochs when none are given (any it leaves
       out come from Family's).
     - ``experiments``: {name: `Experiment`} it offers besides a training run.
+    - ``state_files``: files its `epoch_hook` keeps in the run directory between epochs (a run that
+      replaces this one with ``overwrite`` removes them).
 
     It implements ``model(x, *step_args, observed=None)`` (observed site ``"x"`` in a plate
     ``"data"`` at dim -1, scoring only the pixels where the boolean mask ``observed`` is True; the
@@ -167,6 +169,7 @@ class Family(nn.Module):
     hyperparameters: ClassVar[dict] = {}
     training_defaults: ClassVar[dict] = dict(optimizer="adam", lr=1e-3, batch_size=100, epochs=10)
     experiments: ClassVar[dict] = {}
+    state_files: ClassVar[tuple] = ()
 
     #: the sample site of the latents, in the model and in every guide
     latent_site = "z"

@@ -68,7 +68,7 @@ def run(cfg, out, experiment=None, resume=False, progress=True, download=True, l
     for run_cfg in about.trains(family, cfg) if about and about.trains else [cfg]:  # before any of them trains
         check_compile(model if run_cfg.model_args == cfg.model_args else family(**run_cfg.model_args), run_cfg)
     with ExitStack() as held:
-        out = world.on_main(lambda: claim(held, out, experiment, cfg, resume, overwrite))
+        out = world.on_main(lambda: claim(held, out, experiment, resume, overwrite, log))
         data = world.main_first(lambda: load_dataset(cfg.dataset, binarize=cfg.binarize, data_dir=cfg.data_dir,
                                                      device=cfg.device, seed=cfg.seed, download=download,
                                                      progress=progress))
@@ -79,29 +79,31 @@ def run(cfg, out, experiment=None, resume=False, progress=True, download=True, l
         unused = unused_settings(family, None if "guide" in sets else cfg.guide, cfg.dataset)
         unused |= {name: f"set by the experiment: {why}" for name, why in sets.items()}
         if experiment:
+            write_json({"experiment": experiment, "config": asdict(cfg)}, out / "experiment.json")  # (its data loaded)
             report = about.run(family, cfg, data, out, progress, log)
             write_experiment_report(out, experiment, about.help, asdict(cfg), report, provenance([command], cfg.device),
                                     unused)
             log(f"report: {out / 'report.html'}")
             return report.findings
-        summary = train(model, data, cfg, out, resume=resume, progress=progress, log=log,
+        summary = train(model, data, cfg, out, resume=resume, progress=progress, log=log, overwrite=overwrite,
                         after_epoch=model.epoch_hook(out, cfg), command=command, world=world)
         if not world.main:
             return summary
         report = model.report(RunContext(data, cfg, out, summary, download, log))
-        summary.update(report.findings, provenance=provenance(summary.pop("commands"), cfg.device, world))
+        summary.update(report.findings, provenance=provenance(summary.pop("commands"), cfg.device, world),
+                       figures=[name for name, _ in report.figures])  # (what `overwrite` removes with the run)
         write_json(summary, out / "metrics.json")
         write_report(out, asdict(cfg), summary, report.figures, unused)
     log(describe(summary, out))
     return summary
 
 
-def claim(held, out, experiment, cfg, resume, overwrite):
+def claim(held, out, experiment, resume, overwrite, log):
     """The run (or experiment) directory, made, locked while `held` is, and checked (see `train.claim_run_dir`)."""
     if not experiment:
-        return claim_run_dir(held, out, resume, overwrite)
-    out = claim_run_dir(held, out, resume=True)  # an experiment's folder is checked by its marker instead
-    start_experiment(out, experiment, cfg, overwrite)
+        return claim_run_dir(held, out, resume, overwrite, log)
+    out = claim_run_dir(held, out, resume=True, log=log)  # an experiment's folder is checked by its marker instead
+    check_new_experiment(out, overwrite)
     return out
 
 
@@ -121,11 +123,9 @@ def available_memory(device):
     return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
-def start_experiment(out, experiment, cfg, overwrite):
-    """Mark the folder as an experiment's (experiment.json), refusing one that holds an earlier
-    experiment unless `overwrite`: experiments are run whole, not resumed."""
-    marker = out / "experiment.json"
-    if marker.exists() and not overwrite:
+def check_new_experiment(out, overwrite):
+    """Refuse a folder that holds an earlier experiment (experiment.json) unless `overwrite`:
+    experiments are run whole, not resumed. The marker is written once the data have loaded."""
+    if (out / "experiment.json").exists() and not overwrite:
         raise TrainingError(f"{out} holds an earlier experiment (experiment.json); run it again with "
                             "`overwrite=True`, or write to another directory")
-    write_json({"experiment": experiment, "config": asdict(cfg)}, marker)

@@ -14,15 +14,18 @@ Every write is atomic (`files.atomic_write`).
 import csv
 import errno
 import fcntl
+import hashlib
 import io
+import json
 import os
+import secrets
 from contextlib import contextmanager
 from pathlib import Path
 
 import pyro
 import torch
 
-from .files import atomic_write
+from .files import atomic_write, remove_stale_parts
 
 # 2: one PyTorch optimizer's state (1: pyro.optim's per-param ones); 3: VAE layer names; 4: the networks' buffers
 # (format 3 is still read: without buffers, which the networks of those runs held only in IAF layers)
@@ -62,7 +65,12 @@ def exclusive(path):
         finally:
             _locked[key] -= 1
         return
-    with open(key / "lock", "a+") as lock:
+    try:
+        lock = open(key / "lock", "a+")
+    except OSError as error:  # a read-only file system, a folder of another user's
+        raise TrainingError(f"cannot write in {path} ({error.strerror or error}): a run writes its checkpoint there; "
+                            "copy the folder somewhere writable and use the copy, or give another folder") from None
+    with lock:
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as error:
@@ -84,16 +92,70 @@ def exclusive(path):
 
 
 def check_new_run(path, overwrite=False):
-    """A new run may not replace a finished or interrupted one (it has a checkpoint) unless asked;
-    asked, the old run's files go first, so the folder never mixes two runs."""
+    """A new run may not replace a finished or interrupted one (it has a checkpoint) unless asked.
+    Asked, the old run stays whole until the new one has passed every check and writes its first
+    file (`remove_old_run`): a refused command loses nothing."""
     path = Path(path)
-    if not (path / "checkpoint.pt").exists():
-        return
-    if not overwrite:
+    if (path / "checkpoint.pt").exists() and not overwrite:
         raise TrainingError(f"{path} holds a run already (checkpoint.pt); continue it with `resume=True`, or "
                             "replace it with `overwrite=True`")
-    for name in RUN_FILES:
+
+
+def remove_old_run(path):
+    """Remove the files of the run `path` held, so that the folder never mixes two runs: RUN_FILES,
+    the figures its metrics.json lists and the state files its checkpoint lists (those a family
+    keeps between epochs). Other files in the folder are not the run's, and stay."""
+    path = Path(path)
+    listed = [*listed_names(path / "metrics.json", "figures"), *listed_names(path / "checkpoint.pt", "state_files")]
+    for name in (*RUN_FILES, *listed):
         (path / name).unlink(missing_ok=True)
+
+
+def listed_names(path, key):
+    """The file names a run's metrics.json or checkpoint.pt lists under `key`: plain names of files
+    in the folder only (nothing if the file is missing or damaged)."""
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True) if path.suffix == ".pt" else \
+            json.loads(path.read_text())
+        names = saved.get(key) or []
+    except Exception:  # noqa: BLE001 (a damaged file lists nothing: RUN_FILES still go)
+        return []
+    return [name for name in names if isinstance(name, str) and name == Path(name).name and name not in ("", ".", "..")]
+
+
+def clear_parts(path, log=print):
+    """Remove the temporary files that writers killed mid-write left in the run directory."""
+    removed = remove_stale_parts(path)
+    if removed:
+        log(f"removed {len(removed)} unfinished file{'s' if len(removed) > 1 else ''} that a killed process left in "
+            f"{path} ({', '.join(removed[:3])}{', ...' if len(removed) > 3 else ''})")
+
+
+# ---- what a run is: its identity, and the data it trains on -----------------------------------
+def new_run_id():
+    """A run's identity, kept in its checkpoint and best.pt: a best.pt copied from another run is refused."""
+    return secrets.token_hex(8)
+
+
+def data_fingerprint(data):
+    """A short hash of every split's digits: a resumed run must go on with the digits it started with."""
+    digest = hashlib.sha256()
+    for split in sorted(data.images):
+        images = data.images[split].detach().cpu().contiguous()
+        digest.update(f"{split} {tuple(images.shape)} {images.dtype}".encode())
+        digest.update(images.numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def check_same_data(checkpoint, fingerprint, path, data_dir):
+    """Refuse to resume a run on data other than it started with (a checkpoint of older code has no
+    fingerprint, and is trusted)."""
+    saved = checkpoint.get("data")
+    if saved is not None and saved != fingerprint:
+        where = f" under {data_dir}" if data_dir else ""
+        raise TrainingError(f"the data files{where} hold other digits than {path} was trained on (data fingerprint "
+                            f"{fingerprint}, not {saved}): resume it with the files it started with, or start a new "
+                            "run")
 
 
 # ---- checkpoints ---------------------------------------------------------------------------
@@ -191,16 +253,21 @@ def snapshot(model):
     return {"params": param_values(), "buffers": {name: plain(b) for name, b in buffers(model).items()}}
 
 
-def read_snapshot(path):
-    """A `snapshot` saved at `path` (best.pt), checked."""
+def read_snapshot(path, run=None):
+    """A `snapshot` saved at `path` (best.pt), checked: readable, and of the run whose id is `run`
+    (a snapshot without one, of older code, is trusted)."""
     try:
         saved = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:
         raise TrainingError(f"{path} is missing or unreadable ({type(error).__name__})") from None
     if isinstance(saved, dict) and saved and all(torch.is_tensor(v) for v in saved.values()):
         return {"params": saved, "buffers": None}  # written before buffers were kept (format 3)
-    if not (isinstance(saved, dict) and {"params", "buffers"} <= set(saved)):
+    if not (isinstance(saved, dict) and isinstance(saved.get("params"), dict) and
+            isinstance(saved.get("buffers"), dict)):
         raise TrainingError(f"{path} is not a ppl_models snapshot (no params and buffers)")
+    if run is not None and saved.get("run", run) != run:
+        raise TrainingError(f"{path} is another run's (run {saved['run']}, and checkpoint.pt is run {run}'s): "
+                            f"delete {Path(path).name} to use the last checkpoint, or copy the whole run folder")
     return saved
 
 

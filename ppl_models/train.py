@@ -26,7 +26,7 @@ from tqdm import tqdm  # not tqdm.auto: in a notebook without ipywidgets it warn
 from .compiled import CompiledOptimizer, compiled_seconds, flushing_denormals
 from .config import AUTO_EVAL_SAMPLES, OPTIMIZERS, SettingError, steps_per_epoch
 from .data import DataError, random_digits
-from .distributed import ONE_PROCESS, SameDraws, current
+from .distributed import ONE_PROCESS, SameDraws, current, nearest_multiples
 from .evaluate import duration, estimators, mean_estimates, per_digit_estimate, seconds_to_estimate
 from .files import atomic_torch_save, write_json
 from .rundir import (
@@ -35,10 +35,15 @@ from .rundir import (
     TrainingError,
     check_new_run,
     check_resumable,
+    check_same_data,
+    clear_parts,
+    data_fingerprint,
     exclusive,
     load_checkpoint,
     make_run_dir,
+    new_run_id,
     read_snapshot,
+    remove_old_run,
     restore_snapshot,
     rng_state,
     set_rng_state,
@@ -187,8 +192,8 @@ def train(model, data, cfg, run_dir, resume=False, progress=True, log=print, aft
     after_epoch = after_epoch or (lambda epoch: None)
     cfg.validate()
     with ExitStack() as held, reproducible(torch.device(cfg.device), cfg.detect_anomaly):
-        run_dir = world.on_main(lambda: claim_run_dir(held, run_dir, resume, overwrite))
-        run = Training(model, data, cfg, run_dir, resume, log, command, world)
+        run_dir = world.on_main(lambda: claim_run_dir(held, run_dir, resume, overwrite, log))
+        run = Training(model, data, cfg, run_dir, resume, log, command, world, replacing=overwrite and not resume)
         if run.compiled:
             held.enter_context(flushing_denormals())
         if resume:
@@ -220,11 +225,13 @@ def train(model, data, cfg, run_dir, resume=False, progress=True, log=print, aft
         return summary
 
 
-def claim_run_dir(held, run_dir, resume=False, overwrite=False):
+def claim_run_dir(held, run_dir, resume=False, overwrite=False, log=print):
     """The run directory, made, locked for as long as `held` (an ExitStack) is, and checked: a new run
-    refuses one that holds a run unless `overwrite`."""
+    refuses one that holds a run unless `overwrite`. Files that a process killed mid-write left are
+    removed (under the lock, no other run writes there)."""
     run_dir = make_run_dir(run_dir)
     held.enter_context(exclusive(run_dir))
+    clear_parts(run_dir, log)
     if not resume:
         check_new_run(run_dir, overwrite)
     return run_dir
@@ -258,7 +265,8 @@ class Progress:
 class Training:
     """A run in progress: the model and its SVI, the run directory's files, and where it is (`at`)."""
 
-    def __init__(self, model, data, cfg, run_dir, resume, log, command=None, world=ONE_PROCESS):
+    def __init__(self, model, data, cfg, run_dir, resume, log, command=None, world=ONE_PROCESS, replacing=False):
+        """`replacing`: the folder's old run is removed once this one has passed its checks."""
         self.model, self.data, self.cfg, self.dir, self.log, self.world = model, data, cfg, run_dir, log, world
         self.device = torch.device(cfg.device)
         self.num_train, self.steps = check_training_data(data, cfg)
@@ -268,6 +276,10 @@ class Training:
         self.curve_estimators = estimators(model, cfg.guide, split="curves") + ([bound] if bound else [])
 
         checkpoint = world.on_main(lambda: checked_checkpoint(self.checkpoint_path, cfg)) if resume else None
+        self.data_fingerprint = data_fingerprint(data)
+        if checkpoint:
+            check_same_data(checkpoint, self.data_fingerprint, self.dir, cfg.data_dir)
+        self.run_id = checkpoint.get("run") or new_run_id() if checkpoint else new_run_id()
         self.compiled, self.compile_why = compile_decision(model, cfg, self.steps * cfg.epochs,
                                                            checkpoint.get("compiled", False) if checkpoint else None)
         pyro.clear_param_store()
@@ -286,8 +298,10 @@ class Training:
         self.at, best_state = self.resume(checkpoint) if resume else (Progress(), None)
         self.metrics = world.on_main(lambda: MetricsLog(self.dir / "metrics.csv",
                                                         up_to_step=self.at.step if resume else None))
-        self.best = BestEpoch(model, self.dir / "best.pt", cfg.patience, self.selected, best_state, self.at.epoch,
-                              log, world) if cfg.patience else None
+        if replacing and world.main:  # the new run has passed its checks: the old one goes before the first write
+            remove_old_run(self.dir)
+        self.best = BestEpoch(model, self.dir / "best.pt", cfg.patience, self.selected, self.run_id, best_state,
+                              self.at.epoch, log, world) if cfg.patience else None
         self.running_loss = math.nan
         if world.main:
             write_json(asdict(cfg), self.dir / "config.json")
@@ -348,6 +362,9 @@ class Training:
             "compiled": self.compiled,
             "best": self.best.state() if self.best else None,
             "commands": self.commands,
+            "run": self.run_id,
+            "data": self.data_fingerprint,
+            "state_files": list(self.model.state_files),
         }, self.checkpoint_path)
 
     def evaluate_curves(self):
@@ -492,8 +509,10 @@ def check_data_parallel(model, cfg, world):
     if world.size == 1:
         return
     if cfg.batch_size % world.size:
+        choices = " or ".join(f"`batch_size={batch}`" for batch in nearest_multiples(cfg.batch_size, world.size))
         raise SettingError(f"`batch_size={cfg.batch_size}` does not split evenly over {world.size} processes, each of "
-                           f"which takes an equal share of every batch; use a multiple of {world.size}")
+                           f"which takes an equal share of every batch; use {choices} (the global batch: the processes "
+                           "take together the step one process takes on it, so `lr` needs no change)")
     if cfg.jit:
         raise SettingError(f"`jit=True` trains in one process: its compiled step does not draw the random numbers one "
                            f"process draws, so {world.size} processes would not take one process's steps; drop `jit`")
@@ -619,14 +638,14 @@ class BestEpoch:
     """Early stopping (`patience`): the validation score after every epoch, the params of the best
     epoch so far kept in best.pt, and whether `patience` epochs have passed without a better one."""
 
-    def __init__(self, model, path, patience, estimator, state=None, epoch=0, log=print, world=ONE_PROCESS):
+    def __init__(self, model, path, patience, estimator, run_id, state=None, epoch=0, log=print, world=ONE_PROCESS):
         self.model, self.path, self.patience, self.estimator = model, Path(path), patience, estimator
-        self.world = world
+        self.run_id, self.world = run_id, world
         if state and state.get("estimator", estimator) == estimator:
             self.epoch, self.value, self.scores = state["epoch"], state["value"], state.get("scores", [])
             if math.isfinite(self.value) and self.load() is None:
-                log(f"note: {self.path} is missing or unreadable, so the best epoch so far ({self.epoch}) is lost; "
-                    f"early stopping starts afresh from epoch {epoch}")
+                log(f"note: {self.path} is missing, unreadable or another run's, so the best epoch so far "
+                    f"({self.epoch}) is lost; early stopping starts afresh from epoch {epoch}")
                 self.epoch, self.value = epoch, -math.inf
         else:  # nothing scored with this estimator yet (or a saved best of another one): count from `epoch`
             self.epoch, self.value, self.scores = epoch, -math.inf, []
@@ -636,7 +655,7 @@ class BestEpoch:
         if value > self.value:
             self.epoch, self.value = epoch, value
             if self.world.main:
-                atomic_torch_save(snapshot(self.model), self.path)
+                atomic_torch_save({**snapshot(self.model), "run": self.run_id}, self.path)
 
     def exhausted(self, epoch):
         return epoch - self.epoch >= self.patience
@@ -648,7 +667,7 @@ class BestEpoch:
         """best.pt's snapshot (rank 0's, on every rank), or None if it is missing or unreadable."""
         def read():
             try:
-                return read_snapshot(self.path)
+                return read_snapshot(self.path, self.run_id)
             except TrainingError:
                 return None
 
@@ -686,7 +705,7 @@ def interrupt_between_steps(signals=STOP_SIGNALS):
     flag = {"requested": None}
 
     def handler(signum, frame):
-        flag["requested"] = signum
+        flag["requested"] = flag["requested"] or signum  # the first says how the run ended
 
     if threading.current_thread() is not threading.main_thread():
         yield flag
@@ -695,8 +714,18 @@ def interrupt_between_steps(signals=STOP_SIGNALS):
     try:
         yield flag
     finally:
-        for signum, handling in previous.items():
-            signal.signal(signum, handling)
+        if flag["requested"]:  # the process is ending: a second signal must not cut its checkpoint or last line
+            ignore_stop_signals()
+        else:
+            for signum, handling in previous.items():
+                signal.signal(signum, handling)
+
+
+def ignore_stop_signals():
+    """Ignore Ctrl-C and SIGTERM from now on: for a process that is ending because of one of them."""
+    if threading.current_thread() is threading.main_thread():
+        for signum in STOP_SIGNALS:
+            signal.signal(signum, signal.SIG_IGN)
 
 
 @contextmanager

@@ -14,6 +14,7 @@ query is seeded (`seed=`) and leaves the global RNG as it was.
 
 import json
 import math
+import numbers
 from contextlib import contextmanager
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -22,13 +23,13 @@ import pyro
 import torch
 from pyro import poutine
 
-from .config import Config, SettingError, check_compile_setting
+from .config import MAX_IWAE_SAMPLES, Config, SettingError, check_compile_setting, resolve_device
 from .data import check_binary
 from .evaluate import compile_pays, per_digit_estimate
 from .inference import fill_in, join_fill_ins, join_posteriors
 from .masks import check_mask
 from .models import family_of
-from .rundir import TrainingError, load_checkpoint, read_snapshot, restore_snapshot
+from .rundir import TrainingError, buffers, load_checkpoint, read_snapshot, restore_snapshot
 from .train import evaluation_rng
 
 NUTS_DIGITS = 100  # digits per NUTS chain: their latents are sampled jointly, one step size for all
@@ -36,7 +37,6 @@ NUTS_DIGITS = 100  # digits per NUTS chain: their latents are sampled jointly, o
 # about 1.4 ms on one core, compiled 0.9 (bench/inference_speed.py), and compiling 1.5-5 s
 COMPILE_NUTS_STEPS = 10_000
 MEMORY_FLOATS = 2**25  # importance draws x digits x pixels held at once: 128 MB
-MAX_IWAE_SAMPLES = 10**6
 
 
 @dataclass
@@ -120,10 +120,9 @@ class TrainedModel:
             `ppl_models.family.Samples`: ``digits`` (n, D) 0/1 floats, ``probabilities`` (n, D) the
             Bernoulli means p(x_d = 1 | z) they were drawn from, ``latents`` {site name: value}.
         """
-        if not isinstance(n, int) or n < 1:
-            raise SettingError(f"the number of samples must be a positive integer, got {n!r}")
+        check_counts(n=n)
         with self.active(seed):
-            return self.family.sample(n)
+            return self.family.sample(int(n))
 
     def log_prob(self, x, observed=None, estimator=None, draws=1000, seed=None, progress=False):
         """Score digits: log p(x) per digit, in nats (log p(x_observed) with a mask).
@@ -227,8 +226,7 @@ class TrainedModel:
         check_counts(num_samples=num_samples, draws=draws)
         if method == "nuts" and draws < 4:
             raise SettingError("`draws` must be at least 4 for `method=nuts`: split R-hat needs two halves of two")
-        if not isinstance(warmup, int) or warmup < 0:
-            raise SettingError(f"`warmup` must be 0 or a positive integer, got {warmup!r}")
+        check_counts(least=0, warmup=warmup)
         fits = max(1, MEMORY_FLOATS // (draws * x.shape[1]))  # the draws' pixel logits of a batch of digits
         size = {"nuts": min(NUTS_DIGITS, fits), "exact": len(x)}.get(method, fits)
         answers = []
@@ -311,7 +309,7 @@ def load(run_dir, device="cpu", compile="auto"):
             folder, a damaged checkpoint, or one that lacks params the model needs.
         ppl_models.config.SettingError: an unknown ``compile`` setting.
     """
-    run_dir = Path(run_dir)
+    run_dir, device = Path(run_dir), resolve_device(device)
     if (run_dir / "experiment.json").exists():
         raise TrainingError(f"{run_dir} holds an experiment, which trains several models; load one training run's "
                             "folder")
@@ -319,29 +317,76 @@ def load(run_dir, device="cpu", compile="auto"):
         raise TrainingError(f"{run_dir} is not a training run (no config.json and checkpoint.pt): give the folder "
                             "`ppl-models train ... --out DIR` (or python run.py) wrote, after at least one epoch")
     checkpoint = load_checkpoint(run_dir / "checkpoint.pt")
-    cfg = Config(**{f.name: checkpoint["config"][f.name] for f in fields(Config) if f.name in checkpoint["config"]})
+    cfg = saved_config(checkpoint["config"], run_dir / "checkpoint.pt")
     saved, source = checkpoint, f"{run_dir / 'checkpoint.pt'} (epoch {checkpoint['progress']['epoch']})"
     if cfg.patience and (run_dir / "best.pt").is_file():
-        saved = read_snapshot(run_dir / "best.pt")
-        best = json.loads((run_dir / "metrics.json").read_text()).get("early_stopping", {}).get("best_epoch", "?") \
-            if (run_dir / "metrics.json").is_file() else "?"
-        source = f"{run_dir / 'best.pt'} (the best valid epoch, {best})"
+        saved = read_snapshot(run_dir / "best.pt", checkpoint.get("run"))
+        source = f"{run_dir / 'best.pt'} (the best valid epoch, {best_epoch(run_dir)})"
     # Building the networks draws initial weights, registering them draws latents: the caller's RNG is left alone.
     with torch.random.fork_rng(), pyro.get_param_store().scope() as params:
-        family = family_of(cfg.model)(**cfg.model_args).to(device)
-        register_networks(family, cfg.guide)
-        missing = set(pyro.get_param_store().keys()) - set(saved["params"])  # (Pyro's own extras are restored)
-        if missing:
-            raise TrainingError(f"{run_dir} lacks params this model needs ({', '.join(sorted(missing)[:3])}); was it "
-                                "written by another version of ppl_models?")
+        try:
+            family = family_of(cfg.model)(**cfg.model_args).to(device)
+            register_networks(family, cfg.guide)
+        except (SettingError, TypeError, KeyError) as error:
+            raise TrainingError(f"{run_dir / 'checkpoint.pt'} holds settings that build no model "
+                                f"({first_line(error)}): was it edited? Train the run again") from None
+        check_fits(family, saved, source.split(" (")[0], cfg)
         restore_snapshot(family, saved, device)
     return TrainedModel(family, cfg, params, source, compile)
 
 
-def check_counts(**counts):
+def saved_config(saved, path):
+    """The `Config` a checkpoint holds, checked: a model and a guide that exist."""
+    try:
+        cfg = Config(**{f.name: saved[f.name] for f in fields(Config) if f.name in saved})
+        family_of(cfg.model).check_choices(cfg.guide, cfg.elbo, cfg.particles)
+    except (SettingError, KeyError, TypeError) as error:
+        raise TrainingError(f"{path} holds settings that build no model ({first_line(error)}): was it edited? "
+                            "Train the run again") from None
+    return cfg
+
+
+def first_line(error):
+    return (str(error).strip("'\"") or type(error).__name__).splitlines()[0]
+
+
+def check_fits(family, saved, path, cfg):
+    """Refuse saved params or buffers of other names or sizes than the run's settings build: a file
+    edited, or copied from another run."""
+    expected = {name: value.shape for name, value in pyro.get_param_store().named_parameters()}
+    found = {name: value.shape for name, value in saved["params"].items() if torch.is_tensor(value)}
+    if saved["buffers"] is not None:  # (None: a run of format 3, which `restore_snapshot` judges)
+        expected.update({f"buffer {name}": value.shape for name, value in buffers(family).items()})
+        found.update({f"buffer {name}": value.shape for name, value in saved["buffers"].items()
+                      if torch.is_tensor(value)})
+    missing = sorted(set(expected) - set(found))
+    if missing:
+        raise TrainingError(f"{path} lacks params this model needs ({', '.join(missing[:3])}): was it written by "
+                            "another version of ppl_models, or for other settings?")
+    for name, shape in expected.items():
+        if found[name] != shape:
+            raise TrainingError(f"{path} does not fit the run's settings ({family.summary(cfg.guide)}, guide "
+                                f"{cfg.guide!r}): its {name} is {tuple(found[name])}, the model's {tuple(shape)}. "
+                                "Was it edited, or copied from another run?")
+
+
+def best_epoch(run_dir):
+    """The best epoch metrics.json names under early stopping, or "?" where it says none."""
+    try:
+        return json.loads((run_dir / "metrics.json").read_text())["early_stopping"]["best_epoch"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return "?"
+
+
+MAX_COUNT = 10**6  # samples, draws, warm-up steps of a query: past it, days of computing or memory no machine has
+
+
+def check_counts(least=1, **counts):
+    """Refuse counts that are not integers from `least` to MAX_COUNT (numpy's integers are integers)."""
     for name, value in counts.items():
-        if not isinstance(value, int) or value < 1:
-            raise SettingError(f"`{name}` must be a positive integer, got {value!r}")
+        if not isinstance(value, numbers.Integral) or isinstance(value, bool) or not least <= value <= MAX_COUNT:
+            what = "a positive integer" if least == 1 else f"an integer from {least}"
+            raise SettingError(f"`{name}` must be {what} up to {MAX_COUNT:,}, got {value!r}")
 
 
 def register_networks(family, guide):

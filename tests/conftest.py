@@ -1,3 +1,5 @@
+import signal
+
 import numpy as np
 import pyro
 import pytest
@@ -13,6 +15,15 @@ def fresh_pyro():
     pyro.set_rng_seed(0)
     yield
     pyro.clear_param_store()
+
+
+@pytest.fixture(autouse=True)
+def signal_handlers_restored():
+    """A command stopped by a signal ignores further ones until its process ends: not pytest's."""
+    saved = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
+    yield
+    for signum, handler in saved.items():
+        signal.signal(signum, handler)
 
 
 def sample_prototype_digits(num_digits, num_prototypes=4, seed=0):

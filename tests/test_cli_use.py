@@ -134,7 +134,8 @@ def test_infer_reports_the_posterior_and_its_method(trained_run, tmp_path, capsy
     (["fill-in", "{run}", "test:0", "--observe", "{tmp}/all.png"], "marks every pixel of digit 0 as observed"),
     (["fill-in", "{run}", "test:0", "--observe", "middle"], "unknown --observe middle"),
     (["fill-in", "{run}", "test:0", "--observe", "top", "--method", "nuts"], "choose one of: exact, importance, prior"),
-    (["infer", "{run}", "test:0", "--draws", "0", "--method", "prior"], "--draws must be a positive integer"),
+    (["infer", "{run}", "test:0", "--draws", "0", "--method", "prior"],
+     "--draws must be a positive integer up to 1,000,000, got 0"),
     (["sample", "{run}", "-n", "0"], "must be a positive integer"),
     (["sample", "{run}", "-n", "2", "--npy", "{tmp}/missing/x.npy"], "x.npy"),
     (["sample", "{run}", "--device", "bogus"], "--device bogus is not a device"),
@@ -143,6 +144,11 @@ def test_infer_reports_the_posterior_and_its_method(trained_run, tmp_path, capsy
     (["score", "{run}", "{tmp}/tiny.png"], "too small to hold a digit"),
     (["score", "{run}", "test:0", "--estimator", "iwae-99999999999"], "at most iwae-1,000,000"),
     (["score", "{run}", "test:0", "--draws", "1.5"], "argument --draws: invalid int value"),
+    (["sample", "{run}", "-n", "100000000000000000000"], "-n must be a positive integer up to 1,000,000, got 10000"),
+    (["fill-in", "{run}", "test:0", "--observe", "top", "--warmup", "-1"],
+     "--warmup must be an integer from 0 up to 1,000,000, got -1"),
+    (["score", "{run}", "test:0-99999999999"], "has 50 digits"),
+    (["score", "{run}", "{tmp}/animated.gif"], "holds 2 frames (an animated or multi-page image)"),
     (["bogus"], "invalid choice: 'bogus'"),
 ])
 def test_every_bad_input_ends_with_one_line(trained_run, tmp_path, capsys, argv, message):
@@ -152,6 +158,8 @@ def test_every_bad_input_ends_with_one_line(trained_run, tmp_path, capsys, argv,
     Image.fromarray(np.full((28, 28), 255, np.uint8)).save(tmp_path / "all.png")
     Image.fromarray(np.zeros((1, 1), np.uint8)).save(tmp_path / "tiny.png")
     np.save(tmp_path / "negative.npy", -np.ones(784))
+    Image.new("L", (28, 28)).save(tmp_path / "animated.gif", save_all=True,
+                                  append_images=[Image.new("L", (28, 28), 255)])
     filled = [a.format(run=trained_run, tmp=tmp_path, missing=tmp_path / "missing") for a in argv]
     assert message in refused(capsys, *filled)
 

@@ -13,12 +13,15 @@ same params agrees to float32 rounding.
 import json
 import os
 import re
+import shlex
 import signal
 import socket
 import subprocess
 import sys
 import threading
 import time
+from contextlib import nullcontext
+from datetime import timedelta
 from pathlib import Path
 
 import pyro
@@ -26,14 +29,25 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from pyro import poutine
 from pyro.infer import Trace_ELBO
 
 from ppl_models import distributed, files
+from ppl_models.cli import train as cli
 from ppl_models.config import Config, SettingError
 from ppl_models.data import Dataset, load_dataset
-from ppl_models.distributed import ONE_PROCESS, World, current, launcher_store, sendable, start
+from ppl_models.distributed import (
+    ONE_PROCESS,
+    SameDraws,
+    World,
+    collective_timeout,
+    current,
+    launcher_store,
+    sendable,
+    start,
+)
 from ppl_models.evaluate import per_digit_estimate
-from ppl_models.models import family_of
+from ppl_models.models import FAMILIES, family_of
 from ppl_models.models.sbn import check_enumerable
 from ppl_models.rundir import TrainingError
 from ppl_models.train import evaluation_rng, train
@@ -51,6 +65,8 @@ CASES = {
                        lr=0.003),
     "vae-normal-compiled": dict(model="vae", guide="normal", model_args={"z_dim": 3, "hidden": [40, 40]},
                                 optimizer="adam", lr=0.003, compile=True),  # SameDraws traced into the graph
+    "vae-iaf": dict(model="vae", guide="iaf", model_args={"z_dim": 3, "hidden": [40, 40], "flows": 2},
+                    optimizer="adam", lr=0.003),  # SameDraws transforms its rows only
 }
 # k particles left of the data plate: the same random numbers, laid out differently (equal in distribution)
 LAID_OUT_DIFFERENTLY = {
@@ -60,7 +76,7 @@ LAID_OUT_DIFFERENTLY = {
 EARLY_STOPPING = dict(model="mixture", guide="sampled", model_args={"components": 4}, optimizer="adam", lr=0.01,
                       epochs=3, patience=1, batch_size=90)  # 6 steps an epoch
 ESTIMATORS = {"mixture-enum": ["exact"], "sbn-bernoulli": ["exact", "elbo", "iwae-7"], "vae-normal": ["elbo", "iwae-7"],
-              "vae-normal-compiled": ["elbo"]}
+              "vae-normal-compiled": ["elbo"], "vae-iaf": ["elbo"]}
 
 
 def config(case, **overrides):
@@ -295,13 +311,13 @@ def test_the_ranks_that_stopped_are_those_whose_heartbeat_stopped(monkeypatch):
     monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
     monkeypatch.setenv("MASTER_PORT", str(port))
     rank_1 = launcher_store()
-    rank_1.add("ppl_models/beat/2", 5)  # rank 2 beat a few times, then stopped
+    rank_1.add(distributed.key("beat/2"), 5)  # rank 2 beat a few times, then stopped
     distributed.start_heartbeat(0)
     beating = threading.Event()
 
     def rank_1_beats():
         while not beating.wait(0.1):
-            rank_1.add("ppl_models/beat/1", 1)
+            rank_1.add(distributed.key("beat/1"), 1)
 
     threading.Thread(target=rank_1_beats, daemon=True).start()
     try:
@@ -313,16 +329,78 @@ def test_the_ranks_that_stopped_are_those_whose_heartbeat_stopped(monkeypatch):
         beating.set()
         distributed.stop()
         monkeypatch.setattr(distributed, "_store", None)
-    assert launcher.add("ppl_models/beat/0", 0) > 0
+    assert launcher.add(distributed.key("beat/0"), 0) > 0
+
+
+def test_the_iaf_guide_draws_one_process_values_and_passes_each_flow_once_per_rank():
+    """Its rows of the global batch's base draw, through the flows: one pass each, and log q read from
+    their cache (a row of the flows' output for the global batch would be inverted afresh, one pass
+    of each flow per latent dimension)."""
+    model = family_of("vae")(z_dim=4, hidden=(20, 20), flows=2)
+    x = dataset().binary("test")[:6]
+    passes = []
+    for flow in model.flows:
+        flow.arn.register_forward_hook(lambda *args: passes.append(1))
+
+    def draw(world):
+        pyro.set_rng_seed(0)
+        with SameDraws(world) if world.size > 1 else nullcontext():
+            trace = poutine.trace(model.guide_iaf).get_trace(world.shard(x))
+        trace.compute_log_prob()  # log q(z | x), as the ELBO reads it
+        return trace.nodes["z"]["value"]
+
+    alone = draw(ONE_PROCESS)
+    passes.clear()
+    torch.testing.assert_close(torch.cat([draw(World(rank, 2)) for rank in (0, 1)]), alone)
+    assert len(passes) == 2 * len(model.flows)
+
+
+def test_a_collective_waits_as_long_as_the_environment_says(monkeypatch):
+    monkeypatch.delenv("PPL_MODELS_TIMEOUT", raising=False)
+    assert collective_timeout() == timedelta(minutes=10)
+    monkeypatch.setenv("PPL_MODELS_TIMEOUT", "2.5")
+    assert collective_timeout() == timedelta(seconds=2.5)
+    monkeypatch.setenv("PPL_MODELS_TIMEOUT", "soon")
+    with pytest.raises(SettingError, match=r"^\$PPL_MODELS_TIMEOUT=soon is not a number of seconds; set it to how "
+                                           r"long a rank waits for the others \(default 600\), or unset it$"):
+        collective_timeout()
+
+
+def documented_torchrun_commands():
+    """Every torchrun command that starts a run in docs/distributed.md, `run.py --help` and the
+    distributed module's docstring, as its words."""
+    texts = [(ROOT / "docs" / "distributed.md").read_text(), cli.__doc__, distributed.__doc__]
+    lines = re.sub(r"\\\n\s*", " ", "\n".join(texts)).splitlines()  # continuation lines joined
+    commands = [shlex.split(line[line.index("torchrun "):].split("#")[0].split("`")[0]) for line in lines
+                if re.search(r"torchrun .*run\.py --model", line)]
+    assert len(commands) >= 5
+    return commands
+
+
+@pytest.mark.parametrize("command", documented_torchrun_commands(), ids=" ".join)
+def test_the_documented_torchrun_commands_are_accepted(command):
+    """Their processes split the batch, and one machine's launch takes a free port (plain torchrun
+    takes 29500, which any other job may hold)."""
+    def given(name, default):
+        return command[command.index(name) + 1] if name in command else default
+
+    processes = int(given("--nproc_per_node", 1)) * int(given("--nnodes", 1))
+    batch = int(given("--batch-size", FAMILIES[given("--model", cli.DEFAULT_MODEL)].training_defaults["batch_size"]))
+    assert batch % processes == 0
+    assert "--nnodes" in command or "--standalone" in command
 
 
 # ---- the command line under torchrun ---------------------------------------------------------
-def torchrun(*args, processes=2, script=ROOT / "run.py", **popen):
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes), "--master_addr",
-               "127.0.0.1", "--master_port", str(free_port()), str(script), *args, "--quiet", "--no-download"]
+def torchrun(*args, processes=2, script=ROOT / "run.py", launcher=(), env=(), **popen):
+    """torchrun (its own flags `launcher`) starting `script` with `args` (and `env` added to the
+    environment); `popen` overrides Popen's arguments (stdout and stderr are pipes, as text)."""
+    meeting = [] if "--standalone" in launcher else ["--master_addr", "127.0.0.1", "--master_port", str(free_port())]
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes), *meeting, *launcher,
+               str(script), *args, "--quiet", "--no-download"]
     env = {**{name: value for name, value in os.environ.items() if name != "PPL_MODELS_DATA"},  # may be relative
-           "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    return subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **popen)
+           "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", **dict(env)}
+    return subprocess.Popen(command, env=env, **{"stdout": subprocess.PIPE, "stderr": subprocess.PIPE, "text": True,
+                                                 **popen})
 
 
 def our_lines(stderr):
@@ -336,7 +414,9 @@ def test_bad_settings_end_every_rank_with_one_line(tiny_binarized, tmp_path):
     stdout, stderr = process.communicate(timeout=120)
     assert process.returncode != 0
     assert our_lines(stderr) == ["error: --batch-size 25 does not split evenly over 2 processes, each of which "
-                                 "takes an equal share of every batch; use a multiple of 2"]
+                                 "takes an equal share of every batch; use --batch-size 24 or --batch-size 26 (the "
+                                 "global batch: the processes take together the step one process takes on it, so --lr "
+                                 "needs no change)"]
     assert re.search(r"exitcode\s*: 2 ", stderr)  # in torchrun's report of the failed processes
     assert "digits from" not in stdout  # refused before any data was loaded
 
@@ -354,15 +434,20 @@ def rank_pid(launcher, rank):
     return None
 
 
+def wait_for_a_checkpoint(run_dir, old=None):
+    """Until `run_dir` holds a checkpoint other than `old` (its mtime)."""
+    deadline = time.time() + 120
+    while time.time() < deadline and (not (run_dir / "checkpoint.pt").exists()
+                                      or (run_dir / "checkpoint.pt").stat().st_mtime_ns == old):
+        time.sleep(0.05)
+
+
 def signal_rank_1(run_dir, signum, *args, processes):
     """torchrun's ranks training into `run_dir` until it has a checkpoint, then `signum` to rank 1;
     returns (torchrun's exit status, our error lines, all it printed to stderr)."""
     old = (run_dir / "checkpoint.pt").stat().st_mtime_ns if (run_dir / "checkpoint.pt").exists() else None
     process = torchrun(*args, processes=processes, cwd=run_dir.parent)
-    deadline = time.time() + 120
-    while time.time() < deadline and (not (run_dir / "checkpoint.pt").exists()
-                                      or (run_dir / "checkpoint.pt").stat().st_mtime_ns == old):
-        time.sleep(0.05)
+    wait_for_a_checkpoint(run_dir, old)
     victim = rank_pid(process.pid, 1)
     assert victim, "no rank 1 found"
     os.kill(victim, signum)
@@ -379,13 +464,13 @@ def test_a_signalled_or_killed_rank_ends_the_job_with_one_line_and_the_run_resum
     status, lines, stderr = signal_rank_1(run_dir, signal.SIGTERM, *args, "--out", str(run_dir), processes=2)
     assert status != 0 and len(lines) == 1, stderr  # every rank stopped after the same step; rank 0 said so
     step = int(re.fullmatch(r"error: stopped by SIGTERM at step (\d+); checkpoint saved\. Resume with: torchrun "
-                            r"--nproc_per_node 2 run\.py --resume \S+", lines[0])[1])
+                            r"--standalone --nproc_per_node 2 run\.py --resume \S+", lines[0])[1])
     assert torch.load(run_dir / "checkpoint.pt", weights_only=True)["progress"]["step"] == step
 
     status, lines, stderr = signal_rank_1(run_dir, signal.SIGKILL, "--resume", str(run_dir), processes=2)
     assert status != 0 and len(lines) == 1, stderr
     assert re.fullmatch(r"error: rank 1 of 2 stopped \(killed, or failed\); the last checkpoint is kept\. Resume with: "
-                        r"torchrun --nproc_per_node 2 run\.py --resume \S+", lines[0])
+                        r"torchrun --standalone --nproc_per_node 2 run\.py --resume \S+", lines[0])
     checkpoint = torch.load(run_dir / "checkpoint.pt", weights_only=True)
     epoch = checkpoint["progress"]["epoch"]
     assert epoch < 400
@@ -418,3 +503,101 @@ def test_an_error_in_one_rank_only_is_said_once_with_its_rank(tiny_binarized, tm
     assert process.returncode != 0
     assert our_lines(stderr) == ["error: rank 1 of 2 stopped (no data on this machine: put it in $PPL_MODELS_DATA); "
                                  "no checkpoint was written: start the run again"], stderr
+
+
+RANK_1_RESUMES = """import sys, os
+sys.argv[0] = "run.py"
+if os.environ["RANK"] == "1":
+    sys.argv += ["--resume", "run"]
+import run
+sys.exit(run.main())
+"""
+
+
+def test_ranks_given_different_commands_are_refused_before_they_fall_out_of_step(tiny_binarized, tmp_path):
+    script = tmp_path / "rank_1_resumes.py"
+    script.write_text(RANK_1_RESUMES)
+    process = torchrun("--model", "vae", "--dataset", "binarized-mnist", "--data-dir", str(tiny_binarized),
+                       "--batch-size", "60", "--out", "run", script=script, cwd=tmp_path)
+    _, stderr = process.communicate(timeout=120)
+    assert our_lines(stderr) == ["error: the ranks were started with different commands: --resume is not given on "
+                                 "rank 0 and run on rank 1; start every rank with the same command"], stderr
+    assert re.search(r"exitcode\s*: 2 ", stderr)
+
+
+def test_a_stopped_rank_ends_the_job_with_one_line_after_the_timeout(tiny_binarized, tmp_path):
+    """Rank 1 stopped (SIGSTOP) after the first checkpoint: rank 0 waits $PPL_MODELS_TIMEOUT seconds
+    (3 here; gloo's own default is 30 minutes), then says so and ends."""
+    run_dir, said = tmp_path / "run", tmp_path / "stderr"
+    with said.open("w") as stderr:
+        process = torchrun("--model", "mixture", "--guide", "sampled", "--components", "3", "--dataset",
+                           "binarized-mnist", "--data-dir", str(tiny_binarized), "--batch-size", "60", "--epochs",
+                           "400", "--eval-every", "1000", "--compile", "off", "--out", str(run_dir),
+                           env={"PPL_MODELS_TIMEOUT": "3"}, stderr=stderr, cwd=tmp_path)
+        wait_for_a_checkpoint(run_dir)
+        stopped = rank_pid(process.pid, 1)
+        os.kill(stopped, signal.SIGSTOP)
+        try:
+            deadline = time.time() + 60
+            while time.time() < deadline and not our_lines(said.read_text()):
+                time.sleep(0.1)
+        finally:
+            os.kill(stopped, signal.SIGCONT)  # (else torchrun waits 30 s before it kills the stopped rank)
+            process.terminate()  # (torchrun stops every rank still running)
+        process.communicate(timeout=120)
+    lines = our_lines(said.read_text())
+    assert len(lines) == 1 and re.fullmatch(
+        r"error: rank 1 of 2 stopped \(no answer in 3 s: stopped, hung or killed; \$PPL_MODELS_TIMEOUT sets how long "
+        r"the others wait\); the last checkpoint is kept\. Resume with: torchrun --standalone --nproc_per_node 2 "
+        r"run\.py --resume \S+", lines[0]), lines
+
+
+RANK_1_DIES = """import os, signal, sys
+sys.argv[0] = "run.py"
+from ppl_models import train
+if os.environ["RANK"] == "1" and os.environ["TORCHELASTIC_RESTART_COUNT"] == "0":
+    step = train.Training.step
+
+    def killed_in_step_8(self, *args):
+        if self.at.step == 7:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return step(self, *args)
+
+    train.Training.step = killed_in_step_8
+import run
+sys.exit(run.main())
+"""
+
+
+def test_a_job_torchrun_restarts_resumes_and_ends_where_an_uninterrupted_run_would(tiny_binarized, tmp_path):
+    """torchrun --max-restarts 1; rank 1 killed in step 8 of 20 (epoch 2 of 4: the checkpoint of epoch 1 kept)."""
+    script, run_dir = tmp_path / "rank_1_dies.py", tmp_path / "run"
+    script.write_text(RANK_1_DIES)
+    process = torchrun("--model", "vae", "--z-dim", "3", "--hidden", "40,40", "--lr", "0.003", "--dataset",
+                       "binarized-mnist", "--data-dir", str(tiny_binarized), "--batch-size", "60", "--epochs", "4",
+                       "--eval-every", "1000", "--eval-samples", "0", "--out", str(run_dir), script=script,
+                       launcher=("--standalone", "--max-restarts", "1"), cwd=tmp_path)
+    stdout, stderr = process.communicate(timeout=180)
+    assert process.returncode == 0, stderr
+    assert [line for line in stdout.splitlines() if "resuming" in line] == [
+        f"torchrun restarted the processes (restart 1 of 1, --max-restarts): resuming {run_dir} from the checkpoint "
+        "this job wrote", f"resuming {run_dir} at epoch 2, step 5"]
+    cfg = Config(**torch.load(run_dir / "checkpoint.pt", weights_only=True)["config"])
+    data = load_dataset("binarized-mnist", data_dir=tiny_binarized, download=False, progress=False)
+    summary = train(family_of(cfg.model)(**cfg.model_args), data, cfg, tmp_path / "alone", **QUIET)
+    assert summary["epochs"] == json.loads((run_dir / "metrics.json").read_text())["epochs"] == 4
+    assert_same_params(run_dir, tmp_path / "alone")
+
+
+def test_killing_torchrun_leaves_its_ranks_to_end_without_a_trace(tiny_binarized, tmp_path):
+    """A SIGKILL of torchrun (which keeps the ranks' store) leaves them running to the end, their
+    heartbeat stopped without the C++ stack trace of a call to the closed store."""
+    run_dir = tmp_path / "run"
+    process = torchrun("--model", "mixture", "--guide", "sampled", "--components", "3", "--dataset",
+                       "binarized-mnist", "--data-dir", str(tiny_binarized), "--batch-size", "60", "--epochs", "3",
+                       "--eval-every", "1000", "--compile", "off", "--out", str(run_dir), cwd=tmp_path)
+    wait_for_a_checkpoint(run_dir)
+    process.kill()
+    _, stderr = process.communicate(timeout=120)  # the ranks hold its pipes until they end
+    assert "TCPStore" not in stderr and "frame #" not in stderr, stderr
+    assert json.loads((run_dir / "metrics.json").read_text())["epochs"] == 3

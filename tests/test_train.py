@@ -164,7 +164,7 @@ def test_non_finite_loss_stops_with_the_site_named_and_the_last_checkpoint_kept(
 
 @pytest.mark.parametrize(
     "field, value, message",
-    [("lr", -1.0, "`lr` must be positive"), ("lr", float("nan"), "`lr` must be positive"),
+    [("lr", -1.0, "`lr` must be a positive number"), ("lr", float("nan"), "`lr` must be a positive number"),
      ("batch_size", 0, "`batch_size` must be a positive integer"),
      ("epochs", 0, "`epochs` must be a positive integer"), ("optimizer", "lbfgs", "`optimizer` must be one of"),
      ("batch_size", 10_000, "larger than the 600 training digits")],
@@ -367,3 +367,23 @@ def test_a_train_subset_is_scored_on_the_digits_trained_on(tiny_dataset, tmp_pat
     trained_on = tiny_dataset.binary("train")[:200]
     scored = BernoulliMixture(4).log_likelihood(trained_on)  # the trained params live in the param store
     assert summary["final"]["train"]["exact"] == pytest.approx(scored.mean().item())
+
+
+@pytest.mark.parametrize("setting, message", [
+    (dict(epochs=2.5), "`epochs` must be a positive integer, got 2.5"),
+    (dict(epochs="3"), "`epochs` must be a positive integer, got '3'"),
+    (dict(batch_size=True), "`batch_size` must be a positive integer, got True"),
+    (dict(train_subset=0), "`train_subset` must be a positive integer, got 0"),
+    (dict(lr="0.1"), "`lr` must be a positive number, got '0.1'"),
+    (dict(lr=1e308), "`lr=1e+308` is past 1e+06"),
+    (dict(eval_samples=-1), "`eval_samples` must be 0 (none) or a positive integer, got -1"),
+    (dict(eval_samples=10**7), "`eval_samples=10000000`: at most 1,000,000"),
+    (dict(seed=-1), "`seed` must be an integer from 0 to 2**63 - 1, got -1"),
+    (dict(device="cuda:0" if not torch.cuda.is_available() else "cuda:99"), "`device='cuda:"),
+])
+def test_a_setting_of_the_wrong_kind_or_size_is_refused_before_anything_runs(setting, message):
+    from ppl_models.config import SettingError
+
+    with pytest.raises(SettingError) as refusal:
+        config(**setting).validate()
+    assert str(refusal.value).startswith(message), refusal.value

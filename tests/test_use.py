@@ -13,6 +13,7 @@ import torch
 from conftest import run_cli
 
 from ppl_models import load
+from ppl_models.cli import main
 from ppl_models.config import Config, SettingError
 from ppl_models.data import DataError
 from ppl_models.masks import observe
@@ -199,6 +200,12 @@ def test_bad_inputs_are_refused_with_what_to_do():
         observe("middle")
     with pytest.raises(SettingError, match="a mask of observed pixels is needed"):
         model.fill_in(x, None)
+    for too_many in (10**20, 10**6 + 1):  # (memory no machine has, or days of computing)
+        with pytest.raises(SettingError, match=f"`n` must be a positive integer up to 1,000,000, got {too_many}"):
+            model.sample(too_many)
+    with pytest.raises(SettingError, match="`warmup` must be an integer from 0 up to 1,000,000, got 2.5"):
+        model.posterior(x, method="prior", warmup=2.5)
+    assert model.sample(np.int64(3)).digits.shape == (3, D)  # numpy's integers are integers
 
 
 def test_masks_observe_halves_and_random_fractions():
@@ -256,6 +263,47 @@ def test_load_refuses_what_is_not_a_trained_run(tmp_path):
     (run_dir / "checkpoint.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(TrainingError, match="corrupt or not a ppl_models checkpoint"):
         load(run_dir)
+
+
+def test_load_refuses_a_run_directory_whose_files_do_not_belong_together(offline, tiny_binarized, tmp_path, capsys):
+    runs = {}
+    for seed in (0, 1):  # two runs of the same settings
+        runs[seed] = tmp_path / f"seed{seed}"
+        assert run_cli("--model", "vae", "--z-dim", "2", "--hidden", "8", "--dataset", "binarized-mnist", "--data-dir",
+                       str(tiny_binarized), "--epochs", "2", "--batch-size", "50", "--patience", "2", "--seed",
+                       str(seed), "--out", str(runs[seed])) == 0
+    run = runs[0]
+    originals = {name: (run / name).read_bytes() for name in ("best.pt", "checkpoint.pt", "metrics.json")}
+
+    def edited_checkpoint(edit):
+        checkpoint = torch.load(run / "checkpoint.pt", weights_only=True)
+        edit(checkpoint["config"])
+        torch.save(checkpoint, run / "checkpoint.pt")
+
+    damages = [
+        (lambda: (run / "best.pt").write_bytes((runs[1] / "best.pt").read_bytes()),
+         f"{run / 'best.pt'} is another run's (run "),
+        (lambda: edited_checkpoint(lambda cfg: cfg["model_args"].update(z_dim=3)),
+         f"{run / 'best.pt'} does not fit the run's settings (VAE, z-dim 3"),
+        (lambda: edited_checkpoint(lambda cfg: cfg.update(guide="bogus")),
+         "checkpoint.pt holds settings that build no model (`guide='bogus'` does not belong to model 'vae'"),
+        (lambda: edited_checkpoint(lambda cfg: cfg.update(model_args={"z_dim": 2, "hidden": [8], "depth": 9})),
+         "checkpoint.pt holds settings that build no model ("),
+    ]
+    for damage, message in damages:
+        damage()
+        with pytest.raises(TrainingError) as refusal:
+            load(run)
+        assert message in str(refusal.value), refusal.value
+        assert main(["score", str(run), "test:0", "--quiet"]) == 2  # the commands: one line, exit 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and err.startswith("error: ") and "Traceback" not in err, err
+        for name, data in originals.items():
+            (run / name).write_bytes(data)
+    (run / "metrics.json").write_text("[1, 2]")  # not what a run writes, and not needed to use one
+    assert "(the best valid epoch, ?)" in load(run).source
+    with pytest.raises(SettingError, match="`device='meta'`: ppl_models runs on cpu or cuda, not meta"):
+        load(run, device="meta")
 
 
 def test_two_loaded_models_keep_their_own_params():

@@ -11,7 +11,7 @@ Examples:
   python run.py --model sbn --latents 16            # exact: all 65,536 states of z summed every step
   python run.py --model sbn --latents 200 --guide bernoulli
   python run.py --resume figures/mixture            # continue an interrupted run
-  torchrun --nproc_per_node 4 run.py --model vae    # data-parallel in 4 processes (docs/distributed.md)
+  torchrun --standalone --nproc_per_node 4 run.py --model vae   # data-parallel in 4 processes (docs/distributed.md)
 
 Every number printed or written says what it is: `exact` log-likelihood, `elbo`, or `iwae-<k>`,
 in nats per digit, with the split and the number of digits it was averaged over.
@@ -27,13 +27,13 @@ from dataclasses import fields
 from pathlib import Path
 
 from .. import distributed
-from ..config import AUTO_EVAL_SAMPLES, OPTIMIZERS, Config, as_flags, flag
+from ..config import AUTO_EVAL_SAMPLES, OPTIMIZERS, Config, as_flags, flag, resolve_device
 from ..data import BINARIZATIONS, DATASETS, DataError
 from ..files import WriteError
 from ..job import run
 from ..models import FAMILIES
 from ..rundir import TrainingError, load_checkpoint
-from ..train import AUTO_COMPILE_STEPS, Interrupted
+from ..train import AUTO_COMPILE_STEPS, STOP_SIGNALS, Interrupted, ignore_stop_signals
 
 DEFAULT_MODEL = next(iter(FAMILIES))  # the first registered family
 
@@ -150,8 +150,9 @@ def add_optimisation_arguments(parser):
 
 def add_running_arguments(parser):
     run = parser.add_argument_group("running")
-    run.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
-                     help="auto picks cuda when a GPU is visible (default: auto)")
+    run.add_argument("--device", default="auto",
+                     help="cpu, cuda, cuda:N (one GPU of several) or auto, which picks cuda when a GPU is visible "
+                          "(default: auto)")
     run.add_argument("--eval-every", type=int,
                      help="evaluate the learning curves every N steps on --eval-digits digits of every split, the "
                           "same fixed random digits in every run (default: 200)")
@@ -171,20 +172,6 @@ def add_running_arguments(parser):
                      help="let a new run (or experiment) replace the one in --out; without it, a folder holding a "
                           "run is refused, and --resume continues that run instead")
     run.add_argument("--quiet", action="store_true", help="no progress bars (metrics files are unchanged)")
-
-
-def resolve_device(name):
-    import torch
-
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda was asked for but PyTorch sees no CUDA GPU; use --device cpu (or auto)")
-    try:
-        torch.device(name)
-    except RuntimeError:
-        raise ValueError(f"--device {name} is not a device; use cpu, cuda, cuda:N or auto") from None
-    return name
 
 
 def check_family_flags(args, model):
@@ -271,9 +258,12 @@ def main(argv=None, prog=None):
             print(line, file=sys.stderr)
 
     try:
-        with sigterm_as_interrupt():
+        with stop_signals_as_interrupt():
             if distributed.launched():  # joined first: a resumed run's settings come from rank 0's checkpoint
                 world, device = distributed.start(resolve_device(args.device))
+                distributed.check_same_settings(world, vars(args))
+                args = distributed.resume_after_restart(world, args, args.out or Path("figures") / (args.model or
+                                                        DEFAULT_MODEL), RESUME_MAY_CHANGE)
             cfg = world.on_main(lambda: checked_config(args))
             if world.size > 1:
                 cfg.device = device  # this rank's GPU (cuda:LOCAL_RANK) or cpu
@@ -282,16 +272,18 @@ def main(argv=None, prog=None):
                 download=not args.no_download, overwrite=args.overwrite, command=f"{command} {shlex.join(argv)}",
                 log=lambda line: print(as_flags(line)), world=world)
     except Interrupted as stop:  # in the training loop: a checkpoint was saved
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # torchrun stops the other ranks too: let this one say so
         say(f"error: {stop.what} at step {stop.step}; checkpoint saved. Resume with: {command} --resume "
             f"{stop.run_dir}")
         return 128 + stop.signum
-    except KeyboardInterrupt:  # before or after the training loop (under torchrun: perhaps as another rank stopped)
+    except KeyboardInterrupt as stop:  # before or after the training loop (under torchrun: perhaps as another rank
+        ignore_stop_signals()          # stopped)
+        signum = getattr(stop, "signum", signal.SIGINT)
+        what = "interrupted" if signum == signal.SIGINT else f"stopped by {signal.Signals(signum).name}"
         if world.size > 1:
-            report_stop(world, "interrupted", out, command)
+            report_stop(world, what, out, command)
         else:
-            say(f"error: interrupted; {resume_hint(out, command)}")
-        return 128 + signal.SIGINT
+            say(f"error: {what}; {resume_hint(out, command)}")
+        return 128 + signum
     except (ValueError, DataError, TrainingError, WriteError) as error:  # library errors name settings: as flags
         say(f"error: {as_flags(str(error))}")
         distributed.leave_word(world.rank, as_flags(str(error)))  # rank 0 says it if only this rank had it
@@ -299,7 +291,7 @@ def main(argv=None, prog=None):
     except Exception as error:
         if world.size == 1 or not distributed.failed_collective(error):
             raise
-        report_stop(world, f"a collective operation failed ({str(error).splitlines()[0]})", out, command)
+        report_stop(world, f"a collective operation failed ({str(error).splitlines()[0]})", out, command, error)
         return 1
     finally:
         distributed.stop()
@@ -312,33 +304,47 @@ def checked_config(args):
     return cfg
 
 
-def report_stop(world, seen, out, command):
+def report_stop(world, seen, out, command, error=None):
     """The job stops in a rank that saw `seen` (a failed collective, an interrupt), perhaps because
     another rank stopped, after which torchrun stops the rest: the first rank to get here says, in
     one line, which rank(s) stopped (with the error a rank left, if it left one) or else what it
-    saw, and how to resume; the others say nothing."""
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # torchrun stops the survivors too: let this one say why
+    saw, and how to resume; the others say nothing. `error`: the failed collective's, if it failed
+    (one that timed out says so of the ranks that left no word)."""
+    ignore_stop_signals()  # torchrun stops the survivors too: let this one say why
     stopped = distributed.stopped_ranks(world)
     if stopped is None:  # nobody can tell who stopped: every rank says what it saw
         print(f"error: rank {world.rank}: {seen}; {resume_hint(out, command)}", file=sys.stderr)
     elif distributed.first_to_report():
         words = distributed.last_words(stopped)
         ranks = ("ranks " if len(stopped) > 1 else "rank ") + f"{', '.join(map(str, stopped))} of {world.size}"
-        what = f"{ranks} stopped ({'; '.join(words.values()) or 'killed, or failed'})" if stopped else seen
+        what = f"{ranks} stopped ({'; '.join(words.values()) or distributed.silent_stop(error)})" if stopped else seen
         print(f"error: {what}; {resume_hint(out, command)}", file=sys.stderr)
 
 
-@contextmanager
-def sigterm_as_interrupt():
-    """SIGTERM outside the training loop (which checkpoints on it) ends the job like Ctrl-C."""
-    def interrupt(signum, frame):
-        raise KeyboardInterrupt
+class Stopped(KeyboardInterrupt):
+    """Ctrl-C or SIGTERM outside the training loop (which checkpoints on them instead)."""
 
-    previous = signal.signal(signal.SIGTERM, interrupt)
+    def __init__(self, signum):
+        super().__init__(signum)
+        self.signum = signum
+
+
+@contextmanager
+def stop_signals_as_interrupt():
+    """Ctrl-C or SIGTERM outside the training loop ends the job by raising `Stopped` once; the
+    signals are ignored from then on, so that a second one cannot cut short its last line or end
+    the process by the signal itself (exit status -15, an atexit traceback)."""
+    def stop(signum, frame):
+        ignore_stop_signals()
+        raise Stopped(signum)
+
+    previous = {signum: signal.signal(signum, stop) for signum in STOP_SIGNALS}
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        if signal.getsignal(signal.SIGTERM) is not signal.SIG_IGN:  # (ignored: the process is ending by one)
+            for signum, handling in previous.items():
+                signal.signal(signum, handling)
 
 
 def resume_hint(out, command):

@@ -12,14 +12,14 @@ import numpy as np
 import torch
 
 from .. import plots
-from ..config import as_flags
+from ..config import as_flags, resolve_device
 from ..data import DataError
 from ..evaluate import COMPILE_DRAWS
 from ..files import WriteError, atomic_write, write_json
 from ..inputs import read_digits, read_mask
 from ..rundir import TrainingError
 from ..trained import COMPILE_NUTS_STEPS, load
-from .train import COMPILE_CHOICES, OneLineErrors, resolve_device
+from .train import COMPILE_CHOICES, OneLineErrors
 
 SHOWN = 16  # digits drawn in a figure
 

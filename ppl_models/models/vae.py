@@ -163,6 +163,7 @@ class VAE(Family):
     }
     training_defaults = dict(optimizer="adam", lr=1e-3, batch_size=100, epochs=5)  # seed template's
     experiments = {"prior-vs-importance": vae_report.PRIOR_VS_IMPORTANCE}
+    state_files = (vae_report.HISTORY_FILE,)
 
     def __init__(self, z_dim=2, hidden=(200, 200), activation="relu", flows=2, rank=2, kl_warmup=0, num_pixels=784):
         for value, setting in ((z_dim, "z_dim"), (flows, "flows"), (rank, "rank"), *((h, "hidden") for h in hidden)):

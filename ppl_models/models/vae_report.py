@@ -20,6 +20,7 @@ from ..train import train
 
 DRAWS_THROUGH_TRAINING = 10  # fixed z draws followed through training: the columns of its figure
 EPOCHS_SHOWN = 8  # at most, rows of that figure
+HISTORY_FILE = "samples_through_training.pt"  # the decoder's means at fixed z, kept per epoch
 MANIFOLD_SIDE = 16  # digits along each side of the manifold: 16 fill the report's page at about 60 px each
 
 
@@ -29,7 +30,7 @@ def sample_recorder(model, out, cfg):
     # 20 drawn and the first 10 kept: the draws of runs that recorded all 20, so their histories resume
     z = torch.randn(20, model.z_dim, generator=torch.Generator().manual_seed(cfg.seed))[:DRAWS_THROUGH_TRAINING]
     z = z.to(cfg.device)
-    path = out / "samples_through_training.pt"
+    path = out / HISTORY_FILE
 
     def record(epoch):
         history = read_history(path) if epoch > 0 else {}
@@ -80,7 +81,7 @@ def report(model, run):
 
 def draw_samples_through_training(out, reported_epoch):
     """The recorded decoder means, one row per chosen epoch (`chosen_epochs`); returns those epochs."""
-    history = read_history(out / "samples_through_training.pt")
+    history = read_history(out / HISTORY_FILE)
     if not history:
         return []
     epochs = chosen_epochs(sorted(history), reported_epoch)
