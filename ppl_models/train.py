@@ -276,10 +276,10 @@ class Training:
         self.curve_estimators = estimators(model, cfg.guide, split="curves") + ([bound] if bound else [])
 
         checkpoint = world.on_main(lambda: checked_checkpoint(self.checkpoint_path, cfg)) if resume else None
-        self.data_fingerprint = data_fingerprint(data)
+        self.data_fingerprint = world.on_main(lambda: data_fingerprint(data))  # (rank 0 alone writes and checks it)
         if checkpoint:
-            check_same_data(checkpoint, self.data_fingerprint, self.dir, cfg.data_dir)
-        self.run_id = checkpoint.get("run") or new_run_id() if checkpoint else new_run_id()
+            world.on_main(lambda: check_same_data(checkpoint, self.data_fingerprint, self.dir, cfg.data_dir))
+        self.run_id = (checkpoint or {}).get("run") or new_run_id()
         self.compiled, self.compile_why = compile_decision(model, cfg, self.steps * cfg.epochs,
                                                            checkpoint.get("compiled", False) if checkpoint else None)
         pyro.clear_param_store()

@@ -318,19 +318,19 @@ def load(run_dir, device="cpu", compile="auto"):
                             "`ppl-models train ... --out DIR` (or python run.py) wrote, after at least one epoch")
     checkpoint = load_checkpoint(run_dir / "checkpoint.pt")
     cfg = saved_config(checkpoint["config"], run_dir / "checkpoint.pt")
-    saved, source = checkpoint, f"{run_dir / 'checkpoint.pt'} (epoch {checkpoint['progress']['epoch']})"
+    saved, saved_at = checkpoint, run_dir / "checkpoint.pt"
+    source = f"{saved_at} (epoch {checkpoint['progress']['epoch']})"
     if cfg.patience and (run_dir / "best.pt").is_file():
-        saved = read_snapshot(run_dir / "best.pt", checkpoint.get("run"))
-        source = f"{run_dir / 'best.pt'} (the best valid epoch, {best_epoch(run_dir)})"
+        saved, saved_at = read_snapshot(run_dir / "best.pt", checkpoint.get("run")), run_dir / "best.pt"
+        source = f"{saved_at} (the best valid epoch, {best_epoch(run_dir)})"
     # Building the networks draws initial weights, registering them draws latents: the caller's RNG is left alone.
     with torch.random.fork_rng(), pyro.get_param_store().scope() as params:
         try:
             family = family_of(cfg.model)(**cfg.model_args).to(device)
             register_networks(family, cfg.guide)
         except (SettingError, TypeError, KeyError) as error:
-            raise TrainingError(f"{run_dir / 'checkpoint.pt'} holds settings that build no model "
-                                f"({first_line(error)}): was it edited? Train the run again") from None
-        check_fits(family, saved, source.split(" (")[0], cfg)
+            raise unbuildable(run_dir / "checkpoint.pt", error) from None
+        check_fits(family, saved, saved_at, cfg)
         restore_snapshot(family, saved, device)
     return TrainedModel(family, cfg, params, source, compile)
 
@@ -341,13 +341,14 @@ def saved_config(saved, path):
         cfg = Config(**{f.name: saved[f.name] for f in fields(Config) if f.name in saved})
         family_of(cfg.model).check_choices(cfg.guide, cfg.elbo, cfg.particles)
     except (SettingError, KeyError, TypeError) as error:
-        raise TrainingError(f"{path} holds settings that build no model ({first_line(error)}): was it edited? "
-                            "Train the run again") from None
+        raise unbuildable(path, error) from None
     return cfg
 
 
-def first_line(error):
-    return (str(error).strip("'\"") or type(error).__name__).splitlines()[0]
+def unbuildable(path, error):
+    """The refusal of a checkpoint whose settings build no model, quoting the first line of `error`."""
+    said = (str(error).strip("'\"") or type(error).__name__).splitlines()[0]
+    return TrainingError(f"{path} holds settings that build no model ({said}): was it edited? Train the run again")
 
 
 def check_fits(family, saved, path, cfg):
