@@ -206,7 +206,7 @@ def write_report(run_dir, config, summary, figures, unused=None):
                   for split, values in summary["final"].items() for name, value in values.items()]
     # said in the page's own words (early stopping in a sentence, its every-epoch scores in the learning curves)
     standard = {"model", "guide", "dataset", "binarize", "epochs", "train_digits", "seconds_per_epoch", "units",
-                "final_digits", "final", "provenance", "early_stopping", "compile"}
+                "final_digits", "final", "provenance", "early_stopping", "compile", "figures"}
     findings = {key: value for key, value in summary.items() if key not in standard}
     parts = [
         f"<h1>{html.escape(summary['model'])} / guide {html.escape(summary['guide'])} on "

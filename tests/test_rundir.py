@@ -110,6 +110,7 @@ def test_an_overwrite_removes_the_old_runs_figures_and_nothing_else(finished_run
     assert new == {"my_notes.txt", "config.json", "metrics.csv", "metrics.json", "checkpoint.pt", "report.html",
                    *figures}, new
     assert "component_means.png" in figures and "manifold.png" not in new
+    assert "<td>figures</td>" not in (finished_run / "report.html").read_text()  # the page shows them as figures
 
 
 def test_parts_that_killed_writers_left_are_removed_and_live_ones_kept(finished_run, tiny_binarized, capsys):
